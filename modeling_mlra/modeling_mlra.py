@@ -151,9 +151,10 @@ class MLRALatentCacheLayer(CacheLayerMixin):
             self.cumulative_length = 0
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Negative: drop that many tokens from the end. Non-negative (legacy): keep that many tokens."""
+        """Negative: drop that many tokens from the end. Positive (legacy): keep that many tokens. Zero: nothing, as
+        in transformers' layers (generate() calls `crop(-rejected)` after each assisted step, often with 0)."""
         length = int(self.cumulative_length)
-        keep = length + tokens_to_remove if tokens_to_remove < 0 else min(tokens_to_remove, length)
+        keep = length + tokens_to_remove if tokens_to_remove <= 0 else min(tokens_to_remove, length)
         if self.is_compileable:
             self.cumulative_length.fill_(max(keep, 0))
         else:
@@ -293,6 +294,7 @@ class MLRAAttention(nn.Module):
         if config.attention_output_gate:
             self.o_gate_proj = nn.Linear(config.hidden_size, self.num_heads * self.v_head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, config.hidden_size, bias=False)
+        self.o_proj.is_residual_output = True  # zero-initialised (paper)
 
     def up_projection_per_branch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [B, h, d_n, d_l] and W_UV [B, h, d_v, d_l]: for branch b and head i, the up-projection of the
@@ -400,6 +402,7 @@ class MLRAMLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.down_proj.is_residual_output = True  # zero-initialised (paper)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -433,18 +436,15 @@ class MLRAPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         """Normal(0, initializer_range) everywhere, norms at one, attention and MLP output projections at zero."""
-        std = self.config.initializer_range
-        if isinstance(module, (nn.Linear, nn.Embedding, MLRALatentUpProjection)):
-            init.normal_(module.weight, mean=0.0, std=std)
+        if getattr(module, "is_residual_output", False):
+            init.zeros_(module.weight)
+        elif isinstance(module, (nn.Linear, nn.Embedding, MLRALatentUpProjection)):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
         elif isinstance(module, MLRARMSNorm):
             init.ones_(module.weight)
         elif isinstance(module, MLRARotaryEmbedding):
             fresh = MLRARotaryEmbedding(self.config).inv_freq
             init.copy_(module.inv_freq, fresh.to(module.inv_freq.device))
-        if isinstance(module, MLRAAttention):
-            init.zeros_(module.o_proj.weight)
-        elif isinstance(module, MLRAMLP):
-            init.zeros_(module.down_proj.weight)
 
 
 def _take_cache_argument(cache, kwargs: dict):
