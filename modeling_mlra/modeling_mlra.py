@@ -521,7 +521,10 @@ class MLRAModel(MLRAPreTrainedModel):
         )
 
     def _attention_mask(self, attention_mask, query_slots, cache, dtype) -> torch.Tensor | None:
-        """None where plain causal attention over the given tokens is exact, else an additive mask."""
+        """None where plain causal attention over the given tokens is exact, else an additive mask. A 4D mask was
+        prepared ahead (MLRAForCausalLM.create_masks_for_generate) and is used as it is."""
+        if attention_mask is not None and attention_mask.dim() == 4:
+            return attention_mask
         static = cache is not None and cache.is_compileable
         no_padding = attention_mask is None or (
             not torch.compiler.is_compiling() and attention_mask.dim() == 2 and bool(attention_mask.all())
@@ -595,6 +598,14 @@ class MLRAForCausalLM(MLRAPreTrainedModel, GenerationMixin):
         if implementation in STATIC_CACHE_IMPLEMENTATIONS:
             max_cache_len = max(generation_config.max_length, generation_config.max_cache_len or 0)
         model_kwargs[CACHE_FIELD] = MLRACache(self.config, max_cache_len=max_cache_len)
+
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, **kwargs) -> torch.Tensor | None:
+        """generate() builds the mask before each forward when the cache is static, so that a compiled forward sees
+        one shape at every step: our additive mask [bsz, 1, T, max_cache_len] (transformers' generic builder
+        knows nothing of the latent cache)."""
+        cache = _take_cache_argument(kwargs.pop("cache", None), kwargs)
+        query_slots = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + cache.get_seq_length()
+        return self.model._attention_mask(attention_mask, query_slots, cache, inputs_embeds.dtype)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
