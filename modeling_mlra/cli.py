@@ -1,0 +1,119 @@
+"""The `mlra` command line: `mlra generate` (demo, on the embedded tiny model by default) and `mlra train`.
+
+    mlra generate --prompt "def fibonacci(n):"
+    mlra train --variant mlra_4 --hidden-size 256 ... --train-data a.txt --tokenizer tok/ --output-dir out/ --max-steps 1000
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_MODEL = Path(__file__).parent / "default_model"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default=str(DEFAULT_MODEL),
+        help="local folder or Hub repo id (our format or the authors' checkpoints, e.g. Soughing/MLRA with "
+        "--subfolder main/mlra_4); default: the tiny MLRA-4 embedded in this package, trained on Python code",
+    )
+    parser.add_argument("--subfolder", default="", help="folder inside --model holding the checkpoint")
+    parser.add_argument(
+        "--tokenizer",
+        help="tokenizer folder or Hub id (default: the one saved with the model; the authors' checkpoints have "
+        "none, and then the GPT-2 tokenizer is used if it is in the local Hugging Face cache)",
+    )
+    parser.add_argument("--prompt", default="def fibonacci(n):")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    parser.add_argument(
+        "--dtype", default="auto", choices=DTYPES, help="auto: bfloat16 on GPU, float32 on CPU"
+    )
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def load_tokenizer(model: str, subfolder: str, tokenizer: str | None):
+    """The tokenizer named by --tokenizer, else the model's own, else GPT-2's from the local cache (the authors'
+    checkpoints were trained on the GPT-2 vocabulary but ship no tokenizer)."""
+    from transformers import AutoTokenizer
+
+    if tokenizer is not None:
+        return AutoTokenizer.from_pretrained(tokenizer)
+    try:
+        return AutoTokenizer.from_pretrained(model, subfolder=subfolder)
+    except (OSError, ValueError) as own_error:
+        try:
+            return AutoTokenizer.from_pretrained("openai-community/gpt2", local_files_only=True)
+        except OSError:
+            raise SystemExit(
+                f"error: --model {model!r} (subfolder {subfolder!r}) has no tokenizer ({own_error}) and the GPT-2 "
+                "tokenizer is not in the local Hugging Face cache; pass --tokenizer (e.g. openai-community/gpt2)"
+            ) from None
+
+
+def generate(options) -> None:
+    import torch
+    from transformers import TextStreamer, set_seed
+
+    from . import MLRAForCausalLM
+
+    dtype = options.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if options.device.startswith("cuda") else "float32"
+    tokenizer = load_tokenizer(options.model, options.subfolder, options.tokenizer)
+    model = MLRAForCausalLM.from_pretrained(options.model, subfolder=options.subfolder, dtype=getattr(torch, dtype))
+    model.to(options.device).eval()
+    set_seed(options.seed)
+
+    inputs = tokenizer(options.prompt, return_tensors="pt").to(options.device)
+    streamer = TextStreamer(tokenizer)
+    sampling = dict(temperature=options.temperature, top_k=options.top_k, top_p=options.top_p)
+    start = time.perf_counter()
+    output = model.generate(
+        **inputs,
+        max_new_tokens=options.max_new_tokens,
+        do_sample=options.do_sample,
+        streamer=streamer,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
+        **(sampling if options.do_sample else {}),
+    )
+    elapsed = time.perf_counter() - start
+    new_tokens = output.shape[1] - inputs["input_ids"].shape[1]
+    print(f"\n[{new_tokens} tokens in {elapsed:.2f} s: {new_tokens / elapsed:.1f} tokens/s on {options.device}, {dtype}]")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="mlra", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_generate_arguments(
+        commands.add_parser("generate", help="continue a prompt, streaming tokens (default: the embedded tiny model)")
+    )
+    from .training import add_train_arguments
+
+    add_train_arguments(
+        commands.add_parser("train", help="train a family member from scratch or from a checkpoint (Trainer)")
+    )
+    options = parser.parse_args(argv)
+    if options.command == "generate":
+        generate(options)
+    else:
+        from .training import run_training
+
+        run_training(options)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
