@@ -91,6 +91,7 @@ def train(
     eval_dataset: torch.utils.data.Dataset | None = None,
     tokenizer=None,
     resume: bool = False,
+    callbacks: list | None = None,
 ) -> Trainer:
     """Train `model` on blocks of tokens (items `{"input_ids", "labels"}`); with `resume`, continue from the last
     checkpoint in `args.output_dir` (optimizer, scheduler, RNG and data order included). Returns the Trainer."""
@@ -101,7 +102,12 @@ def train(
             raise FileNotFoundError(f"--resume: no checkpoint-* folder in output directory {args.output_dir}")
         logger.warning(f"resuming from {resume_from}")
     trainer = Trainer(
-        model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=tokenizer
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        callbacks=callbacks,
     )
     trainer.train(resume_from_checkpoint=resume_from)
     return trainer
