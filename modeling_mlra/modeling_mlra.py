@@ -381,10 +381,13 @@ class MLRAAttention(nn.Module):
         latent, k_rope = kv_states.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         blocks = latent.view(bsz, kv_len, B, G, self.latent_block_dim).permute(0, 2, 3, 1, 4)  # [bsz,B,G,S,d_l]
 
-        q_absorbed = torch.einsum("bthn,khnd->bkhtd", q_nope, w_uk)  # [bsz, B, h, T, d_l]
+        # matmul (not einsum) reads the weight views as they are, without a per-step copy of W_UK / W_UV
+        q_absorbed = torch.matmul(q_nope.transpose(1, 2).unsqueeze(1), w_uk)  # [bsz, B, h, T, d_l]
         q_absorbed = q_absorbed.reshape(bsz, B, G, hpg * q_len, self.latent_block_dim)
         scores = torch.matmul(q_absorbed, blocks.transpose(-1, -2)).view(bsz, B, G, hpg, q_len, kv_len)
-        rope_scores = torch.matmul(q_rope.transpose(1, 2), k_rope.transpose(1, 2).unsqueeze(1))  # [bsz, h, T, S]
+        # one GEMM of all heads' rope queries against the shared rope key (read once, not once per head)
+        q_rope = q_rope.transpose(1, 2).reshape(bsz, self.num_heads * q_len, self.qk_rope_head_dim)
+        rope_scores = torch.matmul(q_rope, k_rope.transpose(1, 2))  # [bsz, h * T, S]
         scores = (scores + rope_scores.view(bsz, 1, G, hpg, q_len, kv_len)) * self.scaling
         if attention_mask is not None:
             scores = scores + attention_mask[:, :, None, None]
@@ -392,8 +395,8 @@ class MLRAAttention(nn.Module):
 
         mixed = torch.matmul(probs.view(bsz, B, G, hpg * q_len, kv_len), blocks)  # [bsz, B, G, hpg*T, d_l]
         mixed = mixed.view(bsz, B, self.num_heads, q_len, self.latent_block_dim)
-        output = torch.einsum("bkhtd,khvd->bthv", mixed, w_uv)
-        return output * self.config.attn_output_scale
+        output = torch.matmul(mixed, w_uv.transpose(-1, -2)).sum(dim=1)  # [bsz, h, T, d_v]
+        return output.transpose(1, 2) * self.config.attn_output_scale
 
 
 class MLRAMLP(nn.Module):
