@@ -14,6 +14,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from modeling_mlra import MLRACache, MLRAConfig, MLRAForCausalLM  # noqa: E402
 from modeling_mlra.modeling_mlra import CACHE_FIELD  # noqa: E402
 
+# The models here are tiny: one thread is fastest, and on a shared CPU the default thread pool spins against the
+# other processes' threads (measured: a 1-layer decode step 0.3 ms with one thread, 12 ms with two under load).
+torch.set_num_threads(1)
+
 REFERENCE_DIR = Path(__file__).parent / "fixtures" / "reference"
 REFERENCE_VARIANTS = sorted(
     path.name for path in REFERENCE_DIR.iterdir() if (path / "pytorch_model.bin").exists()
