@@ -5,9 +5,14 @@
 """
 
 import argparse
-import sys
 import time
 from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, TextStreamer, set_seed
+
+from .modeling_mlra import MLRAForCausalLM
+from .training import add_train_arguments, run_training
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -33,27 +38,22 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=50)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
-    parser.add_argument(
-        "--dtype", default="auto", choices=DTYPES, help="auto: bfloat16 on GPU, float32 on CPU"
-    )
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bfloat16 on GPU, float32 on CPU")
 
 
 def load_tokenizer(model: str, subfolder: str, tokenizer: str | None):
     """The tokenizer named by --tokenizer, else the model's own, else GPT-2's from the local cache (the authors'
     checkpoints were trained on the GPT-2 vocabulary but ship no tokenizer)."""
-    from transformers import AutoTokenizer
-
     if tokenizer is not None:
         return AutoTokenizer.from_pretrained(tokenizer)
     try:
-        return AutoTokenizer.from_pretrained(model, subfolder=subfolder)
+        own = AutoTokenizer.from_pretrained(model, subfolder=subfolder)
+        # Without tokenizer files AutoTokenizer still builds one from config.json's model_type, holding only
+        # special tokens (the authors' folders say "gpt2").
+        if len(own) <= len(own.all_special_tokens):
+            raise OSError("the folder holds no tokenizer files")
+        return own
     except (OSError, ValueError) as own_error:
         try:
             return AutoTokenizer.from_pretrained("openai-community/gpt2", local_files_only=True)
@@ -65,11 +65,7 @@ def load_tokenizer(model: str, subfolder: str, tokenizer: str | None):
 
 
 def generate(options) -> None:
-    import torch
-    from transformers import TextStreamer, set_seed
-
-    from . import MLRAForCausalLM
-
+    """The `mlra generate` command: stream a continuation of the prompt, then report the decoding speed."""
     dtype = options.dtype
     if dtype == "auto":
         dtype = "bfloat16" if options.device.startswith("cuda") else "float32"
@@ -101,8 +97,6 @@ def main(argv: list[str] | None = None) -> None:
     add_generate_arguments(
         commands.add_parser("generate", help="continue a prompt, streaming tokens (default: the embedded tiny model)")
     )
-    from .training import add_train_arguments
-
     add_train_arguments(
         commands.add_parser("train", help="train a family member from scratch or from a checkpoint (Trainer)")
     )
@@ -110,10 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     if options.command == "generate":
         generate(options)
     else:
-        from .training import run_training
-
         run_training(options)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
