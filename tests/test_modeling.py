@@ -262,4 +262,4 @@ def test_attention_mask_of_wrong_rank_raises():
     model = random_model("mla")
     ids = torch.randint(0, TINY["vocab_size"], (1, 5))
     with pytest.raises(ValueError, match="attention_mask must be 2D"):
-        model(ids, attention_mask=torch.ones(1, 1, 5, 5))
+        model(ids, attention_mask=torch.ones(1, 5, 5))
