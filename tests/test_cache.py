@@ -179,7 +179,8 @@ def test_bfloat16_decoding_stays_close_to_float32():
 def test_prefill_on_top_of_a_cache_equals_one_full_forward(member, steps):
     model = tiny_model(**FAMILY[member])  # absorbed_max_query_len=4
     input_ids = random_tokens((2, sum(steps)))
-    torch.testing.assert_close(decode_in_steps(model, input_ids, steps), full_forward(model, input_ids), atol=ATOL, rtol=0)
+    logits = decode_in_steps(model, input_ids, steps)
+    torch.testing.assert_close(logits, full_forward(model, input_ids), atol=ATOL, rtol=0)
 
 
 def test_an_explicit_all_ones_attention_mask_changes_nothing():

@@ -3,7 +3,7 @@ gives what recomputing the whole prefix at every step gives."""
 
 import pytest
 import torch
-from conftest import output_cache, random_tokens, tiny_model
+from conftest import cache_kwargs, output_cache, random_tokens, tiny_model
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, TextStreamer
 
@@ -30,7 +30,8 @@ def model():
     return tiny_model(seed=3)
 
 
-def test_left_padded_batch_gives_each_row_its_unpadded_result(model):
+@pytest.mark.parametrize("cache_implementation", [None, "static"], ids=["dynamic", "static"])
+def test_left_padded_batch_gives_each_row_its_unpadded_result(model, cache_implementation):
     prompts = [prompt((length,), seed=length) for length in (9, 5, 7)]
     width = max(len(prompt) for prompt in prompts)
     input_ids = torch.full((len(prompts), width), PAD)
@@ -41,7 +42,7 @@ def test_left_padded_batch_gives_each_row_its_unpadded_result(model):
 
     batched = model.generate(
         input_ids, attention_mask=attention_mask, max_new_tokens=10, do_sample=False, pad_token_id=PAD,
-        return_dict_in_generate=True, output_logits=True,
+        cache_implementation=cache_implementation, return_dict_in_generate=True, output_logits=True,
     )
     batched_logits = torch.stack(batched.logits, dim=1)
     for row, tokens in enumerate(prompts):
@@ -53,11 +54,17 @@ def test_left_padded_batch_gives_each_row_its_unpadded_result(model):
         torch.testing.assert_close(batched_logits[row], torch.stack(alone.logits, dim=1)[0], atol=1e-4, rtol=0)
 
 
-def test_beam_search_gives_the_same_beams_with_and_without_cache(model):
+@pytest.mark.parametrize("cache_implementation", [None, "static"], ids=["dynamic", "static"])
+def test_beam_search_gives_the_same_beams_with_and_without_cache(model, cache_implementation):
     input_ids = prompt((2, 6), seed=1)
     kwargs = dict(max_new_tokens=8, num_beams=3, num_return_sequences=3, do_sample=False, pad_token_id=PAD)
-    with_cache = model.generate(input_ids, **kwargs, output_scores=True, return_dict_in_generate=True)
-    without_cache = model.generate(input_ids, **kwargs, output_scores=True, return_dict_in_generate=True, use_cache=False)
+    with_cache = model.generate(
+        input_ids, **kwargs, cache_implementation=cache_implementation, output_scores=True,
+        return_dict_in_generate=True,
+    )
+    without_cache = model.generate(
+        input_ids, **kwargs, use_cache=False, output_scores=True, return_dict_in_generate=True
+    )
     assert torch.equal(with_cache.sequences, without_cache.sequences)
     torch.testing.assert_close(with_cache.sequences_scores, without_cache.sequences_scores, atol=1e-4, rtol=0)
 
@@ -75,6 +82,24 @@ def test_sampling_with_a_fixed_seed_is_reproducible_through_the_cache(model):
         samples.append(output.sequences)
     assert torch.equal(samples[0], samples[1])
     assert torch.equal(samples[0], samples[2])
+
+
+def test_chunked_prefill_in_generate_gives_the_unchunked_output(model):
+    # Chunks of 5 run the expanded path on top of the cache, the last chunk of 4 the absorbed one.
+    input_ids = prompt((2, 14), seed=9)
+    plain = model.generate(input_ids, max_new_tokens=6, do_sample=False, pad_token_id=PAD)
+    chunked = model.generate(input_ids, max_new_tokens=6, do_sample=False, pad_token_id=PAD, prefill_chunk_size=5)
+    assert torch.equal(chunked, plain)
+
+
+@pytest.mark.parametrize("max_cache_len", [None, 40], ids=["dynamic", "static"])
+def test_a_second_turn_continues_from_the_returned_cache(model, max_cache_len):
+    cache = MLRACache(model.config, max_cache_len=max_cache_len)
+    greedy = dict(do_sample=False, pad_token_id=PAD, **cache_kwargs(cache))
+    first = model.generate(prompt((1, 9), seed=1), max_new_tokens=5, **greedy)
+    conversation = torch.cat([first, prompt((1, 7), seed=2)], dim=1)
+    second = model.generate(conversation, max_new_tokens=6, **greedy)
+    assert torch.equal(second, greedy_without_cache(model, conversation, 6))
 
 
 def test_assisted_decoding_with_a_smaller_family_model_gives_plain_greedy_output(model):
