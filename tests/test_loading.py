@@ -224,3 +224,49 @@ def test_trust_remote_code_loads_in_a_process_that_never_imported_the_package(tm
     assert result.returncode == 0, result.stderr[-3000:]
     module, diff = result.stdout.split()[-2:]
     assert module.startswith("transformers_modules.") and float(diff) <= 1e-4
+
+
+def write_authors_mlra_4(folder: Path, d=512, heads=8, d_n=64, d_r=32, d_c=256, d_cq=256, inter=1536, layers=4, vocab=8192):
+    """An authors'-format MLRA-4 checkpoint of about 90 MB in float32, keys and shapes as their code writes them."""
+    folder.mkdir()
+    config = dict(
+        model_type="gpt2", architectures=["GPT"], n_layer=layers, n_head=heads, n_embd=d, intermediate_size=inter,
+        block_size=256, bias=False, dropout=0.0, q_lora_rank=d_cq, kv_lora_rank=d_c, qk_nope_head_dim=d_n,
+        qk_rope_head_dim=d_r, vocab_size=vocab,
+    )
+    (folder / "config.json").write_text(json.dumps(config))
+    shapes = {"transformer.wte.weight": (vocab, d), "layernorm.weight": (d,)}
+    for i in range(layers):
+        p = f"transformer.h.{i}."
+        shapes.update({
+            p + "attn.q_a_proj.weight": (d_cq, d), p + "attn.q_a_layernorm.weight": (d_cq,),
+            p + "attn.q_b_proj.weight": (heads * (d_n + d_r), d_cq), p + "attn.kv_a_proj_with_mqa.weight": (d_c + d_r, d),
+            p + "attn.kv_b_proj": (4, d_c // 4, heads * 2 * d_n), p + "attn.c_proj.weight": (d, heads * d_n),
+            p + "mlp.c_fc1.weight": (inter, d), p + "mlp.c_fc2.weight": (inter, d), p + "mlp.c_proj.weight": (d, inter),
+            p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
+            **{p + f"attn.kv_a_layernorms.{n}.weight": (d_c // 4,) for n in range(4)},
+        })
+    state_dict = {key: torch.randn(shape) * 0.02 for key, shape in shapes.items()}
+    state_dict["lm_head.weight"] = state_dict["transformer.wte.weight"]  # tied: stored once by torch.save
+    torch.save(state_dict, folder / "pytorch_model.bin")
+    return sum(t.numel() for k, t in state_dict.items() if k != "lm_head.weight") * 4
+
+
+def test_loading_to_bfloat16_holds_less_than_two_copies_of_the_weights(tmp_path):
+    file_bytes = write_authors_mlra_4(tmp_path / "mlra_4")
+    script = (
+        "import re, torch\n"
+        "from modeling_mlra import MLRAForCausalLM\n"
+        "def status(field):\n"
+        "    return int(re.search(field + r':\\s+(\\d+) kB', open('/proc/self/status').read()).group(1)) * 1024\n"
+        "before = status('VmRSS')\n"
+        f"model = MLRAForCausalLM.from_pretrained({str(tmp_path / 'mlra_4')!r}, dtype=torch.bfloat16)\n"
+        "assert {p.dtype for p in model.parameters()} == {torch.bfloat16}\n"
+        "print(status('VmHWM') - before)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    peak_growth = int(result.stdout.split()[-1])
+    # float32 pages mapped from the file (1x) + the bfloat16 model (0.5x); a load-then-convert path needs >= 2x
+    assert peak_growth < 1.75 * file_bytes, f"peak grew {peak_growth / 2**20:.0f} MiB for a {file_bytes / 2**20:.0f} MiB file"
