@@ -241,10 +241,11 @@ def test_reorder_cache_permutes_the_batch(static):
     torch.testing.assert_close(logits, full_forward(model, input_ids[order])[:, 8:], atol=ATOL, rtol=0)
 
 
-def test_batch_repeat_interleave_repeats_each_row():
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_batch_repeat_interleave_repeats_each_row(static):
     model = tiny_model()
     input_ids = random_tokens((2, 9))
-    cache = MLRACache(model.config)
+    cache = MLRACache(model.config, max_cache_len=12 if static else None)
     model(input_ids[:, :7], **cache_kwargs(cache))
     cache.batch_repeat_interleave(3)
     repeated = input_ids.repeat_interleave(3, dim=0)
@@ -252,10 +253,11 @@ def test_batch_repeat_interleave_repeats_each_row():
     torch.testing.assert_close(logits, full_forward(model, repeated)[:, 7:], atol=ATOL, rtol=0)
 
 
-def test_batch_select_indices_keeps_the_chosen_rows():
+@pytest.mark.parametrize("static", [False, True], ids=["dynamic", "static"])
+def test_batch_select_indices_keeps_the_chosen_rows(static):
     model = tiny_model()
     input_ids = random_tokens((4, 9))
-    cache = MLRACache(model.config)
+    cache = MLRACache(model.config, max_cache_len=12 if static else None)
     model(input_ids[:, :7], **cache_kwargs(cache))
     rows = torch.tensor([3, 1])
     cache.batch_select_indices(rows)
@@ -312,7 +314,7 @@ OPERATION = st.one_of(
 PROPERTY_MODEL = tiny_model(absorbed_max_query_len=3, num_latent_blocks=4, num_softmax_branches=2)
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(operations=st.lists(OPERATION, min_size=1, max_size=8), static=st.booleans(), seed=st.integers(0, 2**16))
 def test_any_sequence_of_cache_operations_matches_a_full_forward(operations, static, seed):
     """prefill k / decode 1 / crop n / reorder the batch, in any order: every forward through the cache gives the
