@@ -154,14 +154,16 @@ def test_decoding_through_absorbed_path_matches_expanded_path(member):
     torch.testing.assert_close(logits["absorbed"], full_forward(model, input_ids), atol=ATOL, rtol=0)
 
 
-def test_bfloat16_decoding_stays_close_to_float32():
+def test_bfloat16_decoding_is_as_accurate_as_a_bfloat16_full_forward():
     input_ids = random_tokens((2, 16))
-    reference_logits = full_forward(tiny_model(), input_ids)
-    logits = decode_in_steps(tiny_model(dtype=torch.bfloat16), input_ids, [6] + [1] * 10).float()
-    # bf16 keeps 8 bits of mantissa: a few percent of the logits' scale, accumulated over two layers.
-    scale = reference_logits.abs().max()
-    assert (logits - reference_logits).abs().max() <= 0.05 * scale
-    assert (logits.argmax(-1) == reference_logits.argmax(-1)).float().mean() >= 0.9
+    exact = full_forward(tiny_model(), input_ids)
+    model = tiny_model(dtype=torch.bfloat16)
+    decoded = decode_in_steps(model, input_ids, [6] + [1] * 10).float()
+    full = full_forward(model, input_ids).float()
+    # bf16 keeps 8 mantissa bits; the absorbed path reorders the products but must not lose more than that.
+    assert (decoded - exact).abs().mean() <= 1.25 * (full - exact).abs().mean()
+    assert (decoded - exact).abs().max() <= 0.1 * exact.abs().max()
+    assert (decoded.argmax(-1) == exact.argmax(-1)).float().mean() >= 0.9
 
 
 # --- prefill on top of a cache ------------------------------------------------------------------------------------
