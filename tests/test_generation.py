@@ -33,7 +33,7 @@ def model():
 @pytest.mark.parametrize("cache_implementation", [None, "static"], ids=["dynamic", "static"])
 def test_left_padded_batch_gives_each_row_its_unpadded_result(model, cache_implementation):
     prompts = [prompt((length,), seed=length) for length in (9, 5, 7)]
-    width = max(len(prompt) for prompt in prompts)
+    width = max(len(tokens) for tokens in prompts)
     input_ids = torch.full((len(prompts), width), PAD)
     attention_mask = torch.zeros_like(input_ids)
     for row, tokens in enumerate(prompts):
