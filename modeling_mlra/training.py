@@ -136,12 +136,13 @@ def load_datasets(
 def run_training(options) -> Path:
     """The `mlra train` command: builds (or loads) the model, tokenizes the data, trains, and saves the final
     model and tokenizer to `options.output_dir`. Returns that folder."""
-    tokenizer_source = options.tokenizer or options.init_from
+    text_data = any(Path(f).suffix != ".bin" for f in options.train_data + (options.eval_data or []))
+    tokenizer_source = options.tokenizer or (options.init_from if text_data else None)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source) if tokenizer_source else None
-    overrides = {
+    sizes = {
         field: value
         for field, value in (
-            ("vocab_size", options.vocab_size or (len(tokenizer) if tokenizer is not None else None)),
+            ("vocab_size", options.vocab_size),
             ("hidden_size", options.hidden_size),
             ("num_hidden_layers", options.num_layers),
             ("num_attention_heads", options.num_heads),
@@ -151,18 +152,21 @@ def run_training(options) -> Path:
             ("qk_nope_head_dim", options.qk_nope_head_dim),
             ("qk_rope_head_dim", options.qk_rope_head_dim),
             ("v_head_dim", options.v_head_dim or options.qk_nope_head_dim),
-            ("max_position_embeddings", options.block_size),
         )
         if value is not None
     }
-    if options.init_from is not None and options.variant is None:
+    if options.init_from is not None:
+        if options.variant is not None or sizes:
+            raise ValueError("--init-from keeps the checkpoint's variant and sizes: drop --variant and size options")
         model = build_model(init_from=options.init_from)
     else:
         if tokenizer is not None:
-            overrides.update(
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
-            )
-        model = build_model(variant=options.variant or "mlra_4", seed=options.seed, **overrides)
+            sizes.setdefault("vocab_size", len(tokenizer))
+            special = ("bos_token_id", "eos_token_id", "pad_token_id")
+            sizes.update({name: getattr(tokenizer, name) for name in special})
+        if options.block_size is not None:
+            sizes["max_position_embeddings"] = options.block_size
+        model = build_model(variant=options.variant or "mlra_4", seed=options.seed, **sizes)
     config = model.config
     block_size = options.block_size or min(config.max_position_embeddings, 1024)
     train_dataset, eval_dataset = load_datasets(
@@ -202,7 +206,11 @@ def run_training(options) -> Path:
 def add_train_arguments(parser) -> None:
     """The options of `mlra train` (argparse)."""
     model = parser.add_argument_group("model")
-    model.add_argument("--variant", help="family member to train from scratch, e.g. mla, gla_2, mlra_4, mlra_4_gated")
+    model.add_argument(
+        "--variant",
+        help="family member to train from scratch (default mlra_4): mla, gla_2, gla_4, mlra_2, mlra_4, or one of "
+        "these with _gated or _no_scale",
+    )
     model.add_argument("--init-from", help="checkpoint folder (or Hub repo id) to start from instead of a fresh model")
     for flag in (
         "--vocab-size",
@@ -222,7 +230,10 @@ def add_train_arguments(parser) -> None:
         "--train-data", nargs="+", required=True, help="text files (tokenized with --tokenizer) or authors' .bin shards"
     )
     data.add_argument("--eval-data", nargs="+", help="held-out files, same formats; evaluated every --eval-steps")
-    data.add_argument("--tokenizer", help="tokenizer folder or Hub id for text data (default: the --init-from one)")
+    data.add_argument(
+        "--tokenizer",
+        help="tokenizer folder or Hub id for text data (default: the --init-from one); saved with the model",
+    )
     data.add_argument("--block-size", type=int, help="training context in tokens (default: min(max positions, 1024))")
     optim = parser.add_argument_group("optimisation (defaults: the paper's recipe)")
     optim.add_argument("--output-dir", required=True, help="checkpoints and the final model go here")

@@ -105,3 +105,16 @@ def test_cli_train_on_bin_shards_saves_a_loadable_model(tmp_path):
     )
     model = MLRAForCausalLM.from_pretrained(tmp_path / "out")
     assert model.config.variant == "gla_2" and model.config.max_position_embeddings == 32
+
+
+def test_cli_train_continues_from_a_saved_model_with_init_from(tmp_path):
+    write_bin_tokens(tmp_path / "train.bin", TOKENS)
+    first = build_model("mlra_2", **TINY)
+    first.save_pretrained(tmp_path / "start")
+    main(
+        ["train", "--init-from", str(tmp_path / "start"), "--train-data", str(tmp_path / "train.bin")]
+        + ["--block-size", "32", "--max-steps", "2", "--output-dir", str(tmp_path / "out"), "--no-progress-bar"]
+    )
+    continued = MLRAForCausalLM.from_pretrained(tmp_path / "out")
+    assert continued.config.variant == "mlra_2"
+    assert not torch.equal(continued.lm_head.weight, first.lm_head.weight)
