@@ -147,43 +147,32 @@ def cache_bytes(cache) -> int:
 # ----------------------------------------------------------------------------------------------- timing
 
 
-def time_decode(model, cache, warmup: int, steps: int, slow_step_s: float) -> tuple[list[float], list[float]]:
-    """Decode one token at a time through `cache` (each step appends to it, as in generation).
-
-    Returns per timed step the whole step's ms and the attention modules' ms averaged over layers.
-    Steps slower than `slow_step_s` after the first warmup step cut the run to warmup 1 and at most 3 steps.
-    """
-    attn_ms = []
-    starts = {}
+def instrument_attention(model) -> list[float]:
+    """Forward hooks on every layer's attention module; returns the list they append each call's ms to."""
+    log, starts = [], {}
 
     def pre_hook(module, args):
         starts[id(module)] = time.perf_counter()
 
     def post_hook(module, args, output):
-        attn_ms.append((time.perf_counter() - starts.pop(id(module))) * 1e3)
+        log.append((time.perf_counter() - starts.pop(id(module))) * 1e3)
 
-    attentions = [layer.self_attn for layer in model.model.layers]
-    handles = [h for a in attentions for h in (a.register_forward_pre_hook(pre_hook), a.register_forward_hook(post_hook))]
-    step_ms, attn_per_layer = [], []
-    try:
-        with torch.no_grad():
-            done = 0
-            while done < warmup + steps:
-                attn_ms.clear()
-                token = torch.randint(0, VOCAB, (1, 1))
-                start = time.perf_counter()
-                model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
-                elapsed = (time.perf_counter() - start) * 1e3
-                done += 1
-                if done == 1 and elapsed > slow_step_s * 1e3:
-                    warmup, steps = 1, min(steps, 3)
-                if done > warmup:
-                    step_ms.append(elapsed)
-                    attn_per_layer.append(sum(attn_ms) / len(attentions))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return step_ms, attn_per_layer
+    for layer in model.model.layers:
+        layer.self_attn.register_forward_pre_hook(pre_hook)
+        layer.self_attn.register_forward_hook(post_hook)
+    return log
+
+
+def decode_step(model, cache, attention_log: list[float]) -> tuple[float, float]:
+    """The timing helper: one token through the whole model with `cache` (which it appends to, as in generation).
+    Returns the step's ms and the attention modules' ms per layer within it."""
+    attention_log.clear()
+    token = torch.randint(0, VOCAB, (1, 1))
+    with torch.no_grad():
+        start = time.perf_counter()
+        model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
+        elapsed = (time.perf_counter() - start) * 1e3
+    return elapsed, sum(attention_log) / len(model.model.layers)
 
 
 # ----------------------------------------------------------------------------------------------- feasibility
@@ -240,49 +229,88 @@ def uptime() -> str:
         return "load average: " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def run_model(name, family, setup, args, dtype, results):
-    elem = torch.empty((), dtype=dtype).element_size()
-    reserve = args.warmup + args.steps + 1
-    print(f"\n== {name}: building", flush=True)
+@dataclass
+class Contender:
+    name: str
+    family: str
+    model: torch.nn.Module
+    fill_cache: object
+    attention_log: list
+    weight_bytes: int
+
+
+def build(name: str, family: str, setup) -> Contender:
+    print(f"building {name}", flush=True)
     model, fill_cache = setup()
     check_cache_layout(model, fill_cache)
-    weights = sum(p.nbytes for p in model.parameters())
-    for context in args.contexts:
-        result = Result(model=name, context=context)
-        need = weights + peak_extra_bytes(family, context, args.layers, elem, args.llama_kv_heads)
-        have = available_bytes()
-        if need > args.memory_fraction * (have + weights):
-            result.skipped = (
-                f"needs ~{need / 2**30:.1f} GiB (weights + cache + per-step temporaries), "
-                f"{have / 2**30:.1f} GiB available x {args.memory_fraction}"
-            )
-        elif name in args.skip:
-            result.skipped = "skipped by --skip"
-        if result.skipped:
-            print(f"   {context:>6}: SKIPPED ({result.skipped})", flush=True)
-            results.append(result)
-            continue
-        try:
-            cache = fill_cache(context)
-            result.cache_bytes_per_token_per_layer = cache_bytes(cache) // (context * args.layers)
-            result.cache_mb = cache_bytes(cache) / 2**20
-            step_ms, attn_ms = time_decode(model, cache, args.warmup, args.steps, args.slow_step_s)
+    weight_bytes = sum(p.nbytes for p in model.parameters())
+    return Contender(name, family, model, fill_cache, instrument_attention(model), weight_bytes)
+
+
+def skip_reason(contender: Contender, context: int, args, elem: int) -> str | None:
+    """Why a configuration is not run: by request, or its estimated memory need (beyond what is allocated now:
+    all weights and the caches already filled for the other models at this context)."""
+    if contender.name in args.skip:
+        return "skipped by --skip"
+    need = peak_extra_bytes(contender.family, context, args.layers, elem, args.llama_kv_heads)
+    have = available_bytes()
+    if need > args.memory_fraction * have:
+        return (
+            f"needs ~{need / 2**30:.1f} GiB beyond the weights (cache + per-step temporaries), "
+            f"{have / 2**30:.1f} GiB available x {args.memory_fraction}"
+        )
+    return None
+
+
+def run_context(contenders: list[Contender], context: int, args, elem: int) -> list[Result]:
+    """Time every model at one context, interleaved step by step (model A, B, C, A, B, C, ...), so that a change
+    in the load of the shared CPU hits all models alike. Models whose first step is slower than
+    --slow-step-s run 1 warmup step and at most 3 timed steps."""
+    results, caches, timings = {}, {}, {}
+    for c in contenders:
+        result = results[c.name] = Result(model=c.name, context=context)
+        result.skipped = skip_reason(c, context, args, elem)
+        if result.skipped is None:
+            try:
+                caches[c.name] = c.fill_cache(context)
+            except (RuntimeError, MemoryError) as error:
+                result.skipped = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+        if result.skipped is None:
+            result.cache_bytes_per_token_per_layer = cache_bytes(caches[c.name]) // (context * args.layers)
+            result.cache_mb = cache_bytes(caches[c.name]) / 2**20
+            timings[c.name] = []
+    plan = {name: (args.warmup, args.steps) for name in caches}
+    for round_ in range(args.warmup + args.steps):
+        for c in contenders:
+            if c.name not in caches or round_ >= sum(plan[c.name]):
+                continue
+            try:
+                step_ms, attn_ms = decode_step(c.model, caches[c.name], c.attention_log)
+            except (RuntimeError, MemoryError) as error:  # an allocation failure becomes a skip, not a crash
+                results[c.name].skipped = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+                del caches[c.name]
+                gc.collect()
+                continue
+            if round_ == 0 and step_ms > args.slow_step_s * 1e3:
+                plan[c.name] = (1, min(args.steps, 3))
+            if round_ >= plan[c.name][0]:
+                timings[c.name].append((step_ms, attn_ms))
+    for c in contenders:
+        result = results[c.name]
+        if result.skipped is None and timings.get(c.name):
+            step_ms, attn_ms = zip(*timings[c.name])
             result.step_ms, result.attn_ms_per_layer = statistics.median(step_ms), statistics.median(attn_ms)
             result.steps, result.step_ms_all = len(step_ms), [round(x, 3) for x in step_ms]
             print(
-                f"   {context:>6}: step {result.step_ms:9.2f} ms  attn/layer {result.attn_ms_per_layer:9.2f} ms  "
-                f"cache {result.cache_mb:8.1f} MB  ({result.steps} steps)",
+                f"{context:>6} {c.name:12s} step {result.step_ms:9.2f} ms  attn/layer {result.attn_ms_per_layer:9.2f} "
+                f"ms  cache {result.cache_mb:8.1f} MB  ({result.steps} steps)",
                 flush=True,
             )
-        except (RuntimeError, MemoryError) as error:  # an allocation failure becomes a skip, not a crash
-            result.skipped = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
-            print(f"   {context:>6}: SKIPPED ({result.skipped})", flush=True)
-        finally:
-            cache = None
-            gc.collect()
-        results.append(result)
-    del model
+        else:
+            print(f"{context:>6} {c.name:12s} SKIPPED ({result.skipped})", flush=True)
+    caches.clear()
     gc.collect()
+    return list(results.values())
 
 
 def fmt(value, spec):
@@ -375,11 +403,15 @@ def main(argv=None):
         "deepseek_v3": ("deepseek_v3", lambda: setup_deepseek_v3(args.layers, dtype)),
         "llama_gqa": ("llama", lambda: setup_llama(args.layers, dtype, args.llama_kv_heads)),
     }
-    results: list[Result] = []
     started = time.time()
+    contenders = []
     for name in args.models:
         family, setup = setups.get(name, ("mlra", lambda name=name: setup_mlra(name, args.layers, dtype, reserve)))
-        run_model(name, family, setup, args, dtype, results)
+        contenders.append(build(name, family, setup))
+    results: list[Result] = []
+    for context in args.contexts:
+        results += run_context(contenders, context, args, elem)
+    results.sort(key=lambda r: args.models.index(r.model))  # table: grouped by model, contexts ascending
     load_after = uptime()
 
     table = markdown_table(results, reference, args.layers)
@@ -394,7 +426,8 @@ def main(argv=None):
         f"Python {machine['python']}, torch {machine['torch']}, transformers {machine['transformers']}.  ",
         f"Load before: `{load_before}`  ",
         f"Load after: `{load_after}` (the CPU is shared; wall time {time.time() - started:.0f} s)  ",
-        f"Steps: median of {args.steps} timed decode steps after {args.warmup} warmup steps "
+        f"Steps: median of {args.steps} timed decode steps after {args.warmup} warmup steps, the models "
+        "interleaved step by step at each context "
         f"(steps slower than {args.slow_step_s:g} s: 1 warmup, at most 3 timed), torch.no_grad, batch 1.",
         "",
         "Models: `mlra_4`, `mla` = ours (MLRAForCausalLM, absorbed decode on MLRACache); `deepseek_v3` = "
