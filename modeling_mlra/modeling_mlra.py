@@ -502,6 +502,18 @@ class MLRAModel(MLRAPreTrainedModel):
         bsz, q_len = inputs_embeds.shape[:2]
         past_length = cache.get_seq_length() if cache is not None else 0
         query_slots = torch.arange(q_len, device=inputs_embeds.device) + past_length
+        # A 2D mask covers the cached tokens and the new ones; one covering only the new tokens would silently
+        # restart the positions derived from it (and mask the wrong slots), so refuse it.
+        if (
+            attention_mask is not None
+            and attention_mask.dim() == 2
+            and not torch.compiler.is_compiling()
+            and attention_mask.shape[1] < past_length + q_len
+        ):
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[1]} tokens but the cache holds {int(past_length)} and "
+                f"{q_len} are new: pass the mask of the whole sequence, cached tokens included"
+            )
         if position_ids is None:
             if attention_mask is not None and attention_mask.dim() == 2:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]

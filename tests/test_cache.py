@@ -192,6 +192,14 @@ def test_an_explicit_all_ones_attention_mask_changes_nothing():
     torch.testing.assert_close(with_mask, full_forward(model, input_ids), atol=ATOL, rtol=0)
 
 
+def test_an_attention_mask_of_only_the_new_tokens_is_refused():
+    model = tiny_model()
+    cache = MLRACache(model.config)
+    model(random_tokens((1, 6)), **cache_kwargs(cache))
+    with pytest.raises(ValueError, match="cache holds 6"):
+        model(random_tokens((1, 1)), attention_mask=torch.ones(1, 1, dtype=torch.long), **cache_kwargs(cache))
+
+
 def test_left_padded_rows_decode_like_their_unpadded_selves():
     model = tiny_model()
     input_ids = random_tokens((2, 12))
