@@ -161,8 +161,10 @@ class MLRALatentCacheLayer(CacheLayerMixin):
             self.cumulative_length = max(keep, 0)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """In place: a static buffer keeps its address; a growing one reorders only its filled part."""
         if self.buffer is not None:
-            self.buffer.copy_(self.buffer.index_select(0, beam_idx.to(self.buffer.device)))
+            filled = self.buffer if self.is_compileable else self.buffer[:, : self.cumulative_length]
+            filled.copy_(filled.index_select(0, beam_idx.to(self.buffer.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.buffer is not None:
@@ -187,10 +189,8 @@ class MLRACache(Cache):
         max_cache_len: `None` for a growing cache; an int for a static, pre-allocated one (torch.compile).
     """
 
-    def __init__(self, config: MLRAConfig, max_cache_len: int | None = None, **kwargs):
-        layers = [MLRALatentCacheLayer(max_cache_len) for _ in range(config.num_hidden_layers)]
-        super().__init__(layers=layers)
-        self.latent_dim = config.kv_lora_rank
+    def __init__(self, config: MLRAConfig, max_cache_len: int | None = None):
+        super().__init__(layers=[MLRALatentCacheLayer(max_cache_len) for _ in range(config.num_hidden_layers)])
 
     def update(self, states: torch.Tensor, layer_idx: int, *args, **kwargs) -> torch.Tensor:
         """Append a layer's new states [bsz, T, d_c + d_r] and return all of its cached states."""
