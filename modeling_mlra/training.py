@@ -197,6 +197,7 @@ def run_training(options) -> Path:
         loss, step = evaluations[-1]["eval_loss"], evaluations[-1]["step"]
         logger.warning(f"eval loss at step {step}: {loss:.4f} (perplexity {math.exp(loss):.2f})")
     output_dir = Path(options.output_dir)
+    trainer.model.config.use_cache = True  # the Trainer switches it off for training (TrainingArguments.use_cache)
     trainer.model.to(getattr(torch, options.save_dtype)).save_pretrained(output_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(output_dir)

@@ -81,13 +81,14 @@ def main():
     (REPO / "tests" / "fixtures" / "heldout_python.txt").write_text(fixture, encoding="utf-8")
 
     commands, logs = {}, {}
+    relative = lambda path: os.path.relpath(path, REPO)  # noqa: E731 (commands run in REPO; recorded as typed)
     for variant in MODELS:
         commands[variant] = [
-            "mlra", "train", "--variant", variant, *MODEL_SIZE, "--tokenizer", str(work / "tokenizer"),
-            "--train-data", str(work / "train.bin"), "--eval-data", str(work / "val.bin"),
+            "mlra", "train", "--variant", variant, *MODEL_SIZE, "--tokenizer", relative(work / "tokenizer"),
+            "--train-data", relative(work / "train.bin"), "--eval-data", relative(work / "val.bin"),
             "--block-size", str(BLOCK_SIZE), "--batch-size", "16", "--max-steps", str(options.max_steps),
             "--learning-rate", "2e-3", "--warmup-steps", "50", "--eval-steps", "400", "--save-steps", "400",
-            "--logging-steps", "20", "--seed", "0", "--no-progress-bar", "--output-dir", str(work / variant),
+            "--logging-steps", "20", "--seed", "0", "--no-progress-bar", "--output-dir", relative(work / variant),
         ]  # fmt: skip
     # Both models train at once, one thread each: on 2 cores that beats two threads each in turn.
     start = time.time()
