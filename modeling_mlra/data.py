@@ -59,7 +59,7 @@ def tokenize_texts(texts: Iterable[str], tokenizer) -> np.ndarray:
 
 def load_tokens(paths: Sequence[str | Path], tokenizer=None) -> np.ndarray:
     """Tokens [n] of several files, concatenated in order: `.bin` shards as stored, any other file read as UTF-8
-    text and tokenized with `tokenizer` (one document per file)."""
+    text and tokenized with `tokenizer` (one document per file). A single shard stays memory-mapped (uint16)."""
     if not paths:
         raise ValueError("no data files given")
     parts = []
@@ -67,12 +67,12 @@ def load_tokens(paths: Sequence[str | Path], tokenizer=None) -> np.ndarray:
         if not path.is_file():
             raise FileNotFoundError(f"data file {path} does not exist")
         if path.suffix == ".bin":
-            parts.append(np.asarray(read_bin_tokens(path), dtype=np.int64))
+            parts.append(read_bin_tokens(path))
         else:
             if tokenizer is None:
                 raise ValueError(f"{path} is a text file: a tokenizer is needed to tokenize it")
             parts.append(tokenize_texts([path.read_text(encoding="utf-8")], tokenizer))
-    return np.concatenate(parts)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 class TokenBlockDataset(torch.utils.data.Dataset):
