@@ -71,8 +71,9 @@ def check_absorbed_vs_expanded(device, context: int = 4096) -> list[dict]:
             with torch.no_grad():
                 model(ids[:, :context], **{CACHE_FIELD: cache})
                 outputs[path] = model(ids[:, context:], **{CACHE_FIELD: cache}).logits.float()
+        # float32 compute on the same bfloat16-rounded weights: isolates the arithmetic from weight rounding
         with torch.no_grad():
-            full = published_model(variant, 2, device, torch.float32)(ids).logits[:, -1:].float()
+            full = model.float()(ids, use_cache=False).logits[:, -1:]
         scale = full.abs().max().item()
         rows.append(
             dict(
@@ -87,7 +88,8 @@ def check_absorbed_vs_expanded(device, context: int = 4096) -> list[dict]:
 
 
 def check_static_compiled_generate(device) -> dict:
-    model = published_model("mlra_4", 2, device, torch.bfloat16)
+    """In float32 (TF32 off): bf16 greedy decoding of a random model flips near-tied argmaxes on rounding alone."""
+    model = published_model("mlra_4", 2, device, torch.float32)
     prompt = torch.randint(0, 50304, (2, 32), device=device)
     dynamic = model.generate(prompt, max_new_tokens=48, do_sample=False)
     static = model.generate(prompt, max_new_tokens=48, do_sample=False, cache_implementation="static")
@@ -196,7 +198,8 @@ def markdown(report: dict) -> str:
     lines += ["## Reference fixtures on the GPU (float32, TF32 off)", "", "| variant | max abs logit diff | greedy tokens equal |", "|---|---:|---|"]
     lines += [f"| {r['variant']} | {r['max_abs_logit_diff']:.2e} | {r['greedy_tokens_equal']} |" for r in report["fixtures"]]
     lines += ["", "## Absorbed vs expanded decode, bfloat16, published layer shapes (2 layers, context 4096)", ""]
-    lines += ["Differences of the last position's logits relative to the float32 logits' largest magnitude.", ""]
+    lines += ["Differences of the last position's logits relative to the largest float32 logit; the float32 reference",
+              "computes on the same bfloat16-rounded weights, so the columns measure arithmetic, not weight rounding.", ""]
     lines += ["| variant | absorbed vs expanded (bf16) | absorbed bf16 vs fp32 | expanded bf16 vs fp32 |", "|---|---:|---:|---:|"]
     lines += [
         f"| {r['variant']} | {r['absorbed_vs_expanded_bf16']:.2e} | {r['absorbed_bf16_vs_fp32']:.2e} | {r['expanded_bf16_vs_fp32']:.2e} |"
@@ -204,6 +207,8 @@ def markdown(report: dict) -> str:
     ]
     lines += ["", f"## generate() with a static cache: {report['static_generate']}", ""]
     lines += [f"## Decode step, bfloat16, {report['layers']} layers of the published shapes", ""]
+    lines += ["Ours runs the absorbed decode in plain PyTorch (about 10 kernels per layer); at short context every",
+              "model's step is bound by kernel launches, not bytes. The fused decode kernel is separate work.", ""]
     lines += [f"Device-to-device copy in the same run: {report['copy_gb_s']:.0f} GB/s (read + write).", ""]
     lines += ["Step: one token through the whole model (embedding, layers, norm, lm_head), median of 20, CUDA events.",
               "Cache read per step / step time is a lower bound on the bandwidth the attention achieves.", ""]
