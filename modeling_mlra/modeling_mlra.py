@@ -296,13 +296,16 @@ class MLRAAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, config.hidden_size, bias=False)
         self.o_proj.is_residual_output = True  # zero-initialised (paper)
 
+    def by_branch_and_group(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        """View the latent-block axis `dim` (length L) of `tensor` as [B, G]. Every path reads the latent blocks
+        through this view: block l sits at branch l // G, group l % G, i.e. l = MLRAConfig.latent_block(b, g)."""
+        return tensor.unflatten(dim, (self.num_branches, self.num_groups))
+
     def up_projection_per_branch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [B, h, d_n, d_l] and W_UV [B, h, d_v, d_l]: for branch b and head i, the up-projection of the
-        latent block the pair reads. Blocks are ordered b * G + g (MLRAConfig.latent_block), so the block axis
-        views as [B, G] and the groups' heads concatenate to all h heads in order."""
-        weight = self.kv_b_proj.weight.view(
-            self.num_branches, self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.latent_block_dim
-        )
+        latent block the pair reads (group g's heads, in order, concatenate to all h heads)."""
+        weight = self.by_branch_and_group(self.kv_b_proj.weight, 0)  # [B, G, hpg * (d_n + d_v), d_l]
+        weight = weight.reshape(self.num_branches, self.num_heads, -1, self.latent_block_dim)
         return weight.split([self.qk_nope_head_dim, self.v_head_dim], dim=2)
 
     def forward(
@@ -353,8 +356,8 @@ class MLRAAttention(nn.Module):
         B, h = self.num_branches, self.num_heads
         latent, k_rope = kv_states.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         blocks = latent.unflatten(-1, (self.num_latent_blocks, self.latent_block_dim))
-        kv = torch.einsum("bsld,lod->bslo", blocks, self.kv_b_proj.weight)
-        kv = kv.reshape(bsz, kv_len, B, h, self.qk_nope_head_dim + self.v_head_dim)
+        kv = torch.einsum("bsld,lod->bslo", blocks, self.kv_b_proj.weight)  # [bsz, S, L, hpg * (d_n + d_v)]
+        kv = self.by_branch_and_group(kv, 2).reshape(bsz, kv_len, B, h, self.qk_nope_head_dim + self.v_head_dim)
         k_nope, value = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         k_rope = k_rope[:, :, None, None, :].expand(bsz, kv_len, B, h, self.qk_rope_head_dim)
         key = torch.cat([k_nope, k_rope], dim=-1).reshape(bsz, kv_len, B * h, -1).transpose(1, 2)
@@ -379,7 +382,8 @@ class MLRAAttention(nn.Module):
         B, G, hpg = self.num_branches, self.num_groups, self.heads_per_group
         w_uk, w_uv = self.up_projection_per_branch()
         latent, k_rope = kv_states.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        blocks = latent.view(bsz, kv_len, B, G, self.latent_block_dim).permute(0, 2, 3, 1, 4)  # [bsz,B,G,S,d_l]
+        blocks = latent.unflatten(-1, (self.num_latent_blocks, self.latent_block_dim))
+        blocks = self.by_branch_and_group(blocks, 2).permute(0, 2, 3, 1, 4)  # [bsz, B, G, S, d_l]
 
         # matmul (not einsum) reads the weight views as they are, without a per-step copy of W_UK / W_UV
         q_absorbed = torch.matmul(q_nope.transpose(1, 2).unsqueeze(1), w_uk)  # [bsz, B, h, T, d_l]

@@ -158,6 +158,16 @@ def test_each_latent_block_serves_exactly_one_branch_and_group():
     assert sorted(blocks) == list(range(config.num_latent_blocks))
 
 
+@pytest.mark.parametrize("variant", ["mla", "gla_2", "gla_4", "mlra_2", "mlra_4"])
+def test_attention_reads_latent_blocks_in_the_configs_order(variant):
+    config = MLRAConfig.from_variant(variant, **TINY)
+    attn = MLRAForCausalLM(config).model.layers[0].self_attn
+    grid = attn.by_branch_and_group(torch.arange(config.num_latent_blocks), 0)
+    for b in range(config.num_softmax_branches):
+        for g in range(config.num_head_groups):
+            assert grid[b, g] == config.latent_block(b, g)
+
+
 def test_config_round_trips_through_auto_config(tmp_path):
     config = MLRAConfig.from_variant("gla_2_gated", **TINY)
     config.save_pretrained(tmp_path)
