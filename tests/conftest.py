@@ -35,6 +35,9 @@ FAMILY = {
     "mlra_2_no_q_lora": dict(num_latent_blocks=4, num_softmax_branches=2, q_lora_rank=None),
     "gla_2_interleaved_rope": dict(num_latent_blocks=2, num_softmax_branches=1, rope_interleave=True),
     "mlra_4_gated": dict(num_latent_blocks=4, num_softmax_branches=4, attention_output_gate=True),
+    "mlra_2_no_scale": dict(
+        num_latent_blocks=4, num_softmax_branches=2, q_latent_scale=1.0, kv_latent_scale=1.0, attn_output_scale=1.0
+    ),
 }
 
 

@@ -6,43 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
+from conftest import FAMILY, random_tokens, tiny_config, tiny_model
 
 from modeling_mlra import VARIANTS, MLRAConfig, MLRAForCausalLM
 
-TINY = dict(
-    vocab_size=96,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    q_lora_rank=48,
-    kv_lora_rank=32,
-    qk_nope_head_dim=16,
-    qk_rope_head_dim=8,
-    v_head_dim=12,
-    max_position_embeddings=64,
-)
-FAMILY = [
-    ("mla", {}),
-    ("gla_2", {}),
-    ("gla_4", {}),
-    ("mlra_2", {}),
-    ("mlra_4_gated", {}),
-    ("mlra_4_no_scale", {}),
-    ("mlra_4", {"latent_norm": "shared"}),
-    ("mlra_2", {"q_lora_rank": None}),
-    ("gla_2", {"rope_interleave": True}),
-]
-
-
-def random_model(variant: str, seed: int = 0, **overrides) -> MLRAForCausalLM:
-    """A tiny model with every weight random (the paper's zero-initialised output projections included)."""
-    torch.manual_seed(seed)
-    model = MLRAForCausalLM(MLRAConfig.from_variant(variant, **{**TINY, **overrides})).eval()
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.copy_(torch.randn_like(parameter) * 0.2 + (1.0 if parameter.dim() == 1 else 0.0))
-    return model
+TINY_DIMENSIONS = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
 
 
 def rms_norm(x, weight, eps):
@@ -129,13 +97,13 @@ def test_no_scale_presets_turn_all_three_scales_off():
 
 def test_every_variant_name_builds():
     for variant in VARIANTS:
-        assert MLRAConfig.from_variant(variant, **TINY).variant == variant
+        assert MLRAConfig.from_variant(variant, **TINY_DIMENSIONS).variant == variant
 
 
 @pytest.mark.parametrize(
     "fields, named",
     [
-        ({"kv_lora_rank": 30, "num_latent_blocks": 4}, "kv_lora_rank"),
+        ({"kv_lora_rank": 14, "num_latent_blocks": 4}, "kv_lora_rank"),
         ({"num_latent_blocks": 4, "num_softmax_branches": 3}, "num_latent_blocks"),
         ({"num_latent_blocks": 4, "num_softmax_branches": 1, "num_attention_heads": 6}, "num_attention_heads"),
         ({"latent_norm": "per_head"}, "latent_norm"),
@@ -144,7 +112,7 @@ def test_every_variant_name_builds():
 )
 def test_impossible_combination_raises_naming_the_field(fields, named):
     with pytest.raises(ValueError, match=named):
-        MLRAConfig(**{**TINY, **fields})
+        tiny_config(**fields)
 
 
 def test_unknown_preset_raises():
@@ -153,14 +121,14 @@ def test_unknown_preset_raises():
 
 
 def test_each_latent_block_serves_exactly_one_branch_and_group():
-    config = MLRAConfig.from_variant("mlra_2", **TINY)
+    config = tiny_config(**FAMILY["mlra_2"])
     blocks = [config.latent_block(b, g) for b in range(2) for g in range(config.num_head_groups)]
     assert sorted(blocks) == list(range(config.num_latent_blocks))
 
 
-@pytest.mark.parametrize("variant", ["mla", "gla_2", "gla_4", "mlra_2", "mlra_4"])
-def test_attention_reads_latent_blocks_in_the_configs_order(variant):
-    config = MLRAConfig.from_variant(variant, **TINY)
+@pytest.mark.parametrize("member", ["mla", "gla_2", "gla_4", "mlra_2", "mlra_4"])
+def test_attention_reads_latent_blocks_in_the_configs_order(member):
+    config = tiny_config(**FAMILY[member])
     attn = MLRAForCausalLM(config).model.layers[0].self_attn
     grid = attn.by_branch_and_group(torch.arange(config.num_latent_blocks), 0)
     for b in range(config.num_softmax_branches):
@@ -169,7 +137,7 @@ def test_attention_reads_latent_blocks_in_the_configs_order(variant):
 
 
 def test_config_round_trips_through_auto_config(tmp_path):
-    config = MLRAConfig.from_variant("gla_2_gated", **TINY)
+    config = MLRAConfig.from_variant("gla_2_gated", **TINY_DIMENSIONS)
     config.save_pretrained(tmp_path)
     loaded = AutoConfig.from_pretrained(tmp_path)
     assert isinstance(loaded, MLRAConfig)
@@ -177,11 +145,11 @@ def test_config_round_trips_through_auto_config(tmp_path):
     assert fields(loaded) == fields(config)
 
 
-@pytest.mark.parametrize("variant, overrides", FAMILY)
-def test_attention_matches_design_equations(variant, overrides):
-    model = random_model(variant, **overrides)
+@pytest.mark.parametrize("member", list(FAMILY))
+def test_attention_matches_design_equations(member):
+    model = tiny_model(**FAMILY[member])
     attn = model.model.layers[0].self_attn
-    x = torch.randn(1, 10, TINY["hidden_size"])
+    x = torch.randn(1, 10, model.config.hidden_size)
     positions = torch.arange(10)
     with torch.no_grad():
         cos_sin = model.model.rotary_emb(x, positions[None])
@@ -190,10 +158,10 @@ def test_attention_matches_design_equations(variant, overrides):
     torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("variant, overrides", FAMILY[:5])
-def test_eager_and_sdpa_agree(variant, overrides):
-    model = random_model(variant, **overrides)
-    ids = torch.randint(0, TINY["vocab_size"], (2, 12))
+@pytest.mark.parametrize("member", ["mla", "gla_2", "gla_4", "mlra_2", "mlra_4_gated"])
+def test_eager_and_sdpa_agree(member):
+    model = tiny_model(**FAMILY[member])
+    ids = random_tokens((2, 12))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
     with torch.no_grad():
@@ -206,8 +174,8 @@ def test_eager_and_sdpa_agree(variant, overrides):
 
 
 def test_left_padded_row_equals_unpadded_forward():
-    model = random_model("mlra_2")
-    ids = torch.randint(1, TINY["vocab_size"], (1, 9))
+    model = tiny_model(**FAMILY["mlra_2"])
+    ids = random_tokens((1, 9))
     padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), ids], dim=1)
     mask = torch.cat([torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 9, dtype=torch.long)], dim=1)
     with torch.no_grad():
@@ -217,16 +185,16 @@ def test_left_padded_row_equals_unpadded_forward():
 
 
 def test_fully_padded_positions_stay_finite():
-    model = random_model("mlra_4")
-    ids = torch.randint(0, TINY["vocab_size"], (1, 6))
+    model = tiny_model()
+    ids = random_tokens((1, 6))
     mask = torch.tensor([[0, 0, 1, 1, 1, 1]])
     with torch.no_grad():
         assert torch.isfinite(model(ids, attention_mask=mask).logits).all()
 
 
 def test_labels_give_shifted_cross_entropy():
-    model = random_model("gla_4")
-    ids = torch.randint(0, TINY["vocab_size"], (2, 10))
+    model = tiny_model(**FAMILY["gla_4"])
+    ids = random_tokens((2, 10))
     labels = ids.clone()
     labels[0, :3] = -100
     with torch.no_grad():
@@ -236,10 +204,10 @@ def test_labels_give_shifted_cross_entropy():
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
-    ids = torch.randint(0, TINY["vocab_size"], (2, 10))
+    ids = random_tokens((2, 10))
     grads = []
     for checkpointing in (False, True):
-        model = random_model("mlra_4").train()
+        model = tiny_model().train()
         if checkpointing:  # renamed activation_checkpointing_enable in later 5.x releases
             getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
         print("DBG", checkpointing, torch.is_grad_enabled()); model(ids, labels=ids).loss.backward()
@@ -249,27 +217,27 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 def test_initialisation_follows_the_paper():
     torch.manual_seed(0)
-    model = MLRAForCausalLM(MLRAConfig.from_variant("mlra_4", **{**TINY, "hidden_size": 256}))
+    model = MLRAForCausalLM(tiny_config(hidden_size=256))
     layer = model.model.layers[0]
     assert layer.self_attn.o_proj.weight.abs().sum() == 0
     assert layer.mlp.down_proj.weight.abs().sum() == 0
     assert layer.self_attn.kv_b_proj.weight.std().item() == pytest.approx(0.02, rel=0.1)
     assert layer.mlp.gate_proj.weight.std().item() == pytest.approx(0.02, rel=0.1)
-    assert torch.equal(layer.self_attn.kv_a_layernorm.weight, torch.ones(32))
+    assert torch.equal(layer.self_attn.kv_a_layernorm.weight, torch.ones(model.config.kv_lora_rank))
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
 def test_device_map_auto_places_decoder_layers_whole(tmp_path):
-    model = random_model("mlra_2")
+    model = tiny_model(**FAMILY["mlra_2"])
     model.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="auto")
-    ids = torch.randint(0, TINY["vocab_size"], (1, 7))
+    ids = random_tokens((1, 7))
     with torch.no_grad():  # on a GPU machine "auto" places the layers there
         torch.testing.assert_close(loaded(ids.to(loaded.device)).logits.cpu(), model(ids).logits)
 
 
 def test_attention_mask_of_wrong_rank_raises():
-    model = random_model("mla")
-    ids = torch.randint(0, TINY["vocab_size"], (1, 5))
+    model = tiny_model(**FAMILY["mla"])
+    ids = random_tokens((1, 5))
     with pytest.raises(ValueError, match="attention_mask must be 2D"):
         model(ids, attention_mask=torch.ones(1, 5, 5))
