@@ -212,9 +212,11 @@ def attention_mask_for_slots(
 ) -> torch.Tensor:
     """Additive mask [bsz or 1, 1, T, S]: query slot i sees key slot j <= i whose attention_mask entry is 1.
 
-    Masked entries hold the dtype's minimum rather than -inf, so a fully padded row stays finite.
+    A padding query sees only its own slot, so its (unused) output is finite and the same whatever the cache's
+    capacity; real queries never see padding.
     """
     key_slots = torch.arange(kv_length, device=query_slots.device)
+    own_slot = (key_slots[None, :] == query_slots[:, None])[None, None]
     allowed = (key_slots[None, :] <= query_slots[:, None])[None, None]
     if attention_mask is not None:
         if attention_mask.dim() != 2:
@@ -224,7 +226,7 @@ def attention_mask_for_slots(
                 f"attention_mask covers {attention_mask.shape[1]} tokens but the cache and input hold {kv_length}"
             )
         keys_valid = F.pad(attention_mask.bool(), (0, kv_length - attention_mask.shape[1]), value=True)
-        allowed = allowed & keys_valid[:, None, None, :]
+        allowed = (allowed & keys_valid[:, None, None, :]) | own_slot
     return torch.zeros(allowed.shape, dtype=dtype, device=query_slots.device).masked_fill(
         ~allowed, torch.finfo(dtype).min
     )

@@ -298,9 +298,8 @@ def test_static_cache_gives_the_dynamic_cache_logits(padded):
     dynamic = decode_in_steps(model, input_ids, steps, attention_mask=attention_mask)
     static_cache = MLRACache(model.config, max_cache_len=20)
     static = decode_in_steps(model, input_ids, steps, cache=static_cache, attention_mask=attention_mask)
-    # Padding positions attend to nothing real; their logits are arbitrary and may differ.
-    real = attention_mask.bool()
-    torch.testing.assert_close(static[real], dynamic[real], atol=ATOL, rtol=0)
+    # Padding positions see only their own slot, so even their logits do not depend on the cache's capacity.
+    torch.testing.assert_close(static, dynamic, atol=ATOL, rtol=0)
     assert static_cache.layers[0].buffer.shape[1] == 20
     assert int(static_cache.get_seq_length()) == 14
 
