@@ -57,7 +57,7 @@ def test_reference_checkpoint_reproduces_authors_logits_and_loss(variant):
     assert model.config.variant == variant
 
 
-@pytest.mark.parametrize("variant", ["mla", "gla_2", "mlra_2_gated", "mlra_4"])
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_reference_checkpoint_in_bfloat16_stays_within_bf16_tolerance(variant):
     model = MLRAForCausalLM.from_pretrained(REFERENCE / variant, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
@@ -199,6 +199,25 @@ def test_save_and_load_round_trip_in_our_format(tmp_path):
     assert isinstance(loaded, MLRAForCausalLM)
     reference = expected("mlra_2_gated")
     assert torch.equal(logits_of(loaded, reference["input_ids"]), logits_of(original, reference["input_ids"]))
+
+
+def test_auto_class_loads_our_format_without_trust_remote_code_in_a_fresh_process(tmp_path):
+    MLRAForCausalLM.from_pretrained(REFERENCE / "gla_2").save_pretrained(tmp_path / "ours")
+    script = (
+        "import torch, modeling_mlra\n"
+        "from safetensors.torch import load_file\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'ours')!r})\n"
+        f"reference = load_file({str(REFERENCE / 'gla_2' / 'expected.safetensors')!r})\n"
+        "with torch.no_grad():\n"
+        "    diff = (model(reference['input_ids']).logits - reference['logits']).abs().max().item()\n"
+        "print(type(model).__module__, diff)\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run([sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    module, diff = result.stdout.split()[-2:]
+    assert module == "modeling_mlra.modeling_mlra" and float(diff) <= 1e-4
 
 
 def test_trust_remote_code_loads_in_a_process_that_never_imported_the_package(tmp_path):
