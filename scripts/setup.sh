@@ -3,7 +3,6 @@
 # otherwise the CPU build torch==2.13.0 is installed (plain `torch` would pull a multi-GB CUDA build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install -q --upgrade pip >/dev/null
 if ! python -c "import torch" 2>/dev/null; then
     python -m pip install -q torch==2.13.0
 fi
