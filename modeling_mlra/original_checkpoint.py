@@ -112,7 +112,7 @@ def load_original_checkpoint(model_class, checkpoint: OriginalCheckpoint, **kwar
     for key, tensor in state_dict.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise ValueError(
-                f"{tensors.source_of(key)}: shape {tuple(tensor.shape)} does not fit {key} of "
+                f"{tensors.origin[key]}: shape {tuple(tensor.shape)} does not fit {key} of "
                 f"{config.variant}, which needs {tuple(expected[key].shape)}"
             )
     missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
@@ -130,7 +130,7 @@ class OriginalTensors:
     def __init__(self, checkpoint: OriginalCheckpoint):
         self.tensors: dict[str, torch.Tensor] = {}
         self.file_of: dict[str, str] = {}
-        self.sources: dict[str, str] = {}
+        self.origin: dict[str, str] = {}  # converted key -> "file: original key" of the tensors it came from
         for path in self._weight_files(checkpoint):
             for key, tensor in _read_weight_file(path).items():
                 self.tensors[key] = tensor
@@ -168,11 +168,7 @@ class OriginalTensors:
     def take(self, key: str) -> torch.Tensor:
         if key not in self.tensors:
             raise KeyError(f"key {key!r} is missing from {', '.join(self.files)}")
-        self.sources.setdefault(key, self.file_of[key])
         return self.tensors.pop(key)
-
-    def source_of(self, converted_key: str) -> str:
-        return self.sources.get(converted_key, converted_key)
 
     def check_all_taken(self):
         if self.tensors:
@@ -243,7 +239,7 @@ def _convert_state_dict(tensors: OriginalTensors, config: MLRAConfig, dtype: tor
 
     def put(key: str, tensor: torch.Tensor, *sources: str):
         converted[key] = tensor.to(dtype).contiguous()
-        tensors.sources[key] = " + ".join(f"{tensors.sources.get(s, '?')}: {s}" for s in sources)
+        tensors.origin[key] = " + ".join(f"{tensors.file_of[source]}: {source}" for source in sources)
 
     put("model.embed_tokens.weight", tensors.take("transformer.wte.weight"), "transformer.wte.weight")
     put("model.norm.weight", tensors.take("layernorm.weight"), "layernorm.weight")
