@@ -221,10 +221,6 @@ def attention_mask_for_slots(
     if attention_mask is not None:
         if attention_mask.dim() != 2:
             raise ValueError(f"attention_mask must be 2D [batch, tokens], got shape {tuple(attention_mask.shape)}")
-        if attention_mask.shape[1] > kv_length:
-            raise ValueError(
-                f"attention_mask covers {attention_mask.shape[1]} tokens but the cache and input hold {kv_length}"
-            )
         keys_valid = F.pad(attention_mask.bool(), (0, kv_length - attention_mask.shape[1]), value=True)
         allowed = (allowed & keys_valid[:, None, None, :]) | own_slot
     return torch.zeros(allowed.shape, dtype=dtype, device=query_slots.device).masked_fill(
@@ -508,13 +504,13 @@ class MLRAModel(MLRAPreTrainedModel):
         bsz, q_len = inputs_embeds.shape[:2]
         past_length = cache.get_seq_length() if cache is not None else 0
         query_slots = torch.arange(q_len, device=inputs_embeds.device) + past_length
-        # A 2D mask covers the cached tokens and the new ones; one covering only the new tokens would silently
-        # restart the positions derived from it (and mask the wrong slots), so refuse it.
+        # A 2D mask covers exactly the cached tokens and the new ones; any other length would silently shift the
+        # positions derived from it and mask the wrong slots, so refuse it.
         if (
             attention_mask is not None
             and attention_mask.dim() == 2
             and not torch.compiler.is_compiling()
-            and attention_mask.shape[1] < past_length + q_len
+            and attention_mask.shape[1] != past_length + q_len
         ):
             raise ValueError(
                 f"attention_mask covers {attention_mask.shape[1]} tokens but the cache holds {int(past_length)} and "
