@@ -15,7 +15,35 @@ from .modeling_mlra import MLRAForCausalLM
 from .training import add_train_arguments, run_training
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Every `mlra` subcommand takes the same --device and --dtype names.
+DTYPE_NAMES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """--device (auto: cuda when available, else cpu) and --dtype (auto: bfloat16 on GPU, float32 on CPU)."""
+    parser.add_argument("--device", default="auto", help="auto (cuda when available, else cpu), cpu, cuda, cuda:1...")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=("auto", *DTYPE_NAMES),
+        help="auto: bfloat16 on GPU, float32 on CPU",
+    )
+
+
+def resolve_device_and_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]:
+    """The --device and --dtype options as a device name and a torch dtype."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        return device, torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return device, DTYPE_NAMES[dtype]
 
 
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,8 +66,7 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=50)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: bfloat16 on GPU, float32 on CPU")
+    add_device_arguments(parser)
 
 
 def load_tokenizer(model: str, subfolder: str, tokenizer: str | None):
@@ -66,15 +93,13 @@ def load_tokenizer(model: str, subfolder: str, tokenizer: str | None):
 
 def generate(options) -> None:
     """The `mlra generate` command: stream a continuation of the prompt, then report the decoding speed."""
-    dtype = options.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if options.device.startswith("cuda") else "float32"
+    device, dtype = resolve_device_and_dtype(options.device, options.dtype)
     tokenizer = load_tokenizer(options.model, options.subfolder, options.tokenizer)
-    model = MLRAForCausalLM.from_pretrained(options.model, subfolder=options.subfolder, dtype=getattr(torch, dtype))
-    model.to(options.device).eval()
+    model = MLRAForCausalLM.from_pretrained(options.model, subfolder=options.subfolder, dtype=dtype)
+    model.to(device).eval()
     set_seed(options.seed)
 
-    inputs = tokenizer(options.prompt, return_tensors="pt").to(options.device)
+    inputs = tokenizer(options.prompt, return_tensors="pt").to(device)
     streamer = TextStreamer(tokenizer)
     sampling = dict(temperature=options.temperature, top_k=options.top_k, top_p=options.top_p)
     start = time.perf_counter()
@@ -88,7 +113,7 @@ def generate(options) -> None:
     )
     elapsed = time.perf_counter() - start
     new_tokens = output.shape[1] - inputs["input_ids"].shape[1]
-    print(f"\n[{new_tokens} tokens in {elapsed:.2f} s: {new_tokens / elapsed:.1f} tokens/s on {options.device}, {dtype}]")
+    print(f"\n[{new_tokens} tokens in {elapsed:.2f} s: {new_tokens / elapsed:.1f} tokens/s on {device}, {str(dtype).removeprefix('torch.')}]")
 
 
 def main(argv: list[str] | None = None) -> None:
