@@ -16,6 +16,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.utils import logging
 
 from .configuration_mlra import MLRAConfig
+from .mlra_decode_kernel import kernel_supports, mlra_decode_attention, triton_available
 from .original_checkpoint import find_original_checkpoint, load_original_checkpoint
 
 logger = logging.get_logger(__name__)
@@ -247,6 +248,34 @@ def sdpa_attention(query, key, value, attention_mask, scaling, is_causal):
 ATTENTION_FUNCTIONS = {"eager": eager_attention, "sdpa": sdpa_attention}
 
 
+def use_decode_kernel(config: MLRAConfig, num_new_tokens: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the absorbed decode runs the fused Triton kernel (`config.decode_kernel`; "auto": on CUDA only)."""
+    if config.decode_kernel == "torch":
+        return False
+    supported = kernel_supports(
+        config.num_softmax_branches, config.latent_block_dim, config.qk_rope_head_dim, num_new_tokens, dtype
+    )
+    if config.decode_kernel == "auto":
+        return supported and device.type == "cuda"
+    if not supported:
+        reason = "Triton does not import" if not triton_available() else "the shapes or dtype are not supported"
+        raise ValueError(
+            f"MLRAConfig.decode_kernel='triton' but the fused decode kernel cannot run: {reason} (branches "
+            f"{config.num_softmax_branches}, latent block {config.latent_block_dim}, rope {config.qk_rope_head_dim}, "
+            f"{num_new_tokens} new tokens, {dtype}); use decode_kernel='auto' or 'torch'"
+        )
+    return True
+
+
+def key_mask_for_kernel(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The decode kernel's key mask [bsz, S] (nonzero: the key may be attended) from a 2D mask [bsz, S], or from
+    the last query row of a prepared 4D mask (additive or boolean); the kernel applies the causal rule itself."""
+    if attention_mask is None or attention_mask.dim() == 2:
+        return attention_mask
+    last_row = attention_mask[:, 0, -1, :]
+    return last_row if last_row.dtype == torch.bool else last_row == 0
+
+
 class MLRALatentUpProjection(nn.Module):
     """The up-projection of the latent blocks: `weight` [L, hpg * (d_n + d_v), d_l], one nn.Linear weight per
     latent block. Block l serves the heads of group l % G (in order; per head [k_nope | v]) for branch l // G."""
@@ -312,9 +341,12 @@ class MLRAAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
         cache: MLRACache | None = None,
+        decode_kernel_inputs: tuple[torch.Tensor, torch.Tensor | None] | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        """hidden_states [bsz, T, d] -> [bsz, T, d]. attention_mask: additive [bsz|1, 1, T, S] or None (causal)."""
+        """hidden_states [bsz, T, d] -> [bsz, T, d]. attention_mask: additive [bsz|1, 1, T, S] or None (causal).
+        decode_kernel_inputs: (seq_lens [bsz], key_mask [bsz, S] or None) when the absorbed decode runs the fused
+        kernel (see `MLRAModel.forward`)."""
         bsz, q_len, _ = hidden_states.shape
         if self.config.q_lora_rank is None:
             query = self.q_proj(hidden_states)
@@ -333,7 +365,9 @@ class MLRAAttention(nn.Module):
         kv_states = torch.cat([latent, k_rope], dim=-1)  # exactly what the cache keeps
         if cache is not None:
             kv_states = cache.update(kv_states, self.layer_idx)
-        if cache is not None and q_len <= self.config.absorbed_max_query_len:
+        if decode_kernel_inputs is not None:
+            attn_output = self.absorbed_attention_kernel(q_nope, q_rope, kv_states, *decode_kernel_inputs)
+        elif cache is not None and q_len <= self.config.absorbed_max_query_len:
             attn_output = self.absorbed_attention(q_nope, q_rope, kv_states, attention_mask)
         else:
             attn_output = self.expanded_attention(q_nope, q_rope, kv_states, attention_mask)
@@ -401,6 +435,18 @@ class MLRAAttention(nn.Module):
         return output.transpose(1, 2) * self.config.attn_output_scale
 
 
+    def absorbed_attention_kernel(self, q_nope, q_rope, kv_states, seq_lens, key_mask) -> torch.Tensor:
+        """`absorbed_attention` through the fused Triton kernel: one launch for every head and branch, the cache read
+        once per head group (`mlra_decode_kernel.py`). seq_lens [bsz]: valid tokens per row; key_mask [bsz, S]."""
+        w_uk, w_uv = self.up_projection_per_branch()
+        q_absorbed = torch.matmul(q_nope.transpose(1, 2).unsqueeze(1), w_uk)  # [bsz, B, h, T, d_l]
+        mixed = mlra_decode_attention(
+            q_absorbed.permute(0, 3, 1, 2, 4), q_rope, kv_states, seq_lens, key_mask, self.num_groups, self.scaling
+        )  # [bsz, T, B, h, d_l]
+        output = torch.matmul(mixed.permute(0, 2, 3, 1, 4), w_uv.transpose(-1, -2)).sum(dim=1)  # [bsz, h, T, d_v]
+        return output.transpose(1, 2) * self.config.attn_output_scale
+
+
 class MLRAMLP(nn.Module):
     def __init__(self, config: MLRAConfig):
         super().__init__()
@@ -423,7 +469,7 @@ class MLRADecoderLayer(GradientCheckpointingLayer):
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, **kwargs):
         hidden_states = hidden_states + self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache=cache
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache=cache, **kwargs
         )
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
@@ -521,7 +567,22 @@ class MLRAModel(MLRAPreTrainedModel):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
             else:
                 position_ids = query_slots.unsqueeze(0)
-        mask = self._attention_mask(attention_mask, query_slots, cache, inputs_embeds.dtype)
+        decode_kernel_inputs = None
+        if (
+            cache is not None
+            and q_len <= self.config.absorbed_max_query_len
+            and use_decode_kernel(self.config, q_len, inputs_embeds.dtype, inputs_embeds.device)
+        ):
+            # The kernel takes per-row lengths and the key mask as they are: no additive mask, no host sync.
+            if cache.is_compileable:
+                seq_lens = (past_length + q_len).to(inputs_embeds.device).reshape(1)
+            else:
+                seq_lens = torch.full((1,), past_length + q_len, device=inputs_embeds.device)
+            seq_lens = seq_lens.expand(bsz)
+            decode_kernel_inputs = (seq_lens, key_mask_for_kernel(attention_mask))
+            mask = None
+        else:
+            mask = self._attention_mask(attention_mask, query_slots, cache, inputs_embeds.dtype)
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
@@ -529,7 +590,9 @@ class MLRAModel(MLRAPreTrainedModel):
         for decoder_layer in self.layers:
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-            hidden_states = decoder_layer(hidden_states, position_embeddings, mask, cache=cache)
+            hidden_states = decoder_layer(
+                hidden_states, position_embeddings, mask, cache=cache, decode_kernel_inputs=decode_kernel_inputs
+            )
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
