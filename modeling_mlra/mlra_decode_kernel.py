@@ -10,8 +10,8 @@ token is [c_0 | c_1 | ... | c_{L-1} | kr] (width L * d_l + d_r), the layout `MLR
 Each program owns (batch row, head group, tile of heads, slice of the sequence). It streams its slice of the cache
 once: per block of tokens it loads the rope key once, computes the rope scores once for every branch, then loads the
 group's latent blocks and runs one online softmax per branch. A second small kernel merges the slices by
-log-sum-exp. The model code calls `mlra_decode_attention`, a torch custom op, so torch.compile(fullgraph=True) and
-CUDA graphs capture it. See docs/design.md ("Fused decode kernel").
+log-sum-exp. The model code calls `mlra_decode_attention`, a torch custom op with a fake implementation, so
+torch.compile(fullgraph=True) and CUDA graphs capture it without a graph break. See docs/design.md ("Fused decode kernel").
 """
 
 import functools
@@ -22,8 +22,7 @@ import torch
 try:
     import triton
     import triton.language as tl
-    from torch.library import triton_op, wrap_triton
-except ImportError:  # no Triton (CPU-only installs, macOS) or a torch without triton_op: the PyTorch path runs
+except ImportError:  # no Triton (CPU-only installs, macOS): the PyTorch path runs
     triton = None
 
 MAX_BRANCHES = 4  # the kernel unrolls up to four softmax branches per program (every published family member)
@@ -253,7 +252,7 @@ if triton is not None:
         out = tl.sum(partial * weights[:, None], 0) / total
         tl.store(out_ptr + program * latent_block_dim + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
-    @triton_op("mlra::decode_attention", mutates_args=())
+    @torch.library.custom_op("mlra::decode_attention", mutates_args=())
     def _decode_attention_op(
         q_absorbed: torch.Tensor,
         q_rope: torch.Tensor,
@@ -262,6 +261,7 @@ if triton is not None:
         key_mask: torch.Tensor | None,
         num_groups: int,
         scaling: float,
+        num_splits: int,
     ) -> torch.Tensor:
         bsz, num_new_tokens, num_branches, num_heads, latent_block_dim = q_absorbed.shape
         rope_dim = q_rope.shape[-1]
@@ -270,7 +270,7 @@ if triton is not None:
             bsz, num_groups, heads_per_group, num_branches, latent_block_dim, num_new_tokens, kv_cache.shape[1],
             kv_cache.device,
         )
-        num_splits = config["num_splits"]
+        num_splits = num_splits or config["num_splits"]
         out = q_absorbed.new_empty(q_absorbed.shape)
         if num_splits == 1:
             partial, lse = out, out  # written directly, normalized; lse unused
@@ -285,7 +285,7 @@ if triton is not None:
         has_key_mask = key_mask is not None
         mask_arg = key_mask if has_key_mask else seq_lens
         grid = (bsz * num_groups * config["head_tiles"], num_splits)
-        wrap_triton(_mlra_decode_kernel)[grid](
+        _mlra_decode_kernel[grid](
             q_absorbed, q_rope, kv_cache, seq_lens, mask_arg, partial, lse,
             seq_lens.stride(0),
             *q_absorbed.stride()[:4],
@@ -303,12 +303,16 @@ if triton is not None:
         )
         if num_splits > 1:
             rows_per_batch = num_new_tokens * num_branches * num_heads
-            wrap_triton(_merge_splits_kernel)[(bsz * rows_per_batch,)](
+            _merge_splits_kernel[(bsz * rows_per_batch,)](
                 partial, lse, out, rows_per_batch, latent_block_dim,
                 NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
                 BLOCK_D=config["BLOCK_D"], num_warps=4,
             )
         return out
+
+    @_decode_attention_op.register_fake
+    def _(q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_groups, scaling, num_splits):
+        return q_absorbed.new_empty(q_absorbed.shape)
 
 
 def mlra_decode_attention(
@@ -319,6 +323,7 @@ def mlra_decode_attention(
     key_mask: torch.Tensor | None,
     num_groups: int,
     scaling: float,
+    num_splits: int = 0,
 ) -> torch.Tensor:
     """Absorbed decode attention of one layer on the compressed cache, all heads and branches in one launch.
 
@@ -326,10 +331,11 @@ def mlra_decode_attention(
     kv_cache [bsz, capacity, L * d_l + d_r] with L = B * num_groups (a rank's share under tensor parallelism);
     seq_lens [bsz]: valid tokens per row, the T new ones included (they sit at seq_len - T ... seq_len - 1, and see
     keys up to their own slot); key_mask [bsz, >= max seq_len] (nonzero: the key may be attended) or None; a query
-    always sees its own slot. Returns z [bsz, T, B, h, d_l], the softmax-weighted latent before W_UV.
+    always sees its own slot. num_splits: sequence slices (0: from the shapes and the GPU's size). Returns
+    z [bsz, T, B, h, d_l], the softmax-weighted latent before W_UV.
     """
     if q_absorbed.stride(-1) != 1:
         q_absorbed = q_absorbed.contiguous()
     if q_rope.stride(-1) != 1:
         q_rope = q_rope.contiguous()
-    return _decode_attention_op(q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_groups, scaling)
+    return _decode_attention_op(q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_groups, scaling, num_splits)

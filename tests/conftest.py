@@ -1,12 +1,17 @@
 """Shared helpers for the cache and generation tests: the authors' reference fixtures and tiny random models."""
 
 import functools
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
+
+if not torch.cuda.is_available():
+    # Without a GPU (CI) the Triton kernels run in Triton's interpreter; it must be on before they are defined.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Tests import the package from the working tree, without an install.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -1,0 +1,190 @@
+"""The fused Triton decode kernel against the equations and against the PyTorch paths.
+
+Without a GPU the kernel runs in Triton's interpreter (conftest), with float16/float32 operands (the interpreter
+computes bfloat16 dots wrongly); on a GPU the same tests run compiled, bfloat16 included.
+"""
+
+import pytest
+import torch
+
+from conftest import FAMILY, MLRACache, cache_kwargs, random_tokens, tiny_model
+from modeling_mlra import MLRAConfig
+from modeling_mlra.mlra_decode_kernel import mlra_decode_attention, triton_available
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+# (latent blocks L, softmax branches B): MLA, GLA-2, GLA-4, MLRA-2, MLRA-4
+STRUCTURES = {"mla": (1, 1), "gla_2": (2, 1), "gla_4": (4, 1), "mlra_2": (4, 2), "mlra_4": (4, 4)}
+
+
+def attention_by_the_equations(q_absorbed, q_rope, cache, seq_lens, key_mask, num_groups, scaling):
+    """DESIGN's absorbed decode written out per row, new token, branch and head, in float64."""
+    bsz, new_tokens, branches, heads, block_dim = q_absorbed.shape
+    blocks, heads_per_group, rope_dim = branches * num_groups, heads // num_groups, q_rope.shape[-1]
+    out = torch.zeros(q_absorbed.shape, dtype=torch.float64)
+    for n in range(bsz):
+        length = int(seq_lens[n])
+        keys = torch.arange(length)
+        rope_key = cache[n, :length, blocks * block_dim : blocks * block_dim + rope_dim].double().cpu()
+        for t in range(new_tokens):
+            own_slot = length - new_tokens + t
+            allowed = keys <= own_slot
+            if key_mask is not None:
+                allowed &= (key_mask[n, :length].cpu() != 0) | (keys == own_slot)
+            for b in range(branches):
+                for i in range(heads):
+                    block = MLRAConfig.latent_block.__get__(_Structure(num_groups))(b, i // heads_per_group)
+                    latent = cache[n, :length, block * block_dim : (block + 1) * block_dim].double().cpu()
+                    scores = latent @ q_absorbed[n, t, b, i].double().cpu() + rope_key @ q_rope[n, t, i].double().cpu()
+                    probs = torch.softmax((scores * scaling).masked_fill(~allowed, float("-inf")), dim=0)
+                    out[n, t, b, i] = probs @ latent
+    return out
+
+
+class _Structure:
+    """Just enough of a config for `MLRAConfig.latent_block` (the one place the index math lives)."""
+
+    def __init__(self, num_groups):
+        self.num_head_groups = num_groups
+
+
+def random_inputs(member, bsz, new_tokens, heads, block_dim, rope_dim, capacity, dtype, seed):
+    blocks, branches = STRUCTURES[member]
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(*shape):
+        return torch.randn(shape, generator=generator).to(dtype).to(DEVICE)
+
+    q_absorbed = draw(bsz, new_tokens, branches, heads, block_dim)
+    q_rope = draw(bsz, new_tokens, heads, rope_dim)
+    cache = draw(bsz, capacity, blocks * block_dim + rope_dim)
+    return q_absorbed, q_rope, cache, blocks // branches
+
+
+def relative_error(out, reference):
+    return ((out.double().cpu() - reference).norm() / reference.norm()).item()
+
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("member", STRUCTURES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kernel_matches_the_equations_on_ragged_rows_with_left_padding(member, dtype):
+    q_absorbed, q_rope, cache, groups = random_inputs(member, 3, 1, 4, 16, 8, 200, dtype, seed=1)
+    seq_lens = torch.tensor([200, 131, 7], device=DEVICE)
+    key_mask = torch.ones(3, 200, dtype=torch.long, device=DEVICE)
+    key_mask[1, :20] = 0  # left padding
+    key_mask[2, :3] = 0
+    out = mlra_decode_attention(q_absorbed, q_rope, cache, seq_lens, key_mask, groups, 0.25, num_splits=3)
+    reference = attention_by_the_equations(q_absorbed, q_rope, cache, seq_lens, key_mask, groups, 0.25)
+    assert relative_error(out, reference) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("member", STRUCTURES)
+@pytest.mark.parametrize("new_tokens", [2, 5, 16])
+def test_kernel_applies_the_causal_rule_among_several_new_tokens(member, new_tokens):
+    q_absorbed, q_rope, cache, groups = random_inputs(member, 2, new_tokens, 4, 8, 4, 90, torch.float32, seed=2)
+    seq_lens = torch.tensor([90, 40], device=DEVICE)
+    out = mlra_decode_attention(q_absorbed, q_rope, cache, seq_lens, None, groups, 0.3)
+    reference = attention_by_the_equations(q_absorbed, q_rope, cache, seq_lens, None, groups, 0.3)
+    assert relative_error(out, reference) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 7, 24])
+def test_any_number_of_sequence_splits_gives_the_same_attention(num_splits):
+    """Splits that divide the length, that do not, and more splits than blocks of tokens (empty slices)."""
+    q_absorbed, q_rope, cache, groups = random_inputs("mlra_2", 2, 1, 4, 16, 8, 256, torch.float32, seed=3)
+    seq_lens = torch.tensor([256, 97], device=DEVICE)
+    out = mlra_decode_attention(q_absorbed, q_rope, cache, seq_lens, None, groups, 0.2, num_splits=num_splits)
+    reference = attention_by_the_equations(q_absorbed, q_rope, cache, seq_lens, None, groups, 0.2)
+    assert relative_error(out, reference) < TOLERANCE[torch.float32]
+
+
+def test_kernel_reads_only_the_valid_tokens_of_a_static_buffer():
+    """Tokens past a row's length (a static cache's unused capacity) never reach the result, even if not finite."""
+    q_absorbed, q_rope, cache, groups = random_inputs("mlra_4", 2, 1, 4, 16, 8, 128, torch.float32, seed=4)
+    seq_lens = torch.tensor([70, 33], device=DEVICE)
+    poisoned = cache.clone()
+    poisoned[0, 70:] = float("nan")
+    poisoned[1, 33:] = float("inf")
+    out = mlra_decode_attention(q_absorbed, q_rope, poisoned, seq_lens, None, groups, 0.2, num_splits=2)
+    reference = attention_by_the_equations(q_absorbed, q_rope, cache, seq_lens, None, groups, 0.2)
+    assert relative_error(out, reference) < TOLERANCE[torch.float32]
+
+
+def test_kernel_handles_the_published_head_and_latent_sizes():
+    """24 heads (not a power of two), latent blocks of 128 and a rope key of 64, as in the ~2.9B models."""
+    q_absorbed, q_rope, cache, groups = random_inputs("mlra_4", 1, 1, 24, 128, 64, 96, torch.float16, seed=5)
+    seq_lens = torch.tensor([96], device=DEVICE)
+    out = mlra_decode_attention(q_absorbed, q_rope, cache, seq_lens, None, groups, 192**-0.5, num_splits=2)
+    reference = attention_by_the_equations(q_absorbed, q_rope, cache, seq_lens, None, groups, 192**-0.5)
+    assert relative_error(out, reference) < TOLERANCE[torch.float16]
+
+
+def _decode_step_by_step(model, input_ids, attention_mask, prefill, static):
+    cache = MLRACache(model.config, max_cache_len=input_ids.shape[1] if static else None)
+    logits = [model(input_ids[:, :prefill], attention_mask=attention_mask[:, :prefill], **cache_kwargs(cache)).logits]
+    for end in range(prefill + 1, input_ids.shape[1] + 1):
+        step = model(input_ids[:, end - 1 : end], attention_mask=attention_mask[:, :end], **cache_kwargs(cache))
+        logits.append(step.logits)
+    return torch.cat(logits, dim=1)
+
+
+@pytest.mark.parametrize(
+    "member, static",
+    [(member, False) for member in FAMILY] + [("mlra_4", True), ("gla_2_interleaved_rope", True)],
+)
+def test_model_decoding_through_the_kernel_matches_the_pytorch_absorbed_path(member, static):
+    input_ids = random_tokens((2, 8), seed=6).to(DEVICE)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :4] = 0  # a left-padded row
+    logits = {}
+    for decode_kernel in ("triton", "torch"):
+        model = tiny_model(seed=7, **FAMILY[member], decode_kernel=decode_kernel).to(DEVICE)
+        logits[decode_kernel] = _decode_step_by_step(model, input_ids, attention_mask, prefill=5, static=static)
+    real = attention_mask.bool()
+    torch.testing.assert_close(logits["triton"][real], logits["torch"][real], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("member", ["mla", "mlra_4"])
+def test_model_decoding_through_the_kernel_matches_the_expanded_full_forward(member):
+    input_ids = random_tokens((1, 7), seed=8).to(DEVICE)
+    model = tiny_model(seed=9, **FAMILY[member], decode_kernel="triton").to(DEVICE)
+    stepwise = _decode_step_by_step(model, input_ids, torch.ones_like(input_ids), prefill=2, static=False)
+    full = model(input_ids, use_cache=False).logits
+    torch.testing.assert_close(stepwise, full, rtol=1e-4, atol=1e-4)
+
+
+def test_assisted_style_multi_token_steps_through_the_kernel_match_the_full_forward():
+    input_ids = random_tokens((1, 14), seed=10).to(DEVICE)
+    model = tiny_model(seed=11, decode_kernel="triton", absorbed_max_query_len=4).to(DEVICE)
+    cache = MLRACache(model.config)
+    chunks = [model(input_ids[:, start : start + 4], **cache_kwargs(cache)).logits for start in range(0, 14, 4)]
+    torch.testing.assert_close(torch.cat(chunks, dim=1), model(input_ids, use_cache=False).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_kernel_op_is_captured_by_torch_compile_without_graph_breaks():
+    q_absorbed, q_rope, cache, groups = random_inputs("mlra_2", 1, 1, 4, 16, 8, 64, torch.float32, seed=12)
+    seq_lens = torch.tensor([50], device=DEVICE)
+
+    def decode(q_absorbed, q_rope, cache, seq_lens):
+        return mlra_decode_attention(q_absorbed, q_rope, cache, seq_lens, None, groups, 0.2) * 2
+
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(decode)(q_absorbed, q_rope, cache, seq_lens)
+    assert explanation.graph_break_count == 0
+    compiled = torch.compile(decode, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(q_absorbed, q_rope, cache, seq_lens), decode(q_absorbed, q_rope, cache, seq_lens))
+
+
+def test_forcing_the_kernel_for_an_unsupported_shape_names_the_reason():
+    model = tiny_model(num_latent_blocks=8, num_softmax_branches=8, decode_kernel="triton")
+    with pytest.raises(ValueError, match="decode_kernel='triton'.*branches 8"):
+        model(random_tokens((1, 3)), **cache_kwargs(MLRACache(model.config)))
+
+
+def test_an_unknown_decode_kernel_setting_is_refused():
+    with pytest.raises(ValueError, match="decode_kernel"):
+        MLRAConfig(decode_kernel="cuda")
