@@ -13,6 +13,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 from .configuration_mlra import MLRAConfig
@@ -229,23 +230,19 @@ def attention_mask_for_slots(
     )
 
 
-def eager_attention(query, key, value, attention_mask, scaling, is_causal):
-    """Plain softmax attention on [bsz, heads, T|S, dim]; softmax in float32."""
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, is_causal=None, **kwargs):
+    """Plain softmax attention, softmax in float32: query [bsz, heads, T, d], key [bsz, heads, S, d], value
+    [bsz, heads, S, d_v], additive attention_mask [bsz|1, 1, T, S] or None (causal when T > 1) -> [bsz, T, heads, d_v]
+    (transformers' attention-interface convention)."""
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
-    if is_causal:
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    elif query.shape[-2] > 1:
         causal = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
         scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
-    elif attention_mask is not None:
-        scores = scores + attention_mask
     probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
-    return torch.matmul(probs, value)
-
-
-def sdpa_attention(query, key, value, attention_mask, scaling, is_causal):
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling, is_causal=is_causal)
-
-
-ATTENTION_FUNCTIONS = {"eager": eager_attention, "sdpa": sdpa_attention}
+    probs = F.dropout(probs, p=dropout, training=module.training)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
 
 
 def use_decode_kernel(config: MLRAConfig, num_new_tokens: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -322,6 +319,7 @@ class MLRAAttention(nn.Module):
             self.o_gate_proj = nn.Linear(config.hidden_size, self.num_heads * self.v_head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, config.hidden_size, bias=False)
         self.o_proj.is_residual_output = True  # zero-initialised (paper)
+        self.is_causal = True  # read by transformers' attention functions
 
     def by_branch_and_group(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
         """View the latent-block axis `dim` (length L) of `tensor` as [B, G]. Every path reads the latent blocks
@@ -378,30 +376,57 @@ class MLRAAttention(nn.Module):
         return self.o_proj(attn_output)
 
     def expanded_attention(self, q_nope, q_rope, kv_states, attention_mask) -> torch.Tensor:
-        """Per-branch attention with the latent expanded to per-head keys and values (training, prefill).
+        """Attention with the latent expanded to per-head keys and values (training, prefill), one softmax branch at
+        a time: every branch attends with the same query (no per-branch copies), and only one branch's keys and
+        values exist at once, so the transient memory is that of an MLA (DeepSeek) layer of the same size.
 
-        q_nope [bsz, T, h, d_n], q_rope [bsz, T, h, d_r], kv_states [bsz, S, d_c + d_r] -> [bsz, T, h, d_v].
-        Branches are folded into the head axis (B * h heads), so one attention call serves them all.
+        q_nope [bsz, T, h, d_n], q_rope [bsz, T, h, d_r], kv_states [bsz, S, d_c + d_r], attention_mask additive
+        [bsz|1, 1, T, S] or None (causal over T == S tokens) -> [bsz, T, h, d_v]. The attention itself runs through
+        transformers' attention interface (`config._attn_implementation`: sdpa, eager, flex_attention, ...).
         """
         bsz, q_len = q_nope.shape[:2]
         kv_len = kv_states.shape[1]
-        B, h = self.num_branches, self.num_heads
         latent, k_rope = kv_states.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        blocks = latent.unflatten(-1, (self.num_latent_blocks, self.latent_block_dim))
-        kv = torch.einsum("bsld,lod->bslo", blocks, self.kv_b_proj.weight)  # [bsz, S, L, hpg * (d_n + d_v)]
-        kv = self.by_branch_and_group(kv, 2).reshape(bsz, kv_len, B, h, self.qk_nope_head_dim + self.v_head_dim)
-        k_nope, value = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-        k_rope = k_rope[:, :, None, None, :].expand(bsz, kv_len, B, h, self.qk_rope_head_dim)
-        key = torch.cat([k_nope, k_rope], dim=-1).reshape(bsz, kv_len, B * h, -1).transpose(1, 2)
-        value = value.reshape(bsz, kv_len, B * h, self.v_head_dim).transpose(1, 2)
+        blocks = self.by_branch_and_group(latent.unflatten(-1, (self.num_latent_blocks, self.latent_block_dim)), 2)
+        weights = self.by_branch_and_group(self.kv_b_proj.weight, 0)  # [B, G, hpg * (d_n + d_v), d_l]
         query = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # [bsz, h, T, d_n + d_r]
-        query = query.unsqueeze(1).expand(bsz, B, h, q_len, query.shape[-1]).reshape(bsz, B * h, q_len, -1)
+        k_rope = k_rope.unsqueeze(1).expand(bsz, self.num_heads, kv_len, self.qk_rope_head_dim)
+        implementation = self.config._attn_implementation or "sdpa"
+        flash = implementation.startswith("flash")
+        if flash and attention_mask is not None:
+            logger.warning_once(f"{implementation} takes no padding or cache masks here: such calls run sdpa")
+            implementation = "sdpa"
+        if implementation not in ("sdpa", "eager") and not flash and attention_mask is None:
+            # other implementations (flex_attention, registered ones) take the causal rule as a mask
+            attention_mask = attention_mask_for_slots(None, torch.arange(q_len, device=query.device), kv_len, query.dtype)
+        attention = (
+            eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+        )
+        pad_value = flash and self.v_head_dim != query.shape[-1]
 
-        attention = ATTENTION_FUNCTIONS[self.config._attn_implementation or "sdpa"]
-        is_causal = attention_mask is None and q_len > 1
-        output = attention(query, key, value, attention_mask, self.scaling, is_causal)
-        output = output.view(bsz, B, h, q_len, self.v_head_dim).sum(dim=1) * self.config.attn_output_scale
-        return output.transpose(1, 2)
+        output = None
+        for branch in range(self.num_branches):
+            kv = torch.einsum("bsgd,god->bsgo", blocks[:, :, branch], weights[branch])  # [bsz, S, G, hpg*(d_n+d_v)]
+            k_nope, value = kv.reshape(bsz, kv_len, self.num_heads, -1).split(
+                [self.qk_nope_head_dim, self.v_head_dim], dim=-1
+            )
+            key = torch.cat([k_nope.transpose(1, 2), k_rope], dim=-1)  # [bsz, h, S, d_n + d_r]
+            value = value.transpose(1, 2)
+            if pad_value:  # FlashAttention needs one head size for q, k and v (as transformers' DeepseekV3 does)
+                value = F.pad(value, [0, query.shape[-1] - self.v_head_dim])
+            branch_output, _ = attention(
+                self,
+                query,
+                key,
+                value,
+                attention_mask,
+                scaling=self.scaling,
+                dropout=0.0,
+                is_causal=attention_mask is None and q_len > 1,
+            )
+            branch_output = branch_output[..., : self.v_head_dim]
+            output = branch_output if output is None else output + branch_output
+        return output * self.config.attn_output_scale
 
     def absorbed_attention(self, q_nope, q_rope, kv_states, attention_mask) -> torch.Tensor:
         """Attention straight on the compressed cache (decode): W_UK is folded into the query and W_UV applied
@@ -481,7 +506,9 @@ class MLRAPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["MLRADecoderLayer"]
     _supports_sdpa = True
-    _supports_attention_backend = False
+    _supports_flex_attn = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
     _can_compile_fullgraph = True
 
     @torch.no_grad()
@@ -609,8 +636,11 @@ class MLRAModel(MLRAPreTrainedModel):
         no_padding = attention_mask is None or (
             not torch.compiler.is_compiling() and attention_mask.dim() == 2 and bool(attention_mask.all())
         )
-        # Without a cache the expanded path runs causal attention; one new token sees every cached one.
-        if no_padding and (cache is None or (not static and len(query_slots) == 1)):
+        # Plain causal attention is exact without a cache, and in the expanded path on an empty growing one (prefill:
+        # the fast causal kernels, no [T, S] mask); one new token sees every cached one.
+        q_len = len(query_slots)
+        fresh_prefill = q_len > self.config.absorbed_max_query_len and cache is not None and cache.get_seq_length() == 0
+        if no_padding and (cache is None or (not static and (q_len == 1 or fresh_prefill))):
             return None
         kv_length = cache.get_mask_sizes(len(query_slots), 0)[0] if cache is not None else len(query_slots)
         return attention_mask_for_slots(attention_mask, query_slots, kv_length, dtype)

@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM
 from conftest import FAMILY, random_tokens, tiny_config, tiny_model
 
 from modeling_mlra import VARIANTS, MLRAConfig, MLRAForCausalLM
+from modeling_mlra.modeling_mlra import eager_attention_forward
 
 TINY_DIMENSIONS = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4)
 
@@ -173,6 +174,43 @@ def test_eager_and_sdpa_agree(member):
     torch.testing.assert_close(eager[1, 3:], sdpa[1, 3:], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("member", ["mla", "gla_2", "mlra_2", "mlra_4"])
+def test_sdpa_training_gradients_equal_the_eager_ones(member):
+    ids = random_tokens((2, 12))
+    grads = {}
+    for implementation in ("sdpa", "eager"):
+        model = tiny_model(**FAMILY[member]).train()
+        model.config._attn_implementation = implementation
+        model(ids, labels=ids).loss.backward()
+        grads[implementation] = {name: p.grad for name, p in model.named_parameters() if "self_attn" in name}
+    for name, grad in grads["eager"].items():
+        torch.testing.assert_close(grads["sdpa"][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_an_attention_function_registered_with_transformers_runs_the_expanded_path():
+    """Any implementation in transformers' AttentionInterface (flex_attention, kernels from the Hub, ...) gets the
+    causal rule and padding as a 4D additive mask and gives eager's result."""
+    calls = []
+
+    def recording_attention(module, query, key, value, attention_mask, **kwargs):
+        calls.append(attention_mask.shape)
+        return eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("recording_eager", recording_attention)
+    model = tiny_model(**FAMILY["mlra_2"])
+    ids = random_tokens((2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    logits = {}
+    with torch.no_grad():
+        for implementation in ("recording_eager", "eager"):
+            model.config._attn_implementation = implementation
+            logits[implementation] = (model(ids, use_cache=False).logits, model(ids, attention_mask=mask).logits)
+    assert calls == [(1, 1, 7, 7)] * 2 * model.config.num_hidden_layers + [(2, 1, 7, 7)] * 2 * 2
+    torch.testing.assert_close(logits["recording_eager"][0], logits["eager"][0])
+    torch.testing.assert_close(logits["recording_eager"][1][mask.bool()], logits["eager"][1][mask.bool()])
+
+
 def test_left_padded_row_equals_unpadded_forward():
     model = tiny_model(**FAMILY["mlra_2"])
     ids = random_tokens((1, 9))
@@ -210,7 +248,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         model = tiny_model().train()
         if checkpointing:  # renamed activation_checkpointing_enable in later 5.x releases
             getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
-        print("DBG", checkpointing, torch.is_grad_enabled()); model(ids, labels=ids).loss.backward()
+        model(ids, labels=ids).loss.backward()
         grads.append(model.model.layers[0].self_attn.kv_b_proj.weight.grad.clone())
     torch.testing.assert_close(grads[0], grads[1])
 
