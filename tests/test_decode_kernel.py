@@ -9,7 +9,7 @@ import torch
 
 from conftest import FAMILY, MLRACache, cache_kwargs, random_tokens, tiny_model
 from modeling_mlra import MLRAConfig
-from modeling_mlra.mlra_decode_kernel import mlra_decode_attention, triton_available
+from modeling_mlra.mlra_decode_kernel import _decode_attention, mlra_decode_attention, triton_available
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -98,6 +98,17 @@ def test_any_number_of_sequence_splits_gives_the_same_attention(num_splits):
     q_absorbed, q_rope, cache, groups = random_inputs("mlra_2", 2, 1, 4, 16, 8, 256, torch.float32, seed=3)
     seq_lens = torch.tensor([256, 97], device=DEVICE)
     out = mlra_decode_attention(q_absorbed, q_rope, cache, seq_lens, None, groups, 0.2, num_splits=num_splits)
+    reference = attention_by_the_equations(q_absorbed, q_rope, cache, seq_lens, None, groups, 0.2)
+    assert relative_error(out, reference) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("member, branches_per_program", [("mlra_4", 1), ("mlra_4", 2), ("mlra_2", 1)])
+def test_programs_running_part_of_the_branches_give_the_same_attention(member, branches_per_program):
+    """Large heads x latent tiles run half (or one) of a group's branches per program: same result."""
+    q_absorbed, q_rope, cache, groups = random_inputs(member, 2, 2, 4, 16, 8, 300, torch.float32, seed=13)
+    seq_lens = torch.tensor([300, 123], device=DEVICE)
+    overrides = {"BRANCHES_PER_PROGRAM": branches_per_program}
+    out = _decode_attention(q_absorbed, q_rope, cache, seq_lens, None, groups, 0.2, 2, overrides)
     reference = attention_by_the_equations(q_absorbed, q_rope, cache, seq_lens, None, groups, 0.2)
     assert relative_error(out, reference) < TOLERANCE[torch.float32]
 
