@@ -1,24 +1,20 @@
-"""One rank of the tensor-parallel tests (tests/test_tensor_parallel.py launches it with torchrun, gloo on the CPU).
-
-    torchrun --nproc-per-node 2 tests/tp_worker.py CASES.json RESULTS.json
-
-Every rank loads each case's checkpoint twice, whole and with `tp_plan="auto"`, and compares what they compute;
-rank 0 writes one record per case. All cases of a world size run in one launch: starting processes and importing
-torch is the expensive part.
+"""The ranks of the tensor-parallel tests: processes forked from the test process (so they need not import torch
+and transformers again, the expensive part on 2 CPUs), each with torchrun's environment variables, running every
+case of one world size in one launch. Every rank loads each case's checkpoint twice, whole and with
+`tp_plan="auto"` (gloo on the CPU), and compares what they compute; rank 0 returns one record per case.
 """
 
 import json
-import sys
+import os
+import socket
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from transformers import set_seed
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from modeling_mlra import MLRACache, MLRAForCausalLM  # noqa: E402
-
-torch.set_num_threads(1)
+from modeling_mlra import MLRACache, MLRAForCausalLM
 
 GENERATE_MODES = {
     "greedy": dict(),
@@ -70,16 +66,32 @@ def run_case(case: dict) -> dict:
             dist.all_gather_object(gathered, outputs[1].tolist())
             record[f"{mode}_equal"] = torch.equal(outputs[0], outputs[1])
             record[f"{mode}_ranks_agree"] = all(tokens == gathered[0] for tokens in gathered)
+    if "save_to" in case:
+        try:
+            split.save_pretrained(case["save_to"])
+        except ValueError as error:
+            record["save_error"] = str(error)
+        record["save_folder_exists"] = os.path.exists(case["save_to"])
     return record
 
 
-def main():
-    cases = json.loads(Path(sys.argv[1]).read_text())
+def _rank_main(rank: int, world_size: int, port: int, cases: list[dict], results_file: str):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size)
+    )
+    torch.set_num_threads(1)
     results = {case["name"]: run_case(case) for case in cases}
-    if dist.get_rank() == 0:
-        Path(sys.argv[2]).write_text(json.dumps(results, indent=1))
+    if rank == 0:
+        Path(results_file).write_text(json.dumps(results, indent=1))
     dist.destroy_process_group()
 
 
-if __name__ == "__main__":
-    main()
+def run_world(world_size: int, cases: list[dict], results_file: Path) -> dict:
+    """Run `cases` on `world_size` forked ranks; the records rank 0 wrote."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    mp.start_processes(
+        _rank_main, args=(world_size, port, cases, str(results_file)), nprocs=world_size, start_method="fork"
+    )
+    return json.loads(results_file.read_text())
