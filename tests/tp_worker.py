@@ -21,8 +21,27 @@ GENERATE_MODES = {
     "sample": dict(do_sample=True, top_k=0, temperature=1.0),
     "beams": dict(num_beams=2),
     "static": dict(cache_implementation="static"),
-    "assisted": dict(),  # with the whole model as the assistant, added below
+    "assisted": dict(),  # with the whole model as the assistant
 }
+
+
+@torch.no_grad()
+def computations(model, tokens: torch.Tensor, modes: list[str], assistant) -> dict:
+    """Logits of a 24-token forward, of a decode step after an 8-token prefill, and generated tokens per mode."""
+    prompt = tokens[:, :8]
+    results = {"logits": model(tokens).logits}
+    cache = MLRACache(model.config)
+    model(prompt, past_key_values=cache)
+    results["decode_logits"] = model(tokens[:, 8:9], past_key_values=cache).logits  # absorbed, on the cache
+    results["cache_bytes_per_token_per_layer"] = cache.layers[0].bytes_per_token
+    for mode in modes:
+        options = dict(GENERATE_MODES[mode], max_new_tokens=12, pad_token_id=0)
+        inputs = prompt
+        if mode == "assisted":  # transformers' assisted decoding takes one sequence
+            options["assistant_model"], inputs = assistant, prompt[:1]
+        set_seed(1)
+        results[mode] = model.generate(inputs, **options)
+    return results
 
 
 def run_case(case: dict) -> dict:
@@ -36,36 +55,23 @@ def run_case(case: dict) -> dict:
 
     whole = MLRAForCausalLM.from_pretrained(path).eval()
     split = MLRAForCausalLM.from_pretrained(path, tp_plan="auto").eval()
-    vocab = whole.config.vocab_size
-    tokens = torch.randint(vocab, (2, 24), generator=torch.Generator().manual_seed(0))
-    prompt = tokens[:, :8]
+    tokens = torch.randint(whole.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    modes = case.get("modes", ["greedy"])
+    # the split model runs on every rank (collectives); the whole model, the reference, on rank 0 only
+    outputs = {"split": computations(split, tokens, modes, whole)}
+    if dist.get_rank() == 0:
+        outputs["whole"] = computations(whole, tokens, modes, whole)
     record = {}
-    with torch.no_grad():
-        record["logit_error"] = (split(tokens).logits - whole(tokens).logits).abs().max().item()
-        # a prefill, then decode steps on the rank's cache (absorbed path)
-        cache, reference_cache = MLRACache(split.config), MLRACache(whole.config)
-        split(prompt, use_cache=True, past_key_values=cache)
-        whole(prompt, use_cache=True, past_key_values=reference_cache)
-        step = tokens[:, 8:9]
-        decode_error = (split(step, past_key_values=cache).logits - whole(step, past_key_values=reference_cache).logits)
-        record["decode_logit_error"] = decode_error.abs().max().item()
-        record["cache_bytes_per_token_per_layer"] = cache.layers[0].bytes_per_token
-        record["expected_cache_bytes"] = split.tensor_parallel.shard.cache_width * 4
-        record["whole_cache_bytes"] = reference_cache.layers[0].bytes_per_token
-
-        for mode in case.get("modes", ["greedy"]):
-            options = dict(GENERATE_MODES[mode], max_new_tokens=12, pad_token_id=0)
-            outputs = []
-            inputs = prompt
-            if mode == "assisted":  # transformers' assisted decoding takes one sequence
-                options["assistant_model"], inputs = whole, prompt[:1]
-            for model in (whole, split):
-                set_seed(1)
-                outputs.append(model.generate(inputs, **options))
-            gathered = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, outputs[1].tolist())
-            record[f"{mode}_equal"] = torch.equal(outputs[0], outputs[1])
-            record[f"{mode}_ranks_agree"] = all(tokens == gathered[0] for tokens in gathered)
+    for mode in modes:
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, outputs["split"][mode].tolist())
+        record[f"{mode}_ranks_agree"] = all(rank_tokens == gathered[0] for rank_tokens in gathered)
+        if dist.get_rank() == 0:
+            record[f"{mode}_equal"] = torch.equal(outputs["split"][mode], outputs["whole"][mode])
+    if dist.get_rank() == 0:
+        for name in ("logits", "decode_logits"):
+            record[f"{name}_error"] = (outputs["split"][name] - outputs["whole"][name]).abs().max().item()
+        record["cache_bytes_per_token_per_layer"] = outputs["split"]["cache_bytes_per_token_per_layer"]
     if "save_to" in case:
         try:
             split.save_pretrained(case["save_to"])
