@@ -1,6 +1,9 @@
 """Tensor parallelism over latent blocks: which rank holds what, and 2 and 4 gloo ranks computing what one process
 computes, from both checkpoint formats."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -8,6 +11,7 @@ from conftest import REFERENCE_DIR, tiny_model
 from tp_worker import run_world
 
 from modeling_mlra import MLRAConfig, MLRAForCausalLM
+from modeling_mlra.cli import main
 from modeling_mlra.tensor_parallel import LatentShard
 
 BASE_MEMBERS = ("mlra_4", "mlra_2", "gla_4", "gla_2", "mla")
@@ -182,3 +186,16 @@ def test_a_split_model_refuses_to_save_its_share_as_a_checkpoint(results):
     record = results[2]["mlra_2/ours"]
     assert "split for tensor parallelism" in record["save_error"]
     assert not record["save_folder_exists"]
+
+
+def test_mlra_generate_under_torchrun_splits_the_model_and_only_rank_0_prints(capsys):
+    options = ["generate", "--max-new-tokens", "12", "--device", "cpu"]
+    main(options)
+    single_process_text = capsys.readouterr().out.rpartition("\n[")[0]
+    root = Path(__file__).resolve().parents[1]
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "modeling_mlra.cli"]
+    result = subprocess.run([*launch, *options], capture_output=True, text=True, env=environment, cwd=root, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("tokens/s on cpu") == 1
+    assert result.stdout.rpartition("\n[")[0] == single_process_text
