@@ -15,7 +15,6 @@ Writes tp_share_attention.{json,md,png} into --output-dir.
 """
 
 import argparse
-import importlib.util
 import json
 import statistics
 import sys
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from modeling_mlra import MLRAConfig  # noqa: E402
-from modeling_mlra.modeling_mlra import MLRAAttention  # noqa: E402
+from modeling_mlra.modeling_mlra import MLRAAttention, use_decode_kernel  # noqa: E402
 from modeling_mlra.tensor_parallel import LatentShard  # noqa: E402
 
 PAPER_RATIOS = {"MLA": (2.76, 2.86), "GQA": (1.05, 1.26), "GLA-2": (1.31, 1.61)}  # x / MLRA-4, paper Figure 5
@@ -90,9 +89,15 @@ def measure(context: int, args, device, dtype) -> dict:
         q_nope = torch.randn(1, 1, local_heads, head_dim, device=device, dtype=dtype)
         q_rope = torch.randn(1, 1, local_heads, rope_dim, device=device, dtype=dtype)
         kv_states = torch.randn(1, context, shard.cache_width, device=device, dtype=dtype)
-        row[f"{name}_ms"] = time_call(
-            lambda: attention.absorbed_attention(q_nope, q_rope, kv_states, None), device, args.warmup, args.iters
-        )
+        # the dispatch MLRAModel.forward makes for a decode step: the fused kernel where it runs, else PyTorch
+        if use_decode_kernel(attention.config, 1, dtype, device):
+            seq_lens = torch.full((1,), context, device=device)
+            row[f"{name}_path"] = "fused kernel"
+            run = lambda: attention.absorbed_attention_kernel(q_nope, q_rope, kv_states, seq_lens, None)  # noqa: E731
+        else:
+            row[f"{name}_path"] = "PyTorch absorbed"
+            run = lambda: attention.absorbed_attention(q_nope, q_rope, kv_states, None)  # noqa: E731
+        row[f"{name}_ms"] = time_call(run, device, args.warmup, args.iters)
         row[f"{name}_bytes"] = kv_states.numel() * kv_states.element_size()
         row[f"{name}_shape"] = f"{local_heads} heads on {shard.cache_width - rope_dim} + {rope_dim}"
         del kv_states
@@ -108,7 +113,7 @@ def write_outputs(rows: list[dict], meta: dict, output_dir: Path) -> None:
     lines = [
         f"# Per-GPU share of decode attention ({meta['device']}, {meta['dtype']}, batch 1, {meta['heads']} query heads)",
         "",
-        f"Latent path: {meta['latent_path']}. Shares: " + "; ".join(f"{k}: {v}" for k, v in meta["shares"].items()),
+        "Shares: " + "; ".join(f"{k}: {v}" for k, v in meta["shares"].items()),
         "",
         "| tokens | " + " | ".join(f"{n} ms" for n in names) + " | MLA/MLRA-4 | GQA/MLRA-4 | GLA-2/MLRA-4 | MLRA-4 GB/s |",
         "|---" * (len(names) + 5) + "|",
@@ -154,14 +159,11 @@ def main():
         args.contexts, args.warmup, args.iters = [256, 1024], 1, 3
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    kernel = importlib.util.find_spec("modeling_mlra.mlra_decode_kernel") is not None
     meta = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "dtype": str(dtype).removeprefix("torch."),
         "heads": args.heads, "head_dim": args.head_dim, "rope_dim": args.rope_dim,
         "torch": torch.__version__,
-        "latent_path": "MLRAAttention.absorbed_attention"
-        + (" (modeling_mlra.mlra_decode_kernel present)" if kernel else " (plain PyTorch: no mlra_decode_kernel module)"),
         "shares": {
             "GQA": f"8-way TP: {args.heads // 8} query heads on 1 KV head of {args.head_dim}",
             **{
@@ -176,7 +178,7 @@ def main():
             torch.cuda.empty_cache()
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
     for name, (variant, degree) in LATENT_MEMBERS.items():
-        meta["shares"][name] += ": " + rows[0][f"{name}_shape"]
+        meta["shares"][name] += f": {rows[0][name + '_shape']} ({rows[0][name + '_path']})"
     write_outputs(rows, meta, args.output_dir)
 
 
