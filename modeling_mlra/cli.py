@@ -5,6 +5,7 @@
 """
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -95,12 +96,17 @@ def generate(options) -> None:
     """The `mlra generate` command: stream a continuation of the prompt, then report the decoding speed."""
     device, dtype = resolve_device_and_dtype(options.device, options.dtype)
     tokenizer = load_tokenizer(options.model, options.subfolder, options.tokenizer)
-    model = MLRAForCausalLM.from_pretrained(options.model, subfolder=options.subfolder, dtype=dtype)
+    # under torchrun the model is split over the processes (tensor parallelism) and only rank 0 prints
+    tensor_parallel = {"tp_plan": "auto"} if int(os.environ.get("WORLD_SIZE", "1")) > 1 else {}
+    model = MLRAForCausalLM.from_pretrained(options.model, subfolder=options.subfolder, dtype=dtype, **tensor_parallel)
+    if tensor_parallel:
+        device = str(model.device)
     model.to(device).eval()
     set_seed(options.seed)
+    printing = not tensor_parallel or model.tensor_parallel.rank == 0
 
     inputs = tokenizer(options.prompt, return_tensors="pt").to(device)
-    streamer = TextStreamer(tokenizer)
+    streamer = TextStreamer(tokenizer) if printing else None
     sampling = dict(temperature=options.temperature, top_k=options.top_k, top_p=options.top_p)
     start = time.perf_counter()
     output = model.generate(
@@ -113,7 +119,8 @@ def generate(options) -> None:
     )
     elapsed = time.perf_counter() - start
     new_tokens = output.shape[1] - inputs["input_ids"].shape[1]
-    print(f"\n[{new_tokens} tokens in {elapsed:.2f} s: {new_tokens / elapsed:.1f} tokens/s on {device}, {str(dtype).removeprefix('torch.')}]")
+    if printing:
+        print(f"\n[{new_tokens} tokens in {elapsed:.2f} s: {new_tokens / elapsed:.1f} tokens/s on {device}, {str(dtype).removeprefix('torch.')}]")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,306 @@
+"""End-to-end tensor-parallel decoding on two GPUs: the 2.9B shape (random weights, bf16) of MLRA-4, GLA-2 and MLA
+split over 2 ranks by latent block, beside the same model on one GPU and transformers' DeepseekV3 of the same size
+with `tp_plan="auto"` on the same two GPUs (its plan splits the MLP; its attention runs whole on every GPU).
+
+Prompts are not prefilled token by token: each cache is filled with random states of exactly the layout the model
+writes (per GPU: its latent blocks and the rope key), then generate() streams new tokens. Reported per setup, batch
+and prompt: ms per token (median interval between streamed tokens), tokens/s, per-GPU cache bytes, and the share of
+a decode step spent in collectives (NCCL kernel time in a profiled step / median step time).
+
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
+        torchrun --nproc-per-node 2 benchmarks/tp_e2e.py --output-dir benchmarks/results/tp_e2e
+    torchrun --nproc-per-node 2 benchmarks/tp_e2e.py --quick --output-dir /tmp/tp_e2e    # tiny shapes, CPU, gloo
+"""
+
+import os
+
+# NVLink multicast stays off (shared machines): set before torch.distributed starts NCCL.
+for _name, _value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1")):
+    os.environ.setdefault(_name, _value)
+
+import argparse  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import transformers  # noqa: E402
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, DynamicCache  # noqa: E402
+from transformers.generation.streamers import BaseStreamer  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from modeling_mlra import MLRACache, MLRAConfig, MLRAForCausalLM  # noqa: E402
+from modeling_mlra.tensor_parallel import shard_model  # noqa: E402
+
+VARIANTS = ("mlra_4", "gla_2", "mla")
+
+
+class IntervalStreamer(BaseStreamer):
+    """Records when each new token reaches the streamer (after the step's work is done on the device)."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, value):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+    def median_ms(self) -> float:
+        intervals = [b - a for a, b in zip(self.times[1:], self.times[2:])]  # times[0]: the prompt
+        return statistics.median(intervals) * 1e3
+
+
+def mlra_config(variant: str, args) -> MLRAConfig:
+    overrides = dict(max_position_embeddings=max(args.prompts) + args.new_tokens + 8)
+    if args.quick:
+        overrides.update(
+            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, kv_lora_rank=32, qk_nope_head_dim=16,
+            v_head_dim=16, qk_rope_head_dim=8, intermediate_size=128, vocab_size=256,
+            q_lora_rank=48 if variant != "mla" else 64,
+        )  # fmt: skip
+    return MLRAConfig.from_variant(variant, **overrides)
+
+
+def deepseek_config(args) -> DeepseekV3Config:
+    """transformers' DeepseekV3 (dense layers) with MLA's 2.9B shape."""
+    mla = mlra_config("mla", args)
+    return DeepseekV3Config(
+        vocab_size=mla.vocab_size, hidden_size=mla.hidden_size, intermediate_size=mla.intermediate_size,
+        num_hidden_layers=mla.num_hidden_layers, num_attention_heads=mla.num_attention_heads,
+        num_key_value_heads=mla.num_attention_heads, q_lora_rank=mla.q_lora_rank, kv_lora_rank=mla.kv_lora_rank,
+        qk_nope_head_dim=mla.qk_nope_head_dim, qk_rope_head_dim=mla.qk_rope_head_dim, v_head_dim=mla.v_head_dim,
+        first_k_dense_replace=mla.num_hidden_layers, n_routed_experts=8, num_experts_per_tok=2, n_group=1,
+        topk_group=1, max_position_embeddings=mla.max_position_embeddings, tie_word_embeddings=True,
+        rms_norm_eps=1e-6,
+    )  # fmt: skip
+
+
+def random_mlra(config: MLRAConfig, device, dtype) -> MLRAForCausalLM:
+    """Same weights on every rank (same seed); the output projections random too (the init zeroes them)."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = MLRAForCausalLM._from_config(config, dtype=dtype).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                parameter.normal_(std=0.02)
+    return model
+
+
+def mlra_cache(model, config, batch: int, prompt: int, capacity: int, device, dtype):
+    """An MLRACache holding `prompt` random tokens in the rank's layout (its blocks + the rope key), and the bytes
+    one token takes in it on this GPU (all layers)."""
+    shard = getattr(model, "tensor_parallel", None)
+    width = shard.shard.cache_width if shard is not None else config.kv_lora_rank + config.qk_rope_head_dim
+    cache = MLRACache(config)
+    for layer in cache.layers:
+        layer.lazy_initialization(torch.empty(batch, capacity, width, dtype=dtype, device=device))
+        layer.buffer[:, :prompt].normal_()
+        layer.cumulative_length = prompt
+    return cache, cache.bytes_per_token
+
+
+def deepseek_cache(config, batch: int, prompt: int, device, dtype):
+    """DeepseekV3's cache: per layer the normalized latent as keys [bsz, 1, S, d_c], the rope key as values."""
+    cache = DynamicCache(config=config)
+    for layer_idx in range(config.num_hidden_layers):
+        latent = torch.randn(batch, 1, prompt, config.kv_lora_rank, dtype=dtype, device=device)
+        rope_key = torch.randn(batch, 1, prompt, config.qk_rope_head_dim, dtype=dtype, device=device)
+        cache.update(latent, rope_key, layer_idx)
+    return cache
+
+
+def collective_share(model, cache, batch: int, vocab: int, device, step_ms: float, steps: int = 4) -> float | None:
+    """Share of a decode step spent in collectives: their kernel time (NCCL; CPU time of gloo's all-reduce on the
+    CPU) per profiled step over the median step time."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    token = torch.randint(vocab, (batch, 1), device=device)
+    with torch.no_grad(), torch.profiler.profile(activities=activities) as profile:
+        for _ in range(steps):
+            model(input_ids=token, past_key_values=cache, logits_to_keep=1)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    total_us = 0.0
+    for event in profile.key_averages():
+        name = event.key.lower()
+        if device.type == "cuda" and "nccl" in name and "kernel" in name:
+            total_us += event.device_time_total
+        elif device.type == "cpu" and name.startswith("c10d::allreduce"):
+            total_us += event.cpu_time_total
+    return total_us / steps / 1e3 / step_ms if total_us else None
+
+
+def decode(model, cache, batch: int, prompt: int, args, vocab: int, device) -> dict:
+    """Stream `args.new_tokens` tokens after a cached prompt; ms/token, tokens/s."""
+    input_ids = torch.randint(vocab, (batch, prompt + 1), device=device)
+    streamer = IntervalStreamer()
+    with torch.no_grad():
+        model.generate(
+            input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache, streamer=streamer,
+            max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0,
+            disable_compile=True,
+        )  # fmt: skip
+    ms = streamer.median_ms()
+    return {"ms_per_token": ms, "tokens_per_s": batch * 1e3 / ms}
+
+
+def run_setup(name: str, model, make_cache, args, vocab: int, device, record, max_batch_tokens=None) -> None:
+    """Every batch x prompt; `max_batch_tokens` skips larger ones (decided alike on every rank, so no rank is left
+    waiting in a collective)."""
+    for batch in args.batches:
+        for prompt in args.prompts:
+            row = {"setup": name, "batch": batch, "prompt": prompt}
+            if max_batch_tokens is not None and batch * prompt > max_batch_tokens:
+                row["error"] = f"skipped: re-expands {batch * prompt:,} cached latents per layer and step"
+                record(row)
+                continue
+            cache = None
+            try:
+                cache, cache_bytes_per_token = make_cache(batch, prompt)
+                row["cache_gb_per_gpu"] = cache_bytes_per_token * batch * prompt / 1e9
+                row.update(decode(model, cache, batch, prompt, args, vocab, device))
+                if "TP2" in name:
+                    cache, _ = make_cache(batch, prompt)
+                    row["collective_share"] = collective_share(model, cache, batch, vocab, device, row["ms_per_token"])
+            except torch.OutOfMemoryError:
+                row["error"] = "out of memory"
+            del cache
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            record(row)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument("--prompts", type=int, nargs="+", default=[4096, 32768, 131072])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--skip-deepseek", action="store_true")
+    parser.add_argument(
+        "--deepseek-max-batch-tokens", type=int, default=1 << 20,
+        help="DeepseekV3 expands every cached latent to per-head K/V each step (~70 GB at batch 16 x 128K on top of "
+        "its cache): larger batch x prompt are skipped",
+    )  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="tiny shapes on the CPU (gloo), to check the script")
+    args = parser.parse_args()
+    if args.quick:
+        args.prompts, args.batches, args.new_tokens = [64, 256], [1, 2], 4
+    use_cuda = torch.cuda.is_available() and not args.quick
+    if use_cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    dtype = torch.bfloat16 if use_cuda else torch.float32
+    rows = []
+
+    def record(row):
+        rows.append(row)
+        if rank == 0:
+            print(json.dumps(row), flush=True)
+
+    for variant in args.variants:
+        config = mlra_config(variant, args)
+        model = random_mlra(config, device, dtype)
+
+        def make_cache(batch, prompt):
+            return mlra_cache(model, config, batch, prompt, prompt + args.new_tokens + 8, device, dtype)
+
+        if rank == 0:  # the same model on one GPU, while the other rank waits
+            run_setup(f"{variant} 1 GPU", model, make_cache, args, config.vocab_size, device, record)
+        dist.barrier()
+        shard_model(model, device=device)
+        run_setup(f"{variant} TP{world}", model, make_cache, args, config.vocab_size, device, record)
+        del model
+        gc.collect()
+        if use_cuda:
+            torch.cuda.empty_cache()
+        dist.barrier()
+
+    if not args.skip_deepseek:
+        config = deepseek_config(args)
+        folder = Path(tempfile.gettempdir()) / "tp_e2e_deepseek_v3"
+        if rank == 0:
+            torch.manual_seed(0)
+            DeepseekV3ForCausalLM._from_config(config, dtype=dtype).save_pretrained(folder)
+        dist.barrier()
+        model = DeepseekV3ForCausalLM.from_pretrained(folder, tp_plan="auto", dtype=dtype).eval()
+        bytes_per_token = (config.kv_lora_rank + config.qk_rope_head_dim) * torch.finfo(dtype).bits // 8
+        run_setup(
+            f"DeepseekV3 TP{world} (tp_plan=auto)", model,
+            lambda b, p: (deepseek_cache(config, b, p, device, dtype), bytes_per_token * config.num_hidden_layers),
+            args, config.vocab_size, device, record, max_batch_tokens=args.deepseek_max_batch_tokens,
+        )  # fmt: skip
+
+    if rank == 0:
+        meta = {
+            "device": torch.cuda.get_device_name() if use_cuda else "cpu",
+            "gpus": world, "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
+            "transformers": transformers.__version__, "new_tokens": args.new_tokens,
+        }  # fmt: skip
+        write_outputs(rows, meta, args.output_dir)
+    dist.destroy_process_group()
+
+
+def write_outputs(rows: list[dict], meta: dict, output_dir: Path) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "tp_e2e.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    lines = [
+        f"# Tensor-parallel decode, {meta['gpus']} x {meta['device']}, {meta['dtype']}, 2.9B shape, random weights",
+        "",
+        f"torch {meta['torch']}, transformers {meta['transformers']}; generate() with a cache holding the prompt; "
+        f"median interval between {meta['new_tokens']} streamed tokens; collectives: NCCL kernel time per step.",
+        "",
+        "| setup | batch | prompt | ms/token | tokens/s | cache GB per GPU | collectives share |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['setup']} | {row['batch']} | {row['prompt']:,} | {row['error']} | | | |")
+            continue
+        share = row.get("collective_share")
+        lines.append(
+            f"| {row['setup']} | {row['batch']} | {row['prompt']:,} | {row['ms_per_token']:.2f} | "
+            f"{row['tokens_per_s']:.1f} | {row['cache_gb_per_gpu']:.2f} | {'' if share is None else f'{share:.0%}'} |"
+        )
+    (output_dir / "tp_e2e.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no PNG")
+        return
+    batches = sorted({row["batch"] for row in rows})
+    figure, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4), squeeze=False)
+    for axis, batch in zip(axes[0], batches):
+        for setup in dict.fromkeys(row["setup"] for row in rows):
+            points = [(r["prompt"], r["ms_per_token"]) for r in rows if r["setup"] == setup and r["batch"] == batch
+                      and "ms_per_token" in r]  # fmt: skip
+            if points:
+                axis.plot(*zip(*points), marker="o", label=setup)
+        axis.set(xscale="log", xlabel="prompt tokens (cached)", ylabel="ms per token", title=f"batch {batch}")
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(output_dir / "tp_e2e.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""Tensor parallelism over latent blocks: which rank holds what, and 2 and 4 gloo ranks computing what one process
+computes, from both checkpoint formats."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REFERENCE_DIR, tiny_model
+from tp_worker import run_world
+
+from modeling_mlra import MLRAConfig, MLRAForCausalLM
+from modeling_mlra.cli import main
+from modeling_mlra.tensor_parallel import LatentShard
+
+BASE_MEMBERS = ("mlra_4", "mlra_2", "gla_4", "gla_2", "mla")
+# degrees at which each member is tested (GLA-2 at 4: two ranks share each latent block and split its heads)
+DEGREES = {2: BASE_MEMBERS, 4: BASE_MEMBERS}
+GENERATE_MODES = ("greedy", "sample", "beams", "static", "assisted")
+TOLERANCE = 1e-5  # float32 rounding of sums taken in another order
+
+
+def published(variant: str, **overrides) -> MLRAConfig:
+    return MLRAConfig.from_variant(variant, **overrides)
+
+
+def served_pairs(shard: LatentShard) -> set[tuple[int, int]]:
+    """(latent block, head) pairs a rank computes: branch b of a head in group g reads block latent_block(b, g)."""
+    config = shard.config
+    heads_of_group = {g: [g * config.heads_per_group + j for j in shard.head_offsets] for g in shard.groups}
+    return {(config.latent_block(b, g), head) for b in shard.branches for g in shard.groups for head in heads_of_group[g]}
+
+
+@pytest.mark.parametrize(
+    "variant, degree", [(v, p) for v in BASE_MEMBERS for p in (2, 4, 8)] + [("mla", 24), ("mlra_4", 12)]
+)
+def test_ranks_serve_every_block_head_pair_exactly_once(variant, degree):
+    config = published(variant)
+    whole = served_pairs(LatentShard.for_rank(config, 0, 1))
+    shares = [served_pairs(LatentShard.for_rank(config, rank, degree)) for rank in range(degree)]
+    assert sum(len(share) for share in shares) == len(whole)
+    assert set().union(*shares) == whole
+
+
+def test_mlra_2_at_four_ranks_gives_each_rank_one_block_and_the_heads_of_its_group():
+    config = published("mlra_2")  # 24 heads in G = 2 groups of 12, B = 2 branches
+    for rank in range(4):
+        shard = LatentShard.for_rank(config, rank, 4)
+        assert shard.blocks == [rank]  # branch rank // 2, group rank % 2
+        assert shard.heads == list(range(12 * (rank % 2), 12 * (rank % 2) + 12))
+
+
+def test_mlra_4_at_two_ranks_gives_each_rank_two_branches_and_all_heads():
+    for rank in range(2):
+        shard = LatentShard.for_rank(published("mlra_4"), rank, 2)
+        assert shard.blocks == [2 * rank, 2 * rank + 1]
+        assert shard.heads == list(range(24))
+
+
+def test_mlra_2_at_two_ranks_splits_by_group_so_no_query_is_computed_twice():
+    for rank in range(2):
+        shard = LatentShard.for_rank(published("mlra_2"), rank, 2)
+        assert shard.blocks == [rank, 2 + rank]  # both branches of group `rank`
+        assert shard.heads == list(range(12 * rank, 12 * rank + 12))
+
+
+def test_mla_keeps_the_whole_latent_on_every_rank_and_splits_heads():
+    shard = LatentShard.for_rank(published("mla"), 1, 4)
+    assert shard.blocks == [0]
+    assert shard.heads == list(range(6, 12))
+    assert shard.cache_width == 512 + 64
+
+
+def test_four_ranks_of_mlra_4_cache_one_block_and_the_rope_key_as_the_paper_says():
+    assert LatentShard.for_rank(published("mlra_4"), 3, 4).cache_width == 512 // 4 + 64  # 1.5 d_h
+
+
+def test_rank_attention_keeps_the_global_scales():
+    config = published("mlra_4")
+    local = LatentShard.for_rank(config, 0, 4).local_config()
+    assert (local.num_latent_blocks, local.num_softmax_branches, local.kv_lora_rank) == (1, 1, 128)
+    assert local.kv_latent_scale == config.kv_latent_scale == (3072 / 128) ** 0.5
+    assert local.attn_output_scale == config.attn_output_scale == 0.5
+
+
+def test_a_degree_that_does_not_divide_the_structure_is_refused():
+    with pytest.raises(ValueError, match="tensor-parallel degree 5 does not divide the attention of mlra_2"):
+        LatentShard.for_rank(published("mlra_2"), 0, 5)
+
+
+def test_a_tp_plan_other_than_auto_is_refused():
+    with pytest.raises(ValueError, match="tp_plan=.*pass tp_plan='auto'"):
+        MLRAForCausalLM.from_pretrained(REFERENCE_DIR / "mlra_4", tp_plan={"model.layers.*.mlp.up_proj": "colwise"})
+
+
+def test_tensor_parallel_loading_outside_torchrun_asks_for_torchrun(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(RuntimeError, match="torchrun"):
+        MLRAForCausalLM.from_pretrained(REFERENCE_DIR / "mlra_4", tp_plan="auto")
+
+
+# ------------------------------------------------------------------------------------------- 2 and 4 gloo ranks
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> dict[str, str]:
+    """Folders by case name: the authors' fixtures, the same converted to our format, and tiny random models."""
+    folder = tmp_path_factory.mktemp("tp_checkpoints")
+    paths = {}
+    for variant in (*BASE_MEMBERS, "mlra_2_gated"):
+        paths[f"{variant}/authors"] = str(REFERENCE_DIR / variant)
+        MLRAForCausalLM.from_pretrained(REFERENCE_DIR / variant).save_pretrained(folder / variant)
+        paths[f"{variant}/ours"] = str(folder / variant)
+    randoms = {
+        "mlra_4_shared_norm/ours": dict(latent_norm="shared"),
+        "mlra_2_no_q_lora/ours": dict(num_softmax_branches=2, q_lora_rank=None),
+        "mla_6_heads/ours": dict(num_latent_blocks=1, num_softmax_branches=1, num_attention_heads=6),
+    }
+    for name, overrides in randoms.items():
+        tiny_model(**overrides).save_pretrained(folder / name)
+        paths[name] = str(folder / name)
+    return paths
+
+
+def cases_for(world_size: int, checkpoints: dict) -> list[dict]:
+    names = [name for name in checkpoints if name != "mla_6_heads/ours"]
+    cases = [{"name": name, "path": checkpoints[name]} for name in names]
+    modes_case = "mlra_2/ours" if world_size == 2 else "mlra_4/authors"
+    modes = next(case for case in cases if case["name"] == modes_case)
+    modes.update(modes=list(GENERATE_MODES), save_to=str(Path(checkpoints[modes_case]).parent / f"saved_tp{world_size}"))
+    if world_size == 4:  # 6 heads cannot be split 4 ways
+        cases.append({"name": "mla_6_heads/ours", "path": checkpoints["mla_6_heads/ours"], "error": True})
+    return cases
+
+
+@pytest.fixture(scope="module")
+def results(checkpoints, tmp_path_factory) -> dict[int, dict]:
+    """One launch per world size, every case in it."""
+    return {
+        world: run_world(world, cases_for(world, checkpoints), tmp_path_factory.mktemp(f"tp{world}") / "results.json")
+        for world in DEGREES
+    }
+
+
+CASES = [
+    (world, f"{variant}/{source}")
+    for world, variants in DEGREES.items()
+    for variant in (*variants, "mlra_2_gated")
+    for source in ("authors", "ours")
+] + [(world, name) for world in DEGREES for name in ("mlra_4_shared_norm/ours", "mlra_2_no_q_lora/ours")]
+
+
+@pytest.mark.parametrize("world, name", CASES)
+def test_split_model_logits_equal_the_single_process_logits(results, world, name):
+    record = results[world][name]
+    assert record["logits_error"] < TOLERANCE  # 24 tokens through expanded attention
+    assert record["decode_logits_error"] < TOLERANCE  # a decode step on the rank's cache (absorbed attention)
+
+
+@pytest.mark.parametrize("world, name", CASES)
+def test_split_model_greedy_tokens_equal_the_single_process_tokens_on_every_rank(results, world, name):
+    assert results[world][name]["greedy_equal"]
+    assert results[world][name]["greedy_ranks_agree"]
+
+
+@pytest.mark.parametrize("world, name", CASES)
+def test_each_rank_caches_only_its_latent_blocks_and_the_rope_key(results, world, name, checkpoints):
+    config = MLRAForCausalLM.from_pretrained(checkpoints[name]).config
+    held_latent = config.kv_lora_rank // min(world, config.num_latent_blocks)
+    assert results[world][name]["cache_bytes_per_token_per_layer"] == (held_latent + config.qk_rope_head_dim) * 4
+
+
+@pytest.mark.parametrize("world, mode", [(2, mode) for mode in GENERATE_MODES] + [(4, mode) for mode in GENERATE_MODES])
+def test_every_generate_mode_gives_the_single_process_tokens_on_every_rank(results, world, mode):
+    record = results[world]["mlra_2/ours" if world == 2 else "mlra_4/authors"]
+    assert record[f"{mode}_equal"]
+    assert record[f"{mode}_ranks_agree"]
+
+
+def test_four_ranks_refuse_a_model_whose_heads_they_cannot_split(results):
+    assert "tensor-parallel degree 4 does not divide the attention" in results[4]["mla_6_heads/ours"]["error"]
+
+
+def test_a_split_model_refuses_to_save_its_share_as_a_checkpoint(results):
+    record = results[2]["mlra_2/ours"]
+    assert "split for tensor parallelism" in record["save_error"]
+    assert not record["save_folder_exists"]
+
+
+def test_mlra_generate_under_torchrun_splits_the_model_and_only_rank_0_prints(capsys):
+    options = ["generate", "--max-new-tokens", "12", "--device", "cpu"]
+    main(options)
+    single_process_text = capsys.readouterr().out.rpartition("\n[")[0]
+    root = Path(__file__).resolve().parents[1]
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "modeling_mlra.cli"]
+    result = subprocess.run([*launch, *options], capture_output=True, text=True, env=environment, cwd=root, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("tokens/s on cpu") == 1
+    assert result.stdout.rpartition("\n[")[0] == single_process_text
