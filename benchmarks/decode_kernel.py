@@ -7,7 +7,8 @@ Shapes (bfloat16, cache filled with random values):
       128K-2M cached tokens;
   (b) MLA on the same GPU: 64 heads on 512 + 64;
   (c) one layer of the 2.9B MLRA-4 on one GPU: 24 heads, 4 x 128 + 64, batch 1-64, 4K-128K tokens.
-Each is timed as the kernel alone (bandwidth = cache bytes / time against a device-to-device copy timed in the same
+Times are GPU time (CUDA-graph replays, median); the eager call time (host launch overhead included) is a column of
+its own. Each is timed as the kernel alone (bandwidth = cache bytes / time against a device-to-device copy timed in the same
 run), as the model's whole absorbed attention (W_UK and W_UV included) through the kernel and through the PyTorch
 path, and, for (c), against one launch per latent block on per-block caches [block | rope key] (the authors'
 structure, which reads the rope key once per block).
@@ -16,6 +17,7 @@ structure, which reads the rope key once per block).
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -24,15 +26,37 @@ import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from modeling_mlra import MLRAConfig  # noqa: E402
-from modeling_mlra.mlra_decode_kernel import mlra_decode_attention  # noqa: E402
+from modeling_mlra.mlra_decode_kernel import _decode_attention, mlra_decode_attention  # noqa: E402
 from modeling_mlra.modeling_mlra import MLRAAttention  # noqa: E402
 
 K = 1024
 
 
 def bench(fn) -> float:
-    """Median milliseconds (CUDA events), after warm-up."""
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    """Median milliseconds of GPU time: the calls replayed from a CUDA graph, so host overhead is left out (it is
+    reported separately as the eager call time)."""
+    fn()
+    return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+
+
+def eager_call_us(fn, calls: int = 50) -> float:
+    """Wall microseconds per eager call, back to back (host launch overhead included)."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+SWEEP = [
+    dict(BLOCK_N=32, num_warps=8, num_stages=2),
+    dict(BLOCK_N=64, num_warps=8, num_stages=2),
+    dict(BLOCK_N=32, num_warps=4, num_stages=3),
+    dict(BLOCK_N=32, num_warps=8, num_stages=3),
+    dict(BLOCK_N=32, num_warps=8, num_stages=4),
+]
 
 
 def copy_bandwidth(device) -> float:
@@ -67,7 +91,9 @@ def reference_attention(q_absorbed, q_rope, cache, num_groups, scaling):
     return torch.einsum("nbgis,nsbgd->nbgid", probs, latent).reshape(bsz, 1, branches, heads, block_dim)
 
 
-def run_case(name, heads, blocks, branches, block_dim, bsz, context, copy_gbs, device, per_block=False, module=None):
+def run_case(
+    name, heads, blocks, branches, block_dim, bsz, context, copy_gbs, device, per_block=False, module=None, sweep=False
+):
     rope = 64
     groups = blocks // branches
     width = blocks * block_dim + rope
@@ -86,6 +112,25 @@ def run_case(name, heads, blocks, branches, block_dim, bsz, context, copy_gbs, d
     row["kernel_us"] = ms * 1e3
     row["kernel_gbs"] = cache.nbytes / ms / 1e6
     row["of_copy"] = row["kernel_gbs"] / copy_gbs
+    row["eager_call_us"] = eager_call_us(
+        lambda: mlra_decode_attention(q_absorbed, q_rope, cache, seq_lens, None, groups, scaling)
+    )
+    if sweep:
+        variants = [dict(v) for v in SWEEP] + [dict(v, BRANCHES_PER_PROGRAM=bpp) for v in SWEEP[:2] for bpp in (1, 4)
+                                               if bpp <= branches and bpp != 2 and branches > 1]
+        variants += [dict(SWEEP[0], num_splits=f) for f in (66, 132, 264)]
+        results = []
+        for overrides in variants:
+            splits = overrides.pop("num_splits", 0)
+            try:
+                us = bench(lambda: _decode_attention(
+                    q_absorbed, q_rope, cache, seq_lens, None, groups, scaling, splits, overrides)) * 1e3
+            except Exception as error:  # a config that does not compile or fit: recorded, not fatal
+                us = None
+                overrides["error"] = str(error)[:80]
+            results.append(dict(overrides, num_splits=splits, us=us))
+            print("  sweep", name, bsz, context, results[-1], flush=True)
+        row["sweep"] = results
     if per_block:
         block_caches = [
             torch.cat([cache[..., l * block_dim : (l + 1) * block_dim], cache[..., blocks * block_dim :]], -1)
@@ -120,6 +165,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/decode_kernel_h200")
     parser.add_argument("--quick", action="store_true", help="few sizes (a smoke run)")
+    parser.add_argument("--sweep", action="store_true", help="also time other tile configurations at a few sizes")
     options = parser.parse_args()
     device = torch.device("cuda")
     torch.manual_seed(0)
@@ -132,14 +178,20 @@ def main():
     share = attention_module(64, 1, 1, 128, device)
     mla = attention_module(64, 1, 1, 512, device)
     for context in long_contexts:
-        rows.append(run_case("a: MLRA-4 TP-4 share", 64, 1, 1, 128, 1, context, copy_gbs, device, module=share))
-        rows.append(run_case("b: MLA", 64, 1, 1, 512, 1, context, copy_gbs, device, module=mla))
+        sweep = options.sweep and context == 1024 * K
+        rows.append(
+            run_case("a: MLRA-4 TP-4 share", 64, 1, 1, 128, 1, context, copy_gbs, device, module=share, sweep=sweep)
+        )
+        rows.append(run_case("b: MLA", 64, 1, 1, 512, 1, context, copy_gbs, device, module=mla, sweep=sweep))
         print(rows[-2], rows[-1], sep="\n", flush=True)
     layer = attention_module(24, 4, 4, 128, device)
     for bsz in [1, 16] if options.quick else [1, 8, 64]:
         for context in [4 * K, 32 * K] if options.quick else [4 * K, 32 * K, 128 * K]:
+            sweep = options.sweep and context == 32 * K and bsz in (1, 8)
             rows.append(
-                run_case("c: MLRA-4 2.9B layer", 24, 4, 4, 128, bsz, context, copy_gbs, device, True, module=layer)
+                run_case(
+                    "c: MLRA-4 2.9B layer", 24, 4, 4, 128, bsz, context, copy_gbs, device, True, module=layer, sweep=sweep
+                )
             )
             print(rows[-1], flush=True)
 
@@ -151,9 +203,9 @@ def main():
         "",
         f"Device-to-device copy in the same run: {copy_gbs:.0f} GB/s. bfloat16, one new token per row.",
         "",
-        "| case | batch | context | kernel us | GB/s | of copy | per-block us | fused vs per-block | attention (kernel) us "
+        "| case | batch | context | kernel us | GB/s | of copy | eager call us | per-block us | fused vs per-block | attention (kernel) us "
         "| attention (PyTorch) us | kernel vs PyTorch | rel. err vs fp32 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
 
     def fmt(value, spec):
@@ -162,7 +214,8 @@ def main():
     for row in rows:
         lines.append(
             f"| {row['case']} | {row['batch']} | {row['context'] // K}K | {row['kernel_us']:.1f} | "
-            f"{row['kernel_gbs']:.0f} | {row['of_copy']:.2f} | {fmt(row.get('per_block_us'), '.1f')} | "
+            f"{row['kernel_gbs']:.0f} | {row['of_copy']:.2f} | {row['eager_call_us']:.0f} | "
+            f"{fmt(row.get('per_block_us'), '.1f')} | "
             f"{fmt(row.get('fused_speedup_vs_per_block'), '.2f')} | {fmt(row.get('attention_kernel_us'), '.1f')} | "
             f"{fmt(row.get('attention_torch_us'), '.1f')} | {fmt(row.get('kernel_speedup_vs_torch'), '.1f')} | "
             f"{fmt(row.get('rel_err_vs_fp32'), '.1e')} |"
