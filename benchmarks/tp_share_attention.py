@@ -49,9 +49,14 @@ def share_attention(variant: str, degree: int, heads: int, head_dim: int, rope_d
 
 
 def time_call(fn, device, warmup: int, iterations: int) -> float:
-    """Median milliseconds of fn() (CUDA events on a GPU)."""
+    """Median milliseconds of fn(): on a GPU, GPU time of CUDA-graph replays (host launch overhead left out, as it
+    would be in a captured decode step); on the CPU, wall time."""
     for _ in range(warmup):
         fn()
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
     times = []
     for _ in range(iterations):
         if device.type == "cuda":
