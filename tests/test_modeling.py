@@ -187,6 +187,22 @@ def test_sdpa_training_gradients_equal_the_eager_ones(member):
         torch.testing.assert_close(grads["sdpa"][name], grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention runs compiled on a GPU (on this CPU it crashes)")
+@pytest.mark.parametrize("member", ["mla", "mlra_2"])
+def test_flex_attention_gives_the_eager_logits(member):
+    model = tiny_model(**FAMILY[member]).cuda()
+    ids = random_tokens((2, 16)).cuda()
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    logits = {}
+    with torch.no_grad():
+        for implementation in ("flex_attention", "eager"):
+            model.config._attn_implementation = implementation
+            logits[implementation] = model(ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(logits["flex_attention"][real], logits["eager"][real], atol=1e-4, rtol=1e-4)
+
+
 def test_an_attention_function_registered_with_transformers_runs_the_expanded_path():
     """Any implementation in transformers' AttentionInterface (flex_attention, kernels from the Hub, ...) gets the
     causal rule and padding as a 4D additive mask and gives eager's result."""
