@@ -190,7 +190,7 @@ def test_sdpa_training_gradients_equal_the_eager_ones(member):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention runs compiled on a GPU (on this CPU it crashes)")
 @pytest.mark.parametrize("member", ["mla", "mlra_2"])
 def test_flex_attention_gives_the_eager_logits(member):
-    model = tiny_model(**FAMILY[member]).cuda()
+    model = tiny_model(**FAMILY[member], qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16).cuda()
     ids = random_tokens((2, 16)).cuda()
     mask = torch.ones_like(ids)
     mask[1, :5] = 0
