@@ -60,10 +60,11 @@ SWEEP = [
 
 
 def copy_bandwidth(device) -> float:
-    """GB/s of a 4 GiB device-to-device copy, bytes read + written."""
+    """GB/s of a 4 GiB device-to-device copy, bytes read + written: the best of graph replays and plain event timing
+    (one H200 run gave 2719 GB/s through graph replays where another gave 4283 for the same copy)."""
     src = torch.randn(2**30, device=device)
     dst = torch.empty_like(src)
-    ms = bench(lambda: dst.copy_(src))
+    ms = min(bench(lambda: dst.copy_(src)), triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median"))
     return 2 * src.nbytes / ms / 1e6
 
 
@@ -118,7 +119,7 @@ def run_case(
     if sweep:
         variants = [dict(v) for v in SWEEP] + [dict(v, BRANCHES_PER_PROGRAM=bpp) for v in SWEEP[:2] for bpp in (1, 4)
                                                if bpp <= branches and bpp != 2 and branches > 1]
-        variants += [dict(SWEEP[0], num_splits=f) for f in (132, 264, 528, 1024)]
+        variants += [dict(SWEEP[0], num_splits=f) for f in (66, 132, 264)]
         results = []
         for overrides in variants:
             splits = overrides.pop("num_splits", 0)
@@ -152,9 +153,12 @@ def run_case(
                 lambda: module.absorbed_attention_kernel(q_nope, q_rope[:, :, :, :], cache, seq_lens, None)
             ) * 1e3
             try:
-                if bsz * context > 1024 * K:
+                if bsz * context > 512 * K:
                     raise torch.OutOfMemoryError("not timed: the PyTorch path's fp32 scores at this size")
-                row["attention_torch_us"] = bench(lambda: module.absorbed_attention(q_nope, q_rope, cache, None)) * 1e3
+                # plain event timing: capturing this path in a CUDA graph at >= 1M tokens left the process faulting
+                row["attention_torch_us"] = triton.testing.do_bench(
+                    lambda: module.absorbed_attention(q_nope, q_rope, cache, None), return_mode="median"
+                ) * 1e3
                 row["kernel_speedup_vs_torch"] = row["attention_torch_us"] / row["attention_kernel_us"]
             except torch.OutOfMemoryError:
                 row["attention_torch_us"] = None
@@ -180,11 +184,8 @@ def main():
     share = attention_module(64, 1, 1, 128, device)
     mla = attention_module(64, 1, 1, 512, device)
     for context in long_contexts:
-        sweep = options.sweep and context == 1024 * K
-        rows.append(
-            run_case("a: MLRA-4 TP-4 share", 64, 1, 1, 128, 1, context, copy_gbs, device, module=share, sweep=sweep)
-        )
-        rows.append(run_case("b: MLA", 64, 1, 1, 512, 1, context, copy_gbs, device, module=mla, sweep=sweep))
+        rows.append(run_case("a: MLRA-4 TP-4 share", 64, 1, 1, 128, 1, context, copy_gbs, device, module=share))
+        rows.append(run_case("b: MLA", 64, 1, 1, 512, 1, context, copy_gbs, device, module=mla))
         print(rows[-2], rows[-1], sep="\n", flush=True)
     layer = attention_module(24, 4, 4, 128, device)
     for bsz in [1, 16] if options.quick else [1, 8, 64]:
