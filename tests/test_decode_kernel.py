@@ -190,6 +190,40 @@ def test_kernel_op_is_captured_by_torch_compile_without_graph_breaks():
     torch.testing.assert_close(compiled(q_absorbed, q_rope, cache, seq_lens), decode(q_absorbed, q_rope, cache, seq_lens))
 
 
+def test_a_static_cache_decode_step_through_the_kernel_compiles_to_one_graph():
+    model = tiny_model(seed=14, decode_kernel="triton").to(DEVICE)
+    input_ids = random_tokens((2, 6), seed=15).to(DEVICE)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :2] = 0
+    cache = MLRACache(model.config, max_cache_len=16)
+    model(input_ids[:, :5], attention_mask=attention_mask[:, :5], **cache_kwargs(cache))
+    step_mask = model.create_masks_for_generate(
+        model.config, model.get_input_embeddings()(input_ids[:, 5:]), attention_mask, **cache_kwargs(cache)
+    )
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(model.forward)(
+        input_ids[:, 5:], attention_mask=step_mask, position_ids=torch.tensor([[5], [3]], device=DEVICE),
+        **cache_kwargs(cache),
+    )
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0, explanation.break_reasons
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="host synchronisations are a GPU matter")
+def test_a_decode_step_through_the_kernel_never_waits_for_the_gpu():
+    model = tiny_model(seed=16).to(DEVICE)  # decode_kernel="auto": the kernel on CUDA
+    input_ids = random_tokens((2, 9), seed=17).to(DEVICE)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :3] = 0
+    cache = MLRACache(model.config)
+    model(input_ids[:, :8], attention_mask=attention_mask[:, :8], **cache_kwargs(cache))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        model(input_ids[:, 8:], attention_mask=attention_mask, **cache_kwargs(cache))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_forcing_the_kernel_for_an_unsupported_shape_names_the_reason():
     model = tiny_model(num_latent_blocks=8, num_softmax_branches=8, decode_kernel="triton")
     with pytest.raises(ValueError, match="decode_kernel='triton'.*branches 8"):
