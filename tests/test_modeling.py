@@ -295,3 +295,20 @@ def test_attention_mask_of_wrong_rank_raises():
     ids = random_tokens((1, 5))
     with pytest.raises(ValueError, match="attention_mask must be 2D"):
         model(ids, attention_mask=torch.ones(1, 5, 5))
+
+
+@pytest.mark.parametrize("token_id", [64, 1000, -1])
+def test_a_token_id_outside_the_vocabulary_is_refused_naming_it_and_the_limit(token_id):
+    model = tiny_model()
+    input_ids = random_tokens((2, 5))
+    input_ids[1, 3] = token_id
+    with pytest.raises(ValueError, match=rf"token id {token_id}, outside the model's vocabulary \[0, 64\).*tokenizer"):
+        model(input_ids)
+
+
+def test_a_token_id_outside_the_vocabulary_is_refused_by_a_device_assert_when_compiling(monkeypatch):
+    """Under torch.compile (and on accelerators) the check is an asynchronous device assert, without a host sync."""
+    model = tiny_model()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with pytest.raises(RuntimeError, match=r"token id outside \[0, 64\)"):
+        model(torch.tensor([[1, 2, 64]]), use_cache=False)
