@@ -62,6 +62,9 @@ class MLRAConfig(PreTrainedConfig):
             DeepSeek's interleaved pairs when `True`).
         absorbed_max_query_len (`int`): with a cache, queries of at most this many tokens attend through the
             compressed cache in absorbed form; longer ones (prefill chunks) expand the latent per head.
+        decode_kernel (`str`): the absorbed decode's implementation: `"auto"` (the fused Triton kernel on CUDA when
+            Triton imports and the shapes are supported, else PyTorch), `"triton"` (always the kernel; an error if
+            it cannot run) or `"torch"` (always the PyTorch path).
         variant (`str`, *optional*): the family member's name when built from a preset, for information.
     """
 
@@ -91,6 +94,7 @@ class MLRAConfig(PreTrainedConfig):
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.02
     absorbed_max_query_len: int = 16
+    decode_kernel: str = "auto"
     use_cache: bool = True
     tie_word_embeddings: bool = True
     pad_token_id: int | None = None
@@ -126,6 +130,7 @@ class MLRAConfig(PreTrainedConfig):
             ("latent_norm", self.latent_norm in ("per_block", "shared"), "must be 'per_block' or 'shared'"),
             ("qk_rope_head_dim", self.qk_rope_head_dim % 2 == 0, "must be even (RoPE rotates pairs)"),
             ("variant", self.variant is None or self.variant in VARIANTS, f"must be one of {VARIANTS}"),
+            ("decode_kernel", self.decode_kernel in ("auto", "triton", "torch"), "must be 'auto', 'triton' or 'torch'"),
         ]
         for field, holds, rule in rules:
             if not holds:

@@ -13,9 +13,11 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 from .configuration_mlra import MLRAConfig
+from .mlra_decode_kernel import kernel_supports, mlra_decode_attention, triton_available
 from .original_checkpoint import find_original_checkpoint, load_original_checkpoint
 
 logger = logging.get_logger(__name__)
@@ -290,23 +292,47 @@ def attention_mask_for_slots(
     )
 
 
-def eager_attention(query, key, value, attention_mask, scaling, is_causal):
-    """Plain softmax attention on [bsz, heads, T|S, dim]; softmax in float32."""
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, is_causal=None, **kwargs):
+    """Plain softmax attention, softmax in float32: query [bsz, heads, T, d], key [bsz, heads, S, d], value
+    [bsz, heads, S, d_v], additive attention_mask [bsz|1, 1, T, S] or None (causal when T > 1) -> [bsz, T, heads, d_v]
+    (transformers' attention-interface convention)."""
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
-    if is_causal:
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    elif query.shape[-2] > 1:
         causal = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
         scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
-    elif attention_mask is not None:
-        scores = scores + attention_mask
     probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
-    return torch.matmul(probs, value)
+    probs = F.dropout(probs, p=dropout, training=module.training)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
 
 
-def sdpa_attention(query, key, value, attention_mask, scaling, is_causal):
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=scaling, is_causal=is_causal)
+def use_decode_kernel(config: MLRAConfig, num_new_tokens: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the absorbed decode runs the fused Triton kernel (`config.decode_kernel`; "auto": on CUDA only)."""
+    if config.decode_kernel == "torch":
+        return False
+    supported = kernel_supports(
+        config.num_softmax_branches, config.latent_block_dim, config.qk_rope_head_dim, num_new_tokens, dtype
+    )
+    if config.decode_kernel == "auto":
+        return supported and device.type == "cuda"
+    if not supported:
+        reason = "Triton does not import" if not triton_available() else "the shapes or dtype are not supported"
+        raise ValueError(
+            f"MLRAConfig.decode_kernel='triton' but the fused decode kernel cannot run: {reason} (branches "
+            f"{config.num_softmax_branches}, latent block {config.latent_block_dim}, rope {config.qk_rope_head_dim}, "
+            f"{num_new_tokens} new tokens, {dtype}); use decode_kernel='auto' or 'torch'"
+        )
+    return True
 
 
-ATTENTION_FUNCTIONS = {"eager": eager_attention, "sdpa": sdpa_attention}
+def key_mask_for_kernel(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The decode kernel's key mask [bsz, S] (nonzero: the key may be attended) from a 2D mask [bsz, S], or from
+    the last query row of a prepared 4D mask (additive or boolean); the kernel applies the causal rule itself."""
+    if attention_mask is None or attention_mask.dim() == 2:
+        return attention_mask
+    last_row = attention_mask[:, 0, -1, :]
+    return last_row if last_row.dtype == torch.bool else last_row == 0
 
 
 class MLRALatentUpProjection(nn.Module):
@@ -355,6 +381,7 @@ class MLRAAttention(nn.Module):
             self.o_gate_proj = nn.Linear(config.hidden_size, self.num_heads * self.v_head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, config.hidden_size, bias=False)
         self.o_proj.is_residual_output = True  # zero-initialised (paper)
+        self.is_causal = True  # read by transformers' attention functions
 
     def by_branch_and_group(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
         """View the latent-block axis `dim` (length L) of `tensor` as [B, G]. Every path reads the latent blocks
@@ -374,9 +401,12 @@ class MLRAAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
         cache: MLRACache | None = None,
+        decode_kernel_inputs: tuple[torch.Tensor, torch.Tensor | None] | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        """hidden_states [bsz, T, d] -> [bsz, T, d]. attention_mask: additive [bsz|1, 1, T, S] or None (causal)."""
+        """hidden_states [bsz, T, d] -> [bsz, T, d]. attention_mask: additive [bsz|1, 1, T, S] or None (causal).
+        decode_kernel_inputs: (seq_lens [bsz], key_mask [bsz, S] or None) when the absorbed decode runs the fused
+        kernel (see `MLRAModel.forward`)."""
         bsz, q_len, _ = hidden_states.shape
         if self.config.q_lora_rank is None:
             query = self.q_proj(hidden_states)
@@ -395,7 +425,9 @@ class MLRAAttention(nn.Module):
         kv_states = torch.cat([latent, k_rope], dim=-1)  # exactly what the cache keeps
         if cache is not None:
             kv_states = cache.update(kv_states, self.layer_idx)
-        if cache is not None and q_len <= self.config.absorbed_max_query_len:
+        if decode_kernel_inputs is not None:
+            attn_output = self.absorbed_attention_kernel(q_nope, q_rope, kv_states, *decode_kernel_inputs)
+        elif cache is not None and q_len <= self.config.absorbed_max_query_len:
             attn_output = self.absorbed_attention(q_nope, q_rope, kv_states, attention_mask)
         else:
             attn_output = self.expanded_attention(q_nope, q_rope, kv_states, attention_mask)
@@ -406,30 +438,57 @@ class MLRAAttention(nn.Module):
         return self.o_proj(attn_output)
 
     def expanded_attention(self, q_nope, q_rope, kv_states, attention_mask) -> torch.Tensor:
-        """Per-branch attention with the latent expanded to per-head keys and values (training, prefill).
+        """Attention with the latent expanded to per-head keys and values (training, prefill), one softmax branch at
+        a time: every branch attends with the same query (no per-branch copies), and only one branch's keys and
+        values exist at once, so the transient memory is that of an MLA (DeepSeek) layer of the same size.
 
-        q_nope [bsz, T, h, d_n], q_rope [bsz, T, h, d_r], kv_states [bsz, S, d_c + d_r] -> [bsz, T, h, d_v].
-        Branches are folded into the head axis (B * h heads), so one attention call serves them all.
+        q_nope [bsz, T, h, d_n], q_rope [bsz, T, h, d_r], kv_states [bsz, S, d_c + d_r], attention_mask additive
+        [bsz|1, 1, T, S] or None (causal over T == S tokens) -> [bsz, T, h, d_v]. The attention itself runs through
+        transformers' attention interface (`config._attn_implementation`: sdpa, eager, flex_attention, ...).
         """
         bsz, q_len = q_nope.shape[:2]
         kv_len = kv_states.shape[1]
-        B, h = self.num_branches, self.num_heads
         latent, k_rope = kv_states.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        blocks = latent.unflatten(-1, (self.num_latent_blocks, self.latent_block_dim))
-        kv = torch.einsum("bsld,lod->bslo", blocks, self.kv_b_proj.weight)  # [bsz, S, L, hpg * (d_n + d_v)]
-        kv = self.by_branch_and_group(kv, 2).reshape(bsz, kv_len, B, h, self.qk_nope_head_dim + self.v_head_dim)
-        k_nope, value = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-        k_rope = k_rope[:, :, None, None, :].expand(bsz, kv_len, B, h, self.qk_rope_head_dim)
-        key = torch.cat([k_nope, k_rope], dim=-1).reshape(bsz, kv_len, B * h, -1).transpose(1, 2)
-        value = value.reshape(bsz, kv_len, B * h, self.v_head_dim).transpose(1, 2)
+        blocks = self.by_branch_and_group(latent.unflatten(-1, (self.num_latent_blocks, self.latent_block_dim)), 2)
+        weights = self.by_branch_and_group(self.kv_b_proj.weight, 0)  # [B, G, hpg * (d_n + d_v), d_l]
         query = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # [bsz, h, T, d_n + d_r]
-        query = query.unsqueeze(1).expand(bsz, B, h, q_len, query.shape[-1]).reshape(bsz, B * h, q_len, -1)
+        k_rope = k_rope.unsqueeze(1).expand(bsz, self.num_heads, kv_len, self.qk_rope_head_dim)
+        implementation = self.config._attn_implementation or "sdpa"
+        flash = implementation.startswith("flash")
+        if flash and attention_mask is not None:
+            logger.warning_once(f"{implementation} takes no padding or cache masks here: such calls run sdpa")
+            implementation = "sdpa"
+        if implementation not in ("sdpa", "eager") and not flash and attention_mask is None:
+            # other implementations (flex_attention, registered ones) take the causal rule as a mask
+            attention_mask = attention_mask_for_slots(None, torch.arange(q_len, device=query.device), kv_len, query.dtype)
+        attention = (
+            eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+        )
+        pad_value = flash and self.v_head_dim != query.shape[-1]
 
-        attention = ATTENTION_FUNCTIONS[self.config._attn_implementation or "sdpa"]
-        is_causal = attention_mask is None and q_len > 1
-        output = attention(query, key, value, attention_mask, self.scaling, is_causal)
-        output = output.view(bsz, B, h, q_len, self.v_head_dim).sum(dim=1) * self.config.attn_output_scale
-        return output.transpose(1, 2)
+        output = None
+        for branch in range(self.num_branches):
+            kv = torch.einsum("bsgd,god->bsgo", blocks[:, :, branch], weights[branch])  # [bsz, S, G, hpg*(d_n+d_v)]
+            k_nope, value = kv.reshape(bsz, kv_len, self.num_heads, -1).split(
+                [self.qk_nope_head_dim, self.v_head_dim], dim=-1
+            )
+            key = torch.cat([k_nope.transpose(1, 2), k_rope], dim=-1)  # [bsz, h, S, d_n + d_r]
+            value = value.transpose(1, 2)
+            if pad_value:  # FlashAttention needs one head size for q, k and v (as transformers' DeepseekV3 does)
+                value = F.pad(value, [0, query.shape[-1] - self.v_head_dim])
+            branch_output, _ = attention(
+                self,
+                query,
+                key,
+                value,
+                attention_mask,
+                scaling=self.scaling,
+                dropout=0.0,
+                is_causal=attention_mask is None and q_len > 1,
+            )
+            branch_output = branch_output[..., : self.v_head_dim]
+            output = branch_output if output is None else output + branch_output
+        return output * self.config.attn_output_scale
 
     def absorbed_attention(self, q_nope, q_rope, kv_states, attention_mask) -> torch.Tensor:
         """Attention straight on the compressed cache (decode): W_UK is folded into the query and W_UV applied
@@ -463,6 +522,18 @@ class MLRAAttention(nn.Module):
         return output.transpose(1, 2) * self.config.attn_output_scale
 
 
+    def absorbed_attention_kernel(self, q_nope, q_rope, kv_states, seq_lens, key_mask) -> torch.Tensor:
+        """`absorbed_attention` through the fused Triton kernel: one launch for every head and branch, the cache read
+        once per head group (`mlra_decode_kernel.py`). seq_lens [bsz]: valid tokens per row; key_mask [bsz, S]."""
+        w_uk, w_uv = self.up_projection_per_branch()
+        q_absorbed = torch.matmul(q_nope.transpose(1, 2).unsqueeze(1), w_uk)  # [bsz, B, h, T, d_l]
+        mixed = mlra_decode_attention(
+            q_absorbed.permute(0, 3, 1, 2, 4), q_rope, kv_states, seq_lens, key_mask, self.num_groups, self.scaling
+        )  # [bsz, T, B, h, d_l]
+        output = torch.matmul(mixed.permute(0, 2, 3, 1, 4), w_uv.transpose(-1, -2)).sum(dim=1)  # [bsz, h, T, d_v]
+        return output.transpose(1, 2) * self.config.attn_output_scale
+
+
 class MLRAMLP(nn.Module):
     def __init__(self, config: MLRAConfig):
         super().__init__()
@@ -485,7 +556,7 @@ class MLRADecoderLayer(GradientCheckpointingLayer):
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, **kwargs):
         hidden_states = hidden_states + self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache=cache
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache=cache, **kwargs
         )
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
@@ -497,7 +568,9 @@ class MLRAPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["MLRADecoderLayer"]
     _supports_sdpa = True
-    _supports_attention_backend = False
+    _supports_flex_attn = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
     _can_compile_fullgraph = True
 
     @torch.no_grad()
@@ -584,7 +657,22 @@ class MLRAModel(MLRAPreTrainedModel):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
             else:
                 position_ids = query_slots.unsqueeze(0)
-        mask = self._attention_mask(attention_mask, query_slots, cache, inputs_embeds.dtype)
+        decode_kernel_inputs = None
+        if (
+            cache is not None
+            and q_len <= self.config.absorbed_max_query_len
+            and use_decode_kernel(self.config, q_len, inputs_embeds.dtype, inputs_embeds.device)
+        ):
+            # The kernel takes per-row lengths and the key mask as they are: no additive mask, no host sync.
+            if cache.is_compileable:
+                seq_lens = (past_length + q_len).to(inputs_embeds.device).reshape(1)
+            else:
+                seq_lens = torch.full((1,), past_length + q_len, device=inputs_embeds.device)
+            seq_lens = seq_lens.expand(bsz)
+            decode_kernel_inputs = (seq_lens, key_mask_for_kernel(attention_mask))
+            mask = None
+        else:
+            mask = self._attention_mask(attention_mask, query_slots, cache, inputs_embeds.dtype)
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
@@ -592,7 +680,9 @@ class MLRAModel(MLRAPreTrainedModel):
         for decoder_layer in self.layers:
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-            hidden_states = decoder_layer(hidden_states, position_embeddings, mask, cache=cache)
+            hidden_states = decoder_layer(
+                hidden_states, position_embeddings, mask, cache=cache, decode_kernel_inputs=decode_kernel_inputs
+            )
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
@@ -609,8 +699,11 @@ class MLRAModel(MLRAPreTrainedModel):
         no_padding = attention_mask is None or (
             not torch.compiler.is_compiling() and attention_mask.dim() == 2 and bool(attention_mask.all())
         )
-        # Without a cache the expanded path runs causal attention; one new token sees every cached one.
-        if no_padding and (cache is None or (not static and len(query_slots) == 1)):
+        # Plain causal attention is exact without a cache, and in the expanded path on an empty growing one (prefill:
+        # the fast causal kernels, no [T, S] mask); one new token sees every cached one.
+        q_len = len(query_slots)
+        fresh_prefill = q_len > self.config.absorbed_max_query_len and cache is not None and cache.get_seq_length() == 0
+        if no_padding and (cache is None or (not static and (q_len == 1 or fresh_prefill))):
             return None
         kv_length = cache.get_mask_sizes(len(query_slots), 0)[0] if cache is not None else len(query_slots)
         return attention_mask_for_slots(attention_mask, query_slots, kv_length, dtype)
