@@ -3,6 +3,8 @@
 Shapes use: batch `bsz`, new tokens `T`, cached tokens `S`, heads `h`, latent blocks `L`, softmax branches `B`,
 head groups `G = L / B`, heads per group `hpg = h / G`, latent width `d_c`, block width `d_l = d_c / L`,
 per-head widths `d_n` (no-rope key), `d_r` (rope key), `d_v` (value).
+
+Design notes: docs/design.md (the math and index map, the cache layout, absorbed decode, expanded prefill).
 """
 
 import torch
@@ -109,7 +111,8 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
             )
     else:
         within = (input_ids >= 0) & (input_ids < vocab_size)
-        torch._assert_async(within.all(), f"input_ids holds a token id outside [0, {vocab_size}) (config.vocab_size): {fix}")
+        message = f"input_ids holds a token id outside [0, {vocab_size}) (config.vocab_size): {fix}"
+        torch._assert_async(within.all(), message)
 
 
 class MLRALatentCacheLayer(CacheLayerMixin):

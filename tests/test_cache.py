@@ -280,7 +280,8 @@ def test_static_buffer_keeps_its_address_through_batch_changes_and_a_compiled_st
     model = tiny_model(num_hidden_layers=1)
     cache = MLRACache(model.config, max_cache_len=12)
     model(random_tokens((2, 4)), **cache_kwargs(cache))
-    step = torch.compile(model.forward, backend="eager", fullgraph=True, dynamic=False)  # recompiles are dynamo's guards, whatever the backend
+    # recompiling is decided by dynamo's guards, whatever the backend: the eager one compiles in no time
+    step = torch.compile(model.forward, backend="eager", fullgraph=True, dynamic=False)
 
     def repeat_then_select(seed):
         cache.batch_repeat_interleave(2)

@@ -1,4 +1,5 @@
-"""The model family as specified in DESIGN.md section 2: config rules, the attention equations, masks and training."""
+"""The model family as specified in docs/design.md sections 2-3: config rules, the attention equations, masks and
+training."""
 
 import math
 
@@ -19,7 +20,7 @@ def rms_norm(x, weight, eps):
 
 
 def design_attention(attn, x, positions):
-    """DESIGN.md section 2 written out literally: one loop over heads and branches, no shared index helpers."""
+    """docs/design.md section 3 written out literally: one loop over heads and branches, no shared index helpers."""
     c = attn.config
     h, d_n, d_r, d_v = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
     L, B = c.num_latent_blocks, c.num_softmax_branches
