@@ -419,7 +419,10 @@ class MLRAAttention(nn.Module):
         query = query.view(bsz, q_len, self.num_heads, -1)
         q_nope, q_rope = query.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
 
-        latent, k_rope = self.kv_a_proj_with_mqa(hidden_states).split([self.kv_lora_rank, self.qk_rope_head_dim], -1)
+        # the rope key is the projection's last d_r columns (a tensor-parallel rank with a shared latent norm projects
+        # the whole latent and its norm keeps the rank's blocks)
+        latent_and_rope = self.kv_a_proj_with_mqa(hidden_states)
+        latent, k_rope = latent_and_rope[..., : -self.qk_rope_head_dim], latent_and_rope[..., -self.qk_rope_head_dim :]
         latent = self.kv_a_layernorm(latent) * self.config.kv_latent_scale
         cos, sin = position_embeddings
         q_rope = apply_rotary_pos_emb(q_rope, cos, sin, self.config.rope_interleave)
@@ -787,11 +790,25 @@ class MLRAForCausalLM(MLRAPreTrainedModel, GenerationMixin):
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """Loads our format (safetensors + MLRAConfig) or, detected from config.json, the authors' nanoGPT format
         (a local folder or a Hub repo with `subfolder=`). For the authors' format, `variant=` names the family
-        member (e.g. "mlra_4_gated"); otherwise the folder name or the weight shapes choose it."""
+        member (e.g. "mlra_4_gated"); otherwise the folder name or the weight shapes choose it.
+
+        Under torchrun, `tp_plan="auto"` (or `tp_size=N`, `distributed_config=DistributedConfig(tp_size=N)`,
+        `device_mesh=`) splits the model over the processes by latent block (docs/tensor_parallel.md)."""
+        from .tensor_parallel import pop_tensor_parallel_arguments, shard_model
+
+        tensor_parallel = pop_tensor_parallel_arguments(kwargs)
+        group = tensor_parallel.process_group() if tensor_parallel is not None else None
         original = find_original_checkpoint(pretrained_model_name_or_path, **kwargs)
         if original is None:
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        return load_original_checkpoint(cls, original, **kwargs)
+            model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        else:
+            model = load_original_checkpoint(cls, original, **kwargs)
+        return model if group is None else shard_model(model, group)
+
+    def save_pretrained(self, *args, **kwargs):
+        if getattr(self, "tensor_parallel", None) is not None:
+            raise ValueError("this model is split for tensor parallelism; save the checkpoint it was loaded from")
+        return super().save_pretrained(*args, **kwargs)
 
 
 __all__ = ["MLRACache", "MLRAForCausalLM", "MLRAModel", "MLRAPreTrainedModel"]
