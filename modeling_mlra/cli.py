@@ -6,12 +6,20 @@
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, TextStreamer, set_seed
 
+from .arguments import (
+    CommandLineError,
+    check_at_least,
+    check_model_location,
+    check_vocabulary_fits,
+    reported_as,
+)
 from .modeling_mlra import MLRAForCausalLM
 from .training import add_train_arguments, run_training
 
@@ -39,9 +47,16 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_device_and_dtype(device: str, dtype: str) -> tuple[str, torch.dtype]:
-    """The --device and --dtype options as a device name and a torch dtype."""
+    """The --device and --dtype options as a device name and a torch dtype; an unknown or absent device raises
+    CommandLineError."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as error:
+        raise CommandLineError(f"--device {device}: {error}") from None
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise CommandLineError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if dtype == "auto":
         return device, torch.bfloat16 if device.startswith("cuda") else torch.float32
     return device, DTYPE_NAMES[dtype]
@@ -74,7 +89,8 @@ def load_tokenizer(model: str, subfolder: str, tokenizer: str | None):
     """The tokenizer named by --tokenizer, else the model's own, else GPT-2's from the local cache (the authors'
     checkpoints were trained on the GPT-2 vocabulary but ship no tokenizer)."""
     if tokenizer is not None:
-        return AutoTokenizer.from_pretrained(tokenizer)
+        with reported_as(f"--tokenizer {tokenizer}"):
+            return AutoTokenizer.from_pretrained(tokenizer)
     try:
         own = AutoTokenizer.from_pretrained(model, subfolder=subfolder)
         # Without tokenizer files AutoTokenizer still builds one from config.json's model_type, holding only
@@ -82,30 +98,65 @@ def load_tokenizer(model: str, subfolder: str, tokenizer: str | None):
         if len(own) <= len(own.all_special_tokens):
             raise OSError("the folder holds no tokenizer files")
         return own
-    except (OSError, ValueError) as own_error:
+    except (OSError, ValueError):
         try:
             return AutoTokenizer.from_pretrained("openai-community/gpt2", local_files_only=True)
         except OSError:
-            raise SystemExit(
-                f"error: --model {model!r} (subfolder {subfolder!r}) has no tokenizer ({own_error}) and the GPT-2 "
-                "tokenizer is not in the local Hugging Face cache; pass --tokenizer (e.g. openai-community/gpt2)"
+            raise CommandLineError(
+                f"--model {model}{f' --subfolder {subfolder}' if subfolder else ''} has no tokenizer and the GPT-2 "
+                "tokenizer is not in the local Hugging Face cache: pass --tokenizer (e.g. openai-community/gpt2)"
             ) from None
+
+
+def check_generate_options(options) -> None:
+    """The values of `mlra generate`'s options that no model could use."""
+    check_model_location("--model", options.model, options.subfolder)
+    if options.tokenizer is not None:
+        check_model_location("--tokenizer", options.tokenizer)
+    check_at_least("--max-new-tokens", options.max_new_tokens, 1)
+    check_at_least("--top-k", options.top_k, 0)
+    if options.temperature <= 0:
+        raise CommandLineError(f"--temperature {options.temperature}: must be above 0")
+    if not 0 < options.top_p <= 1:
+        raise CommandLineError(f"--top-p {options.top_p}: must be in (0, 1]")
+
+
+def check_prompt_fits(num_prompt_tokens: int, max_new_tokens: int, context: int) -> None:
+    """The prompt and the new tokens must fit in the context the model was trained for."""
+    if num_prompt_tokens == 0:
+        raise CommandLineError("--prompt is empty: give at least one token of text")
+    if num_prompt_tokens + max_new_tokens > context:
+        raise CommandLineError(
+            f"--prompt ({num_prompt_tokens} tokens) and --max-new-tokens {max_new_tokens} exceed the model's context "
+            f"of {context} tokens (max_position_embeddings): shorten the prompt or lower --max-new-tokens"
+        )
 
 
 def generate(options) -> None:
     """The `mlra generate` command: stream a continuation of the prompt, then report the decoding speed."""
+    check_generate_options(options)
     device, dtype = resolve_device_and_dtype(options.device, options.dtype)
     tokenizer = load_tokenizer(options.model, options.subfolder, options.tokenizer)
     # under torchrun the model is split over the processes (tensor parallelism) and only rank 0 prints
     tensor_parallel = {"tp_plan": "auto"} if int(os.environ.get("WORLD_SIZE", "1")) > 1 else {}
-    model = MLRAForCausalLM.from_pretrained(options.model, subfolder=options.subfolder, dtype=dtype, **tensor_parallel)
+    with reported_as(f"--model {options.model}"):
+        model = MLRAForCausalLM.from_pretrained(
+            options.model, subfolder=options.subfolder, dtype=dtype, **tensor_parallel
+        )
     if tensor_parallel:
         device = str(model.device)
+    check_vocabulary_fits(
+        f"--tokenizer {options.tokenizer}" if options.tokenizer else f"the tokenizer of --model {options.model}",
+        len(tokenizer),
+        model.config.vocab_size,
+    )
+    inputs = tokenizer(options.prompt, return_tensors="pt")
+    check_prompt_fits(inputs["input_ids"].shape[1], options.max_new_tokens, model.config.max_position_embeddings)
     model.to(device).eval()
+    inputs = inputs.to(device)
     set_seed(options.seed)
     printing = not tensor_parallel or model.tensor_parallel.rank == 0
 
-    inputs = tokenizer(options.prompt, return_tensors="pt").to(device)
     streamer = TextStreamer(tokenizer) if printing else None
     sampling = dict(temperature=options.temperature, top_k=options.top_k, top_p=options.top_p)
     start = time.perf_counter()
@@ -133,10 +184,15 @@ def main(argv: list[str] | None = None) -> None:
         commands.add_parser("train", help="train a family member from scratch or from a checkpoint (Trainer)")
     )
     options = parser.parse_args(argv)
-    if options.command == "generate":
-        generate(options)
-    else:
-        run_training(options)
+    try:
+        if options.command == "generate":
+            generate(options)
+        else:
+            run_training(options)
+    except CommandLineError as error:
+        message = " ".join(str(error).split())  # one line, whatever the loader's message looked like
+        print(f"mlra {options.command}: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""MLRA model configuration: one config for the whole latent-attention family (MLA, GLA, MLRA)."""
+"""MLRA model configuration: one config for the whole latent-attention family (MLA, GLA, MLRA).
+
+Design notes: docs/design.md, sections 2-3 (the family, its index map `MLRAConfig.latent_block`, the math).
+"""
 
 from transformers import PreTrainedConfig
 

@@ -3,6 +3,8 @@
 Shapes use: batch `bsz`, new tokens `T`, cached tokens `S`, heads `h`, latent blocks `L`, softmax branches `B`,
 head groups `G = L / B`, heads per group `hpg = h / G`, latent width `d_c`, block width `d_l = d_c / L`,
 per-head widths `d_n` (no-rope key), `d_r` (rope key), `d_v` (value).
+
+Design notes: docs/design.md (the math and index map, the cache layout, absorbed decode, expanded prefill).
 """
 
 import torch
@@ -83,12 +85,45 @@ def apply_rotary_pos_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
     return x * cos + rotate_half(x) * sin
 
 
+def assert_on_device(holds: torch.Tensor, message: str) -> None:
+    """Fail with `message` where the 0-d bool tensor `holds` is False, without waiting for the device: on the CPU in
+    eager mode (where reading it costs nothing) a ValueError at once; on an accelerator or under torch.compile an
+    asynchronous device assert (kept in compiled graphs) that names `message`. CUDA caps it at 255 characters."""
+    if holds.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not holds:
+            raise ValueError(message)
+    else:
+        torch._assert_async(holds, message)
+
+
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Token ids must index the embedding, in [0, vocab_size). On the CPU in eager mode the error names the id;
+    elsewhere a device assert checks them without a host synchronisation (see `assert_on_device`)."""
+    if input_ids.numel() == 0:
+        return
+    fix = "encode the text with the tokenizer the model was trained with"
+    if input_ids.device.type == "cpu" and not torch.compiler.is_compiling():
+        low, high = (int(value) for value in torch.aminmax(input_ids))
+        if low < 0 or high >= vocab_size:
+            raise ValueError(
+                f"input_ids holds token id {high if high >= vocab_size else low}, outside the model's vocabulary "
+                f"[0, {vocab_size}) (config.vocab_size): {fix}"
+            )
+    else:
+        within = (input_ids >= 0) & (input_ids < vocab_size)
+        message = f"input_ids holds a token id outside [0, {vocab_size}) (config.vocab_size): {fix}"
+        torch._assert_async(within.all(), message)
+
+
 class MLRALatentCacheLayer(CacheLayerMixin):
     """One layer's compressed cache: a buffer [bsz, capacity, d_c + d_r] holding, per token, the scaled normalized
     latent (all L blocks) followed by the rotated rope key. Nothing per head is cached.
 
     Dynamic (`max_cache_len=None`): capacity grows by doubling, so appending a token copies nothing.
-    Static: the buffer is allocated once at `max_cache_len` and written in place (torch.compile, CUDA graphs).
+    Static: the buffer is allocated once at `max_cache_len` and written in place (torch.compile, CUDA graphs); it
+    keeps its address through every batch operation, so a compiled forward never sees a new tensor. Its first
+    `batch_size` rows are the batch: after a batch reduction the spare rows stay allocated, and only a batch larger
+    than any before re-allocates it (once per new maximum).
     """
 
     is_sliding = False
@@ -100,19 +135,30 @@ class MLRALatentCacheLayer(CacheLayerMixin):
         self.min_capacity = min_capacity
         self.is_compileable = max_cache_len is not None
         self.buffer: torch.Tensor | None = None
+        self.batch_size = 0
         self.cumulative_length = torch.tensor(0, dtype=torch.long) if self.is_compileable else 0
 
     def lazy_initialization(self, states: torch.Tensor, *args) -> None:
         bsz, new_tokens, width = states.shape
         capacity = self.max_cache_len or max(new_tokens, self.min_capacity)
-        self.buffer = torch.zeros(bsz, capacity, width, dtype=states.dtype, device=states.device)
         self.dtype, self.device = states.dtype, states.device
         if self.is_compileable:
             self.cumulative_length = self.cumulative_length.to(states.device)
             if not torch.compiler.is_compiling():
-                torch._dynamo.mark_static_address(self.buffer)
                 torch._dynamo.mark_static_address(self.cumulative_length)
+        self._allocate(bsz, capacity, width)
         self.is_initialized = True
+
+    def _allocate(self, rows: int, capacity: int, width: int) -> None:
+        """A zeroed buffer [rows, capacity, width]; a static one is marked as such for torch.compile."""
+        self.buffer = torch.zeros(rows, capacity, width, dtype=self.dtype, device=self.device)
+        self.batch_size = rows
+        if self.is_compileable and not torch.compiler.is_compiling():
+            torch._dynamo.mark_static_address(self.buffer)
+
+    def _batch_rows(self) -> torch.Tensor:
+        """The rows of the buffer that hold the current batch [bsz, capacity, d_c + d_r]."""
+        return self.buffer if self.buffer.shape[0] == self.batch_size else self.buffer[: self.batch_size]
 
     def update(self, states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """Append states [bsz, T, d_c + d_r]; return every cached token [bsz, S, d_c + d_r] (static: the whole buffer)."""
@@ -120,10 +166,16 @@ class MLRALatentCacheLayer(CacheLayerMixin):
             self.lazy_initialization(states)
         new_tokens = states.shape[1]
         if self.is_compileable:
+            assert_on_device(
+                self.cumulative_length + new_tokens <= self.max_cache_len,
+                f"the static MLRACache is full (max_cache_len={self.max_cache_len}) and cannot take {new_tokens} more "
+                "token(s): pass a larger `max_cache_len` to MLRACache or a larger `max_length` to generate()",
+            )
             slots = torch.arange(new_tokens, device=self.buffer.device) + self.cumulative_length
-            self.buffer.index_copy_(1, slots, states.to(self.buffer.dtype))
+            rows = self._batch_rows()
+            rows.index_copy_(1, slots, states.to(self.buffer.dtype))
             self.cumulative_length.add_(new_tokens)
-            return self.buffer
+            return rows
         end = self.cumulative_length + new_tokens
         if end > self.buffer.shape[1]:
             grown = self.buffer.new_zeros(self.buffer.shape[0], max(end, 2 * self.buffer.shape[1]), self.buffer.shape[2])
@@ -165,16 +217,29 @@ class MLRALatentCacheLayer(CacheLayerMixin):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """In place: a static buffer keeps its address; a growing one reorders only its filled part."""
         if self.buffer is not None:
-            filled = self.buffer if self.is_compileable else self.buffer[:, : self.cumulative_length]
+            filled = self._batch_rows() if self.is_compileable else self.buffer[:, : self.cumulative_length]
             filled.copy_(filled.index_select(0, beam_idx.to(self.buffer.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat each sequence `repeats` times in the batch."""
         if self.buffer is not None:
-            self.buffer = self.buffer.repeat_interleave(repeats, dim=0)
+            self._set_batch(self._batch_rows().repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the sequences at `indices` of the batch."""
         if self.buffer is not None:
-            self.buffer = self.buffer[indices]
+            self._set_batch(self._batch_rows()[indices.to(self.buffer.device)])
+
+    def _set_batch(self, rows: torch.Tensor) -> None:
+        """Make `rows` [bsz, capacity, d_c + d_r] the batch: a growing buffer is replaced by it; a static one is
+        written in place, after one re-allocation if it has fewer than bsz rows."""
+        if not self.is_compileable:
+            self.buffer, self.batch_size = rows, rows.shape[0]
+            return
+        if rows.shape[0] > self.buffer.shape[0]:
+            self._allocate(*rows.shape)
+        self.batch_size = rows.shape[0]
+        self._batch_rows().copy_(rows)
 
     @property
     def bytes_per_token(self) -> int:
@@ -568,6 +633,7 @@ class MLRAModel(MLRAPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
+            check_token_ids(input_ids, self.config.vocab_size)
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if self.gradient_checkpointing and self.training:

@@ -1,8 +1,10 @@
 """Loading the authors' published checkpoints (nanoGPT format, Hub repo `Soughing/MLRA`) as they are.
 
 Their `config.json` says `model_type: "gpt2"` and holds nanoGPT fields; the weights are `pytorch_model.bin`
-(or shards with `pytorch_model.bin.index.json`) in float32, with per-variant latent keys (see DESIGN.md, section 3).
+(or shards with `pytorch_model.bin.index.json`) in float32, with per-variant latent keys.
 Tensors are memory-mapped and converted one at a time, so loading holds one full copy of the weights at most.
+
+Design notes: docs/design.md, section 4 (both checkpoint formats and the key mapping).
 """
 
 import json

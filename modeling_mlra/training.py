@@ -13,6 +13,14 @@ from transformers import AutoTokenizer, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
+from .arguments import (
+    CommandLineError,
+    check_at_least,
+    check_files,
+    check_model_location,
+    check_vocabulary_fits,
+    reported_as,
+)
 from .configuration_mlra import MLRAConfig
 from .data import TokenBlockDataset, load_tokens
 from .modeling_mlra import MLRAForCausalLM
@@ -84,6 +92,14 @@ def training_arguments(
     return TrainingArguments(**arguments)
 
 
+def last_checkpoint(output_dir: str | Path) -> str:
+    """The last `checkpoint-*` folder the Trainer wrote in `output_dir`; FileNotFoundError naming it if none."""
+    found = get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
+    if found is None:
+        raise FileNotFoundError(f"--resume: no checkpoint-* folder in output directory {output_dir}")
+    return found
+
+
 def train(
     model: MLRAForCausalLM,
     args: TrainingArguments,
@@ -97,9 +113,7 @@ def train(
     checkpoint in `args.output_dir` (optimizer, scheduler, RNG and data order included). Returns the Trainer."""
     resume_from = None
     if resume:
-        resume_from = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
-        if resume_from is None:
-            raise FileNotFoundError(f"--resume: no checkpoint-* folder in output directory {args.output_dir}")
+        resume_from = last_checkpoint(args.output_dir)
         logger.warning(f"resuming from {resume_from}")
     trainer = Trainer(
         model=model,
@@ -133,12 +147,52 @@ def load_datasets(
     return datasets[0], datasets[1]
 
 
+def check_train_options(options) -> None:
+    """The values of `mlra train`'s options that no model or data could use, checked before anything loads."""
+    for option, value, minimum in (
+        ("--max-steps", options.max_steps, 1),
+        ("--batch-size", options.batch_size, 1),
+        ("--gradient-accumulation-steps", options.gradient_accumulation_steps, 1),
+        ("--block-size", options.block_size, 2),
+        ("--warmup-steps", options.warmup_steps, 0),
+        ("--logging-steps", options.logging_steps, 1),
+        ("--eval-steps", options.eval_steps, 1),
+        ("--save-steps", options.save_steps, 1),
+    ):
+        check_at_least(option, value, minimum)
+    if options.learning_rate <= 0:
+        raise CommandLineError(f"--learning-rate {options.learning_rate}: must be above 0")
+    check_files("--train-data", options.train_data)
+    check_files("--eval-data", options.eval_data or [])
+    if options.init_from is not None:
+        check_model_location("--init-from", options.init_from)
+    if options.tokenizer is not None:
+        check_model_location("--tokenizer", options.tokenizer)
+    text_files = [f for f in options.train_data + (options.eval_data or []) if Path(f).suffix != ".bin"]
+    if text_files and options.tokenizer is None and options.init_from is None:
+        raise CommandLineError(
+            f"--train-data/--eval-data {text_files[0]} is a text file: pass --tokenizer to tokenize it, or give "
+            ".bin token shards"
+        )
+    if Path(options.output_dir).is_file():
+        raise CommandLineError(f"--output-dir {options.output_dir} is a file, not a folder")
+    if options.resume:
+        with reported_as("--resume"):
+            last_checkpoint(options.output_dir)
+
+
 def run_training(options) -> Path:
     """The `mlra train` command: builds (or loads) the model, tokenizes the data, trains, and saves the final
-    model and tokenizer to `options.output_dir`. Returns that folder."""
+    model and tokenizer to `options.output_dir`. Returns that folder. A bad argument raises CommandLineError
+    before training starts."""
+    check_train_options(options)
     text_data = any(Path(f).suffix != ".bin" for f in options.train_data + (options.eval_data or []))
     tokenizer_source = options.tokenizer or (options.init_from if text_data else None)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source) if tokenizer_source else None
+    tokenizer_option = f"{'--tokenizer' if options.tokenizer else '--init-from'} {tokenizer_source}"
+    tokenizer = None
+    if tokenizer_source:
+        with reported_as(tokenizer_option):
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
     sizes = {
         field: value
         for field, value in (
@@ -157,21 +211,29 @@ def run_training(options) -> Path:
     }
     if options.init_from is not None:
         if options.variant is not None or sizes:
-            raise ValueError("--init-from keeps the checkpoint's variant and sizes: drop --variant and size options")
-        model = build_model(init_from=options.init_from)
+            raise CommandLineError(
+                "--init-from keeps the checkpoint's variant and sizes: drop --variant and the size options"
+            )
+        with reported_as(f"--init-from {options.init_from}"):
+            model = build_model(init_from=options.init_from)
+        if tokenizer is not None:
+            check_vocabulary_fits(tokenizer_option, len(tokenizer), model.config.vocab_size)
     else:
         if tokenizer is not None:
             sizes.setdefault("vocab_size", len(tokenizer))
+            check_vocabulary_fits(tokenizer_option, len(tokenizer), sizes["vocab_size"])
             special = ("bos_token_id", "eos_token_id", "pad_token_id")
             sizes.update({name: getattr(tokenizer, name) for name in special})
         if options.block_size is not None:
             sizes["max_position_embeddings"] = options.block_size
-        model = build_model(variant=options.variant or "mlra_4", seed=options.seed, **sizes)
+        with reported_as(f"--variant {options.variant or 'mlra_4'} with the given sizes"):
+            model = build_model(variant=options.variant or "mlra_4", seed=options.seed, **sizes)
     config = model.config
     block_size = options.block_size or min(config.max_position_embeddings, 1024)
-    train_dataset, eval_dataset = load_datasets(
-        options.train_data, options.eval_data, tokenizer, block_size, config.vocab_size
-    )
+    with reported_as("--train-data/--eval-data"):
+        train_dataset, eval_dataset = load_datasets(
+            options.train_data, options.eval_data, tokenizer, block_size, config.vocab_size
+        )
     logger.warning(
         f"training {config.variant or 'mlra'} with {model.num_parameters():,} parameters, block size {block_size}"
     )

@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from modeling_mlra import MLRAForCausalLM  # noqa: E402
 from modeling_mlra.data import load_tokens, perplexity, write_bin_tokens  # noqa: E402
+from refresh_model_folders import refresh  # noqa: E402  (this folder is on sys.path when run as a script)
 
 EOS = "<|endoftext|>"
 VOCAB_SIZE = 2048
@@ -110,6 +111,7 @@ def main():
         destination.mkdir(parents=True, exist_ok=True)
         for name in SHIPPED_FILES:
             shutil.copy(work / variant / name, destination / name)
+        refresh(destination)  # the modeling files beside the weights, as save_pretrained writes them
         model = MLRAForCausalLM.from_pretrained(destination)
         results["models"][variant] = {
             "folder": str(destination.relative_to(REPO)),

@@ -275,6 +275,47 @@ def test_batch_select_indices_keeps_the_chosen_rows(static):
     torch.testing.assert_close(logits, full_forward(model, input_ids[rows])[:, 7:], atol=ATOL, rtol=0)
 
 
+def test_static_buffer_keeps_its_address_through_batch_changes_and_a_compiled_step_never_recompiles():
+    """Contrastive search's pattern: repeat each row, decode, keep one row per sequence, decode, and again."""
+    model = tiny_model(num_hidden_layers=1)
+    cache = MLRACache(model.config, max_cache_len=12)
+    model(random_tokens((2, 4)), **cache_kwargs(cache))
+    # recompiling is decided by dynamo's guards, whatever the backend: the eager one compiles in no time
+    step = torch.compile(model.forward, backend="eager", fullgraph=True, dynamic=False)
+
+    def repeat_then_select(seed):
+        cache.batch_repeat_interleave(2)
+        step(random_tokens((4, 1), seed=seed), **cache_kwargs(cache))
+        cache.batch_select_indices(torch.tensor([1, 2]))
+        step(random_tokens((2, 1), seed=seed + 1), **cache_kwargs(cache))
+
+    repeat_then_select(seed=0)  # compiles the step at batch 4 and 2; the buffer grows to 4 rows, once
+    buffer = cache.layers[0].buffer
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        repeat_then_select(seed=2)
+        repeat_then_select(seed=4)
+    assert cache.layers[0].buffer is buffer and buffer.shape[0] == 4
+    assert int(cache.get_seq_length()) == 10
+
+
+def test_a_full_static_cache_refuses_more_tokens_naming_max_cache_len():
+    model = tiny_model()
+    cache = MLRACache(model.config, max_cache_len=8)
+    model(random_tokens((1, 6)), **cache_kwargs(cache))
+    with pytest.raises(ValueError, match=r"max_cache_len=8\) and cannot take 3 more token.*larger `max_cache_len`"):
+        model(random_tokens((1, 3)), **cache_kwargs(cache))
+
+
+def test_a_full_static_cache_is_refused_by_a_device_assert_when_compiling(monkeypatch):
+    """Under torch.compile (and on accelerators) the check is an asynchronous device assert with the same message."""
+    model = tiny_model()
+    cache = MLRACache(model.config, max_cache_len=8)
+    model(random_tokens((1, 6)), **cache_kwargs(cache))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with pytest.raises(RuntimeError, match=r"max_cache_len=8\) and cannot take 3 more token"):
+        model(random_tokens((1, 3)), **cache_kwargs(cache))
+
+
 def test_reset_empties_the_cache_for_a_new_sequence():
     model = tiny_model()
     cache = MLRACache(model.config)
@@ -314,11 +355,14 @@ def test_a_transformers_dynamic_cache_is_refused_with_a_clear_type_error():
 
 # --- random sequences of cache operations -------------------------------------------------------------------------
 
+MAX_BATCH = 9
 OPERATION = st.one_of(
     st.tuples(st.just("prefill"), st.integers(2, 7)),
     st.tuples(st.just("decode"), st.just(1)),
     st.tuples(st.just("crop"), st.integers(0, 6)),
-    st.tuples(st.just("reorder"), st.permutations(range(3))),
+    st.tuples(st.just("reorder"), st.permutations(range(MAX_BATCH))),
+    st.tuples(st.just("repeat"), st.integers(1, 3)),
+    st.tuples(st.just("select"), st.lists(st.integers(0, MAX_BATCH - 1), min_size=1, max_size=3)),
 )
 PROPERTY_MODEL = tiny_model(absorbed_max_query_len=3, num_latent_blocks=4, num_softmax_branches=2)
 
@@ -326,14 +370,14 @@ PROPERTY_MODEL = tiny_model(absorbed_max_query_len=3, num_latent_blocks=4, num_s
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(operations=st.lists(OPERATION, min_size=1, max_size=8), static=st.booleans(), seed=st.integers(0, 2**16))
 def test_any_sequence_of_cache_operations_matches_a_full_forward(operations, static, seed):
-    """prefill k / decode 1 / crop n / reorder the batch, in any order: every forward through the cache gives the
-    logits of a full forward over the token sequence the cache now stands for."""
+    """prefill k / decode 1 / crop n / reorder, repeat or select rows of the batch, in any order: every forward
+    through the cache gives the logits of a full forward over the token sequences the cache now stands for."""
     model = PROPERTY_MODEL
     cache = MLRACache(model.config, max_cache_len=64 if static else None)
     tokens = torch.zeros(3, 0, dtype=torch.long)
     for step, (operation, argument) in enumerate(operations):
         if operation in ("prefill", "decode"):
-            new = random_tokens((3, argument), seed=seed + step)
+            new = random_tokens((tokens.shape[0], argument), seed=seed + step)
             logits = model(new, **cache_kwargs(cache)).logits
             tokens = torch.cat([tokens, new], dim=1)
             torch.testing.assert_close(logits, full_forward(model, tokens)[:, -argument:], atol=ATOL, rtol=0)
@@ -341,8 +385,15 @@ def test_any_sequence_of_cache_operations_matches_a_full_forward(operations, sta
             removed = min(argument, tokens.shape[1])
             cache.crop(-removed)
             tokens = tokens[:, : tokens.shape[1] - removed]
-        else:
-            order = torch.tensor(argument)
+        elif operation == "reorder":
+            order = torch.tensor([row for row in argument if row < tokens.shape[0]])  # a permutation of the batch
             cache.reorder_cache(order)
             tokens = tokens[order]
+        elif operation == "repeat" and tokens.shape[0] * argument <= MAX_BATCH:
+            cache.batch_repeat_interleave(argument)
+            tokens = tokens.repeat_interleave(argument, dim=0)
+        elif operation == "select":
+            rows = torch.tensor(argument) % tokens.shape[0]
+            cache.batch_select_indices(rows)
+            tokens = tokens[rows]
         assert int(cache.get_seq_length()) == tokens.shape[1]

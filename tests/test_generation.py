@@ -166,6 +166,17 @@ def test_static_cache_decoding_under_torch_compile_matches_eager():
     assert torch.equal(compiled, eager)
 
 
+def test_compiled_beam_search_on_a_static_cache_compiles_once_and_never_per_step():
+    model = tiny_model(seed=6, num_hidden_layers=1)
+    model.forward = torch.compile(model.forward, fullgraph=True, dynamic=False)
+    options = dict(max_new_tokens=6, num_beams=2, do_sample=False, pad_token_id=PAD, cache_implementation="static")
+    input_ids = prompt((1, 5), seed=6)
+    first = model.generate(input_ids, **options)  # compiles the prefill and the decode step
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        second = model.generate(input_ids, **options)
+    assert torch.equal(second, first)
+
+
 def test_long_generation_past_the_initial_cache_capacity_matches_full_forward_greedy():
     model = tiny_model(seed=8, num_hidden_layers=1)
     input_ids = prompt((1, 4), seed=8)

@@ -1,4 +1,4 @@
-"""Loading the authors' checkpoints as published (DESIGN.md section 3) and our own format."""
+"""Loading the authors' checkpoints as published (docs/design.md section 4) and our own format."""
 
 import json
 import os

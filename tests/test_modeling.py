@@ -1,4 +1,5 @@
-"""The model family as specified in DESIGN.md section 2: config rules, the attention equations, masks and training."""
+"""The model family as specified in docs/design.md sections 2-3: config rules, the attention equations, masks and
+training."""
 
 import math
 
@@ -19,7 +20,7 @@ def rms_norm(x, weight, eps):
 
 
 def design_attention(attn, x, positions):
-    """DESIGN.md section 2 written out literally: one loop over heads and branches, no shared index helpers."""
+    """docs/design.md section 3 written out literally: one loop over heads and branches, no shared index helpers."""
     c = attn.config
     h, d_n, d_r, d_v = c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
     L, B = c.num_latent_blocks, c.num_softmax_branches
@@ -295,3 +296,20 @@ def test_attention_mask_of_wrong_rank_raises():
     ids = random_tokens((1, 5))
     with pytest.raises(ValueError, match="attention_mask must be 2D"):
         model(ids, attention_mask=torch.ones(1, 5, 5))
+
+
+@pytest.mark.parametrize("token_id", [64, 1000, -1])
+def test_a_token_id_outside_the_vocabulary_is_refused_naming_it_and_the_limit(token_id):
+    model = tiny_model()
+    input_ids = random_tokens((2, 5))
+    input_ids[1, 3] = token_id
+    with pytest.raises(ValueError, match=rf"token id {token_id}, outside the model's vocabulary \[0, 64\).*tokenizer"):
+        model(input_ids)
+
+
+def test_a_token_id_outside_the_vocabulary_is_refused_by_a_device_assert_when_compiling(monkeypatch):
+    """Under torch.compile (and on accelerators) the check is an asynchronous device assert, without a host sync."""
+    model = tiny_model()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with pytest.raises(RuntimeError, match=r"token id outside \[0, 64\)"):
+        model(torch.tensor([[1, 2, 64]]), use_cache=False)

@@ -106,6 +106,9 @@ def test_cli_train_on_bin_shards_saves_a_loadable_model(tmp_path):
     model = MLRAForCausalLM.from_pretrained(tmp_path / "out")
     assert model.config.variant == "gla_2" and model.config.max_position_embeddings == 32
     assert model.config.use_cache
+    # loadable without the package too: the modeling files beside the weights, named by auto_map
+    assert model.config.auto_map["AutoModelForCausalLM"] == "modeling_mlra.MLRAForCausalLM"
+    assert (tmp_path / "out" / "modeling_mlra.py").is_file() and (tmp_path / "out" / "configuration_mlra.py").is_file()
 
 
 def test_cli_train_continues_from_a_saved_model_with_init_from(tmp_path):

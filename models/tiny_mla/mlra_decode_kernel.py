@@ -1,0 +1,398 @@
+"""Fused Triton kernel for absorbed decoding on the compressed latent cache (flash-decoding).
+
+One call serves one layer, all heads and all softmax branches:
+
+    z[n, t, b, i] = softmax_s((qa[n, t, b, i] . c[n, s, l] + q_rope[n, t, i] . kr[n, s]) * scaling) . c[n, s, l]
+
+with l = b * G + g(i) the latent block that branch b of head i reads (`MLRAConfig.latent_block`). The cache row of a
+token is [c_0 | c_1 | ... | c_{L-1} | kr] (width L * d_l + d_r), the layout `MLRALatentCacheLayer` keeps.
+
+Each program owns (batch row, head group, tile of heads, slice of the sequence). It streams its slice of the cache
+once: per block of tokens it loads the rope key once, computes the rope scores once for every branch, then loads the
+group's latent blocks and runs one online softmax per branch. A second small kernel merges the slices by
+log-sum-exp. The model code calls `mlra_decode_attention`, a torch custom op with a fake implementation, so
+torch.compile(fullgraph=True) and CUDA graphs capture it without a graph break. See docs/design.md ("Fused decode kernel").
+"""
+
+import functools
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton (CPU-only installs, macOS): the PyTorch path runs
+    triton = None
+
+MAX_BRANCHES = 4  # the kernel unrolls up to four softmax branches per program (every published family member)
+MAX_NEW_TOKENS = 16
+
+
+def triton_available() -> bool:
+    return triton is not None
+
+
+def kernel_supports(
+    num_branches: int, latent_block_dim: int, rope_dim: int, num_new_tokens: int, dtype: torch.dtype
+) -> bool:
+    """Whether `mlra_decode_attention` handles this shape and dtype (else the PyTorch absorbed path runs)."""
+    return (
+        triton is not None
+        and 1 <= num_branches <= MAX_BRANCHES
+        and 1 <= num_new_tokens <= MAX_NEW_TOKENS
+        and latent_block_dim <= 512
+        and rope_dim <= 128
+        and dtype in (torch.float16, torch.bfloat16, torch.float32)
+    )
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    if not torch.cuda.is_available():
+        return 8  # the interpreter: a few splits, enough to exercise the merge
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+# fp32 accumulator values per program ([query rows, d_l] per branch it runs); beyond these ptxas spills registers
+# on sm_90 (compiled offline and read with cuobjdump --dump-resource-usage; see docs/design.md)
+ACCUMULATOR_BUDGET = 16384  # one branch per program
+MULTI_BRANCH_BUDGET = 8192  # several branches per program: one query tile and one online softmax state each
+
+
+@functools.cache
+def launch_config(
+    bsz: int, num_groups: int, heads_per_group: int, num_branches: int, latent_block_dim: int, rope_dim: int,
+    num_new_tokens: int, capacity: int, element_size: int, num_sms: int,
+) -> dict:
+    """Tiles, branches per program and sequence splits, from shapes only (no tensor values: CUDA-graph safe).
+
+    A program runs all branches of its head group when their accumulators fit the register budget, else half of
+    them (the rope key is then read twice instead of once; still less than one launch per block). The sequence is
+    split until there are about two programs per multiprocessor, while each split reads several times more cache
+    bytes than it writes partial results.
+    """
+    block_d = max(16, triton.next_power_of_2(latent_block_dim))
+    block_t = triton.next_power_of_2(num_new_tokens)
+    heads = triton.next_power_of_2(heads_per_group)
+    branches_per_program = num_branches
+    while branches_per_program > 1 and branches_per_program * max(16, heads * block_t) * block_d > MULTI_BRANCH_BUDGET:
+        branches_per_program //= 2
+    if num_branches % branches_per_program:
+        branches_per_program = 1
+    max_rows = max(16, ACCUMULATOR_BUDGET // (branches_per_program * block_d))
+    block_h = min(heads, max(1, max_rows // block_t))
+    block_m = max(16, block_h * block_t)
+    head_tiles = triton.cdiv(heads_per_group, block_h)
+    programs = bsz * num_groups * head_tiles * (num_branches // branches_per_program)
+    token_bytes = (num_branches * num_groups * latent_block_dim + rope_dim) * element_size
+    partial_bytes = num_new_tokens * num_branches * num_groups * heads_per_group * latent_block_dim * 4
+    min_tokens = max(256, 4 * partial_bytes // token_bytes)
+    num_splits = max(1, min(triton.cdiv(2 * num_sms, programs), triton.cdiv(capacity, min_tokens), 512))
+    # 4 warps: several programs fit on a multiprocessor, whose loads in flight are what keeps the HBM busy (H200
+    # sweep at 1M tokens: 2x faster than 8 warps for the TP-4 share and for MLA; 64-token blocks 13% faster than 32
+    # where the latent block is <= 128 wide; docs/decode_kernel.md)
+    return dict(
+        BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_M=block_m, BLOCK_D=block_d,
+        BLOCK_N=64 if block_d <= 128 and branches_per_program == 1 else 32, BRANCHES_PER_PROGRAM=branches_per_program, head_tiles=head_tiles,
+        num_splits=num_splits, num_warps=4, num_stages=3,
+    )
+
+
+if triton is not None:
+
+    @triton.jit
+    def _branch_step(
+        q, cache_ptrs, token_ok, d_ok, rope_scores, allowed, scale_log2, m_i, l_i, acc, PRECISION: tl.constexpr
+    ):
+        """One branch's online-softmax update over a block of tokens (scores in log2 units)."""
+        latent = tl.load(cache_ptrs, mask=token_ok[:, None] & d_ok[None, :], other=0.0)  # [N, D]
+        scores = (tl.dot(q, tl.trans(latent), input_precision=PRECISION) + rope_scores) * scale_log2
+        scores = tl.where(allowed, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(scores - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(latent.dtype), latent, input_precision=PRECISION)
+        return m_new, l_i, acc
+
+    @triton.jit
+    def _store_branch(out_ptr, lse_ptr, acc, m_i, l_i, out_offsets, lse_offsets, row_ok, d_ok, FINAL: tl.constexpr):
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        if FINAL:
+            tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        else:
+            tl.store(out_ptr + out_offsets, out, mask=row_ok[:, None] & d_ok[None, :])
+            lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
+            tl.store(lse_ptr + lse_offsets, lse, mask=row_ok)
+
+    @triton.jit
+    def _mlra_decode_kernel(
+        q_ptr, q_rope_ptr, cache_ptr, seq_lens_ptr, key_mask_ptr, out_ptr, lse_ptr,
+        stride_seq_lens, stride_qn, stride_qt, stride_qb, stride_qh,
+        stride_rn, stride_rt, stride_rh,
+        stride_cn, stride_cs,
+        stride_mn,
+        stride_on, stride_os, stride_ot, stride_ob, stride_oh,
+        stride_ln, stride_ls, stride_lt, stride_lb,
+        scale_log2, num_new_tokens, heads_per_group, latent_block_dim, rope_dim, rope_offset,
+        NUM_GROUPS: tl.constexpr, BRANCH_PARTS: tl.constexpr, BRANCHES_PER_PROGRAM: tl.constexpr,
+        HEAD_TILES: tl.constexpr, NUM_SPLITS: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, HAS_KEY_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        # program -> (batch row, head group, part of the branches, tile of heads), head tiles adjacent so that
+        # programs re-reading the same tokens for other heads run together and hit L2
+        program = tl.program_id(0)
+        split = tl.program_id(1)
+        head_tile = program % HEAD_TILES
+        branch0 = (program // HEAD_TILES) % BRANCH_PARTS * BRANCHES_PER_PROGRAM
+        group = (program // (HEAD_TILES * BRANCH_PARTS)) % NUM_GROUPS
+        row = (program // (HEAD_TILES * BRANCH_PARTS * NUM_GROUPS)).to(tl.int64)
+
+        # query rows: m = local head * BLOCK_T + new token
+        rows = tl.arange(0, BLOCK_M)
+        local_head = head_tile * BLOCK_H + rows // BLOCK_T
+        new_token = rows % BLOCK_T
+        row_ok = (rows < BLOCK_H * BLOCK_T) & (local_head < heads_per_group) & (new_token < num_new_tokens)
+        head = group * heads_per_group + local_head
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < latent_block_dim
+        r = tl.arange(0, BLOCK_R)
+        r_ok = r < rope_dim
+
+        seq_len = tl.load(seq_lens_ptr + row * stride_seq_lens).to(tl.int32)
+        query_slot = seq_len - num_new_tokens + new_token  # causal rule among the new tokens
+        chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        start = split * chunk
+        end = tl.minimum(start + chunk, seq_len)
+
+        q_rows = q_ptr + row * stride_qn + new_token * stride_qt + branch0 * stride_qb + head * stride_qh
+        q_mask = row_ok[:, None] & d_ok[None, :]
+        q0 = tl.load(q_rows[:, None] + d[None, :], mask=q_mask, other=0.0)
+        q1 = q0
+        q2 = q0
+        q3 = q0
+        if BRANCHES_PER_PROGRAM > 1:
+            q1 = tl.load(q_rows[:, None] + stride_qb + d[None, :], mask=q_mask, other=0.0)
+        if BRANCHES_PER_PROGRAM > 2:
+            q2 = tl.load(q_rows[:, None] + 2 * stride_qb + d[None, :], mask=q_mask, other=0.0)
+        if BRANCHES_PER_PROGRAM > 3:
+            q3 = tl.load(q_rows[:, None] + 3 * stride_qb + d[None, :], mask=q_mask, other=0.0)
+        q_rope = tl.load(
+            q_rope_ptr + row * stride_rn + new_token[:, None] * stride_rt + head[:, None] * stride_rh + r[None, :],
+            mask=row_ok[:, None] & r_ok[None, :],
+            other=0.0,
+        )
+
+        m0 = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l0 = tl.zeros([BLOCK_M], tl.float32)
+        acc0 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        m1, l1, acc1 = m0, l0, acc0
+        m2, l2, acc2 = m0, l0, acc0
+        m3, l3, acc3 = m0, l0, acc0
+
+        # branch b of this group reads latent block b * G + group (MLRAConfig.latent_block)
+        first_block = (branch0 * NUM_GROUPS + group) * latent_block_dim
+        block_step = NUM_GROUPS * latent_block_dim
+        row_cache = cache_ptr + row * stride_cn
+        for token_start in range(start, end, BLOCK_N):
+            tokens = token_start + tl.arange(0, BLOCK_N)
+            token_ok = tokens < end
+            allowed = token_ok[None, :] & (tokens[None, :] <= query_slot[:, None])
+            if HAS_KEY_MASK:
+                key_valid = tl.load(key_mask_ptr + row * stride_mn + tokens, mask=token_ok, other=0) != 0
+                allowed = allowed & (key_valid[None, :] | (tokens[None, :] == query_slot[:, None]))
+            token_rows = row_cache + tokens.to(tl.int64) * stride_cs
+            rope_key = tl.load(
+                token_rows[:, None] + rope_offset + r[None, :], mask=token_ok[:, None] & r_ok[None, :], other=0.0
+            )
+            rope_scores = tl.dot(q_rope, tl.trans(rope_key), input_precision=PRECISION)  # once for all branches
+            block_ptrs = token_rows[:, None] + first_block + d[None, :]
+            m0, l0, acc0 = _branch_step(
+                q0, block_ptrs, token_ok, d_ok, rope_scores, allowed, scale_log2, m0, l0, acc0, PRECISION
+            )
+            if BRANCHES_PER_PROGRAM > 1:
+                m1, l1, acc1 = _branch_step(
+                    q1, block_ptrs + block_step, token_ok, d_ok, rope_scores, allowed, scale_log2, m1, l1, acc1,
+                    PRECISION,
+                )
+            if BRANCHES_PER_PROGRAM > 2:
+                m2, l2, acc2 = _branch_step(
+                    q2, block_ptrs + 2 * block_step, token_ok, d_ok, rope_scores, allowed, scale_log2, m2, l2, acc2,
+                    PRECISION,
+                )
+            if BRANCHES_PER_PROGRAM > 3:
+                m3, l3, acc3 = _branch_step(
+                    q3, block_ptrs + 3 * block_step, token_ok, d_ok, rope_scores, allowed, scale_log2, m3, l3, acc3,
+                    PRECISION,
+                )
+
+        final = NUM_SPLITS == 1
+        out_offsets = row * stride_on + split * stride_os + new_token[:, None] * stride_ot + branch0 * stride_ob
+        out_offsets += head[:, None] * stride_oh + d[None, :]
+        lse_offsets = row * stride_ln + split * stride_ls + new_token * stride_lt + branch0 * stride_lb + head
+        _store_branch(out_ptr, lse_ptr, acc0, m0, l0, out_offsets, lse_offsets, row_ok, d_ok, final)
+        if BRANCHES_PER_PROGRAM > 1:
+            _store_branch(
+                out_ptr, lse_ptr, acc1, m1, l1, out_offsets + stride_ob, lse_offsets + stride_lb, row_ok, d_ok, final
+            )
+        if BRANCHES_PER_PROGRAM > 2:
+            _store_branch(
+                out_ptr, lse_ptr, acc2, m2, l2, out_offsets + 2 * stride_ob, lse_offsets + 2 * stride_lb, row_ok,
+                d_ok, final,
+            )
+        if BRANCHES_PER_PROGRAM > 3:
+            _store_branch(
+                out_ptr, lse_ptr, acc3, m3, l3, out_offsets + 3 * stride_ob, lse_offsets + 3 * stride_lb, row_ok,
+                d_ok, final,
+            )
+
+    @triton.jit
+    def _merge_splits_kernel(
+        partial_ptr, lse_ptr, out_ptr, rows_per_batch, latent_block_dim,
+        NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        """One program per (batch row, new token, branch, head): out = sum_s w_s partial_s / sum_s w_s with
+        w_s = 2^(lse_s - max lse). Partials [bsz, splits, rows_per_batch, d_l] fp32, lse [bsz, splits, rows]."""
+        program = tl.program_id(0)
+        batch_row = program // rows_per_batch
+        inner = program % rows_per_batch
+        d = tl.arange(0, BLOCK_D)
+        d_ok = d < latent_block_dim
+        top = tl.full([BLOCK_S], float("-inf"), tl.float32)
+        for s0 in range(0, NUM_SPLITS, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            lse = tl.load(lse_ptr + (batch_row * NUM_SPLITS + s) * rows_per_batch + inner, mask=s < NUM_SPLITS,
+                          other=float("-inf"))
+            top = tl.maximum(top, lse)
+        top_all = tl.max(top, 0)
+        top_all = tl.where(top_all == float("-inf"), 0.0, top_all)
+        total = tl.zeros([BLOCK_S], tl.float32)
+        acc = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
+        for s0 in range(0, NUM_SPLITS, BLOCK_S):
+            s = s0 + tl.arange(0, BLOCK_S)
+            split_rows = (batch_row * NUM_SPLITS + s) * rows_per_batch + inner
+            lse = tl.load(lse_ptr + split_rows, mask=s < NUM_SPLITS, other=float("-inf"))
+            weights = tl.exp2(lse - top_all)
+            partial = tl.load(
+                partial_ptr + split_rows.to(tl.int64)[:, None] * latent_block_dim + d[None, :],
+                mask=(s < NUM_SPLITS)[:, None] & d_ok[None, :],
+                other=0.0,
+            )
+            total += weights
+            acc += partial * weights[:, None]
+        denominator = tl.sum(total, 0)
+        denominator = tl.where(denominator == 0.0, 1.0, denominator)
+        out = tl.sum(acc, 0) / denominator
+        tl.store(out_ptr + program.to(tl.int64) * latent_block_dim + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+def _decode_attention(q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_groups, scaling, num_splits, overrides=None):
+    """The two launches (split attention, merge); `overrides` replaces launch-config entries (benchmark sweeps)."""
+    bsz, num_new_tokens, num_branches, num_heads, latent_block_dim = q_absorbed.shape
+    rope_dim = q_rope.shape[-1]
+    heads_per_group = num_heads // num_groups
+    device = kv_cache.device
+    config = dict(
+        launch_config(
+            bsz, num_groups, heads_per_group, num_branches, latent_block_dim, rope_dim, num_new_tokens,
+            kv_cache.shape[1], kv_cache.element_size(), _num_sms(device.index or 0),
+        )
+    )
+    config.update(overrides or {})
+    if num_splits:
+        config["num_splits"] = num_splits
+    num_splits = config["num_splits"]
+    branches_per_program = config["BRANCHES_PER_PROGRAM"]
+    out = q_absorbed.new_empty(q_absorbed.shape)
+    if num_splits == 1:
+        partial, lse = out, out  # written directly, normalized; lse unused
+        partial_strides = out.stride()[:1] + (0,) + out.stride()[1:4]
+        lse_strides = (0, 0, 0, 0)
+    else:
+        partial = q_absorbed.new_empty(
+            (bsz, num_splits, num_new_tokens, num_branches, num_heads, latent_block_dim), dtype=torch.float32
+        )
+        lse = q_absorbed.new_empty((bsz, num_splits, num_new_tokens, num_branches, num_heads), dtype=torch.float32)
+        partial_strides = partial.stride()[:5]
+        lse_strides = lse.stride()[:4]
+    has_key_mask = key_mask is not None
+    branch_parts = num_branches // branches_per_program
+    grid = (bsz * num_groups * branch_parts * config["head_tiles"], num_splits)
+    _mlra_decode_kernel[grid](
+        q_absorbed, q_rope, kv_cache, seq_lens, key_mask if has_key_mask else seq_lens, partial, lse,
+        seq_lens.stride(0), *q_absorbed.stride()[:4],
+        *q_rope.stride()[:3],
+        kv_cache.stride(0), kv_cache.stride(1),
+        key_mask.stride(0) if has_key_mask else 0,
+        *partial_strides,
+        *lse_strides,
+        scaling * math.log2(math.e), num_new_tokens, heads_per_group, latent_block_dim, rope_dim,
+        num_branches * num_groups * latent_block_dim,
+        NUM_GROUPS=num_groups, BRANCH_PARTS=branch_parts, BRANCHES_PER_PROGRAM=branches_per_program,
+        HEAD_TILES=config["head_tiles"], NUM_SPLITS=num_splits,
+        BLOCK_H=config["BLOCK_H"], BLOCK_T=config["BLOCK_T"], BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+        BLOCK_D=config["BLOCK_D"], BLOCK_R=max(16, triton.next_power_of_2(rope_dim)), HAS_KEY_MASK=has_key_mask,
+        PRECISION="ieee" if q_absorbed.dtype == torch.float32 else "tf32",
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    if num_splits > 1:
+        rows_per_batch = num_new_tokens * num_branches * num_heads
+        _merge_splits_kernel[(bsz * rows_per_batch,)](
+            partial, lse, out, rows_per_batch, latent_block_dim,
+            NUM_SPLITS=num_splits, BLOCK_S=min(16, triton.next_power_of_2(num_splits)),
+            BLOCK_D=config["BLOCK_D"], num_warps=4,
+        )
+    return out
+
+
+if triton is not None:
+
+    @torch.library.custom_op("mlra::decode_attention", mutates_args=())
+    def _decode_attention_op(
+        q_absorbed: torch.Tensor,
+        q_rope: torch.Tensor,
+        kv_cache: torch.Tensor,
+        seq_lens: torch.Tensor,
+        key_mask: torch.Tensor | None,
+        num_groups: int,
+        scaling: float,
+        num_splits: int,
+    ) -> torch.Tensor:
+        return _decode_attention(q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_groups, scaling, num_splits)
+
+    @_decode_attention_op.register_fake
+    def _(q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_groups, scaling, num_splits):
+        return q_absorbed.new_empty(q_absorbed.shape)
+
+
+def mlra_decode_attention(
+    q_absorbed: torch.Tensor,
+    q_rope: torch.Tensor,
+    kv_cache: torch.Tensor,
+    seq_lens: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    num_groups: int,
+    scaling: float,
+    num_splits: int = 0,
+) -> torch.Tensor:
+    """Absorbed decode attention of one layer on the compressed cache, all heads and branches in one launch.
+
+    q_absorbed [bsz, T, B, h, d_l]: W_UK folded into each head's no-rope query, per branch; q_rope [bsz, T, h, d_r];
+    kv_cache [bsz, capacity, L * d_l + d_r] with L = B * num_groups (a rank's share under tensor parallelism);
+    seq_lens [bsz]: valid tokens per row, the T new ones included (they sit at seq_len - T ... seq_len - 1, and see
+    keys up to their own slot); key_mask [bsz, >= max seq_len] (nonzero: the key may be attended) or None; a query
+    always sees its own slot. num_splits: sequence slices (0: from the shapes and the GPU's size). Returns
+    z [bsz, T, B, h, d_l], the softmax-weighted latent before W_UV.
+    """
+    if q_absorbed.stride(-1) != 1:
+        q_absorbed = q_absorbed.contiguous()
+    if q_rope.stride(-1) != 1:
+        q_rope = q_rope.contiguous()
+    if torch.compiler.is_compiling():
+        return _decode_attention_op(q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_groups, scaling, num_splits)
+    # eager: straight to the launches, without the custom op's dispatch overhead (tens of microseconds per call)
+    return _decode_attention(q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_groups, scaling, num_splits)

@@ -1,0 +1,814 @@
+"""PyTorch MLRA: the latent-attention family (MLA, GLA, MLRA) of "Multi-Head Low-Rank Attention".
+
+Shapes use: batch `bsz`, new tokens `T`, cached tokens `S`, heads `h`, latent blocks `L`, softmax branches `B`,
+head groups `G = L / B`, heads per group `hpg = h / G`, latent width `d_c`, block width `d_l = d_c / L`,
+per-head widths `d_n` (no-rope key), `d_r` (rope key), `d_v` (value).
+
+Design notes: docs/design.md (the math and index map, the cache layout, absorbed decode, expanded prefill).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import logging
+
+from .configuration_mlra import MLRAConfig
+from .mlra_decode_kernel import kernel_supports, mlra_decode_attention, triton_available
+from .original_checkpoint import find_original_checkpoint, load_original_checkpoint
+
+logger = logging.get_logger(__name__)
+
+# transformers renamed the cache argument and output field from `past_key_values` to `cache` during 5.x;
+# we accept both names and answer with the one the installed release uses.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+STATIC_CACHE_IMPLEMENTATIONS = ("static", "hybrid", "sliding_window", "hybrid_chunked")
+
+
+class MLRARMSNorm(nn.Module):
+    """RMSNorm over `num_groups` equal slices of the last dimension (1: the whole vector).
+
+    The latent norm uses one group per latent block for `latent_norm="per_block"`.
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, num_groups: int = 1):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+        self.num_groups = num_groups
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        grouped = hidden_states.to(torch.float32).unflatten(-1, (self.num_groups, -1))
+        variance = grouped.pow(2).mean(-1, keepdim=True)
+        normalized = (grouped * torch.rsqrt(variance + self.variance_epsilon)).flatten(-2)
+        return self.weight * normalized.to(input_dtype)
+
+
+class MLRARotaryEmbedding(nn.Module):
+    """cos/sin tables [bsz, T, d_r] for absolute positions, in the rotate-half layout."""
+
+    inv_freq: torch.Tensor
+
+    def __init__(self, config: MLRAConfig):
+        super().__init__()
+        dim = config.qk_rope_head_dim
+        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """Rotate x [bsz, T, heads, d_r] by cos/sin [bsz, T, d_r].
+
+    The interleaved convention (DeepSeek checkpoints: pairs (x0, x1), (x2, x3), ...) is de-interleaved first;
+    queries and rope keys get the same permutation, so their dot products are those of the interleaved rotation.
+    """
+    if interleave:
+        x = x.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    return x * cos + rotate_half(x) * sin
+
+
+def assert_on_device(holds: torch.Tensor, message: str) -> None:
+    """Fail with `message` where the 0-d bool tensor `holds` is False, without waiting for the device: on the CPU in
+    eager mode (where reading it costs nothing) a ValueError at once; on an accelerator or under torch.compile an
+    asynchronous device assert (kept in compiled graphs) that names `message`. CUDA caps it at 255 characters."""
+    if holds.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not holds:
+            raise ValueError(message)
+    else:
+        torch._assert_async(holds, message)
+
+
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Token ids must index the embedding, in [0, vocab_size). On the CPU in eager mode the error names the id;
+    elsewhere a device assert checks them without a host synchronisation (see `assert_on_device`)."""
+    if input_ids.numel() == 0:
+        return
+    fix = "encode the text with the tokenizer the model was trained with"
+    if input_ids.device.type == "cpu" and not torch.compiler.is_compiling():
+        low, high = (int(value) for value in torch.aminmax(input_ids))
+        if low < 0 or high >= vocab_size:
+            raise ValueError(
+                f"input_ids holds token id {high if high >= vocab_size else low}, outside the model's vocabulary "
+                f"[0, {vocab_size}) (config.vocab_size): {fix}"
+            )
+    else:
+        within = (input_ids >= 0) & (input_ids < vocab_size)
+        message = f"input_ids holds a token id outside [0, {vocab_size}) (config.vocab_size): {fix}"
+        torch._assert_async(within.all(), message)
+
+
+class MLRALatentCacheLayer(CacheLayerMixin):
+    """One layer's compressed cache: a buffer [bsz, capacity, d_c + d_r] holding, per token, the scaled normalized
+    latent (all L blocks) followed by the rotated rope key. Nothing per head is cached.
+
+    Dynamic (`max_cache_len=None`): capacity grows by doubling, so appending a token copies nothing.
+    Static: the buffer is allocated once at `max_cache_len` and written in place (torch.compile, CUDA graphs); it
+    keeps its address through every batch operation, so a compiled forward never sees a new tensor. Its first
+    `batch_size` rows are the batch: after a batch reduction the spare rows stay allocated, and only a batch larger
+    than any before re-allocates it (once per new maximum).
+    """
+
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, max_cache_len: int | None = None, min_capacity: int = 256):
+        super().__init__()
+        self.max_cache_len = max_cache_len
+        self.min_capacity = min_capacity
+        self.is_compileable = max_cache_len is not None
+        self.buffer: torch.Tensor | None = None
+        self.batch_size = 0
+        self.cumulative_length = torch.tensor(0, dtype=torch.long) if self.is_compileable else 0
+
+    def lazy_initialization(self, states: torch.Tensor, *args) -> None:
+        bsz, new_tokens, width = states.shape
+        capacity = self.max_cache_len or max(new_tokens, self.min_capacity)
+        self.dtype, self.device = states.dtype, states.device
+        if self.is_compileable:
+            self.cumulative_length = self.cumulative_length.to(states.device)
+            if not torch.compiler.is_compiling():
+                torch._dynamo.mark_static_address(self.cumulative_length)
+        self._allocate(bsz, capacity, width)
+        self.is_initialized = True
+
+    def _allocate(self, rows: int, capacity: int, width: int) -> None:
+        """A zeroed buffer [rows, capacity, width]; a static one is marked as such for torch.compile."""
+        self.buffer = torch.zeros(rows, capacity, width, dtype=self.dtype, device=self.device)
+        self.batch_size = rows
+        if self.is_compileable and not torch.compiler.is_compiling():
+            torch._dynamo.mark_static_address(self.buffer)
+
+    def _batch_rows(self) -> torch.Tensor:
+        """The rows of the buffer that hold the current batch [bsz, capacity, d_c + d_r]."""
+        return self.buffer if self.buffer.shape[0] == self.batch_size else self.buffer[: self.batch_size]
+
+    def update(self, states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Append states [bsz, T, d_c + d_r]; return every cached token [bsz, S, d_c + d_r] (static: the whole buffer)."""
+        if not self.is_initialized:
+            self.lazy_initialization(states)
+        new_tokens = states.shape[1]
+        if self.is_compileable:
+            assert_on_device(
+                self.cumulative_length + new_tokens <= self.max_cache_len,
+                f"the static MLRACache is full (max_cache_len={self.max_cache_len}) and cannot take {new_tokens} more "
+                "token(s): pass a larger `max_cache_len` to MLRACache or a larger `max_length` to generate()",
+            )
+            slots = torch.arange(new_tokens, device=self.buffer.device) + self.cumulative_length
+            rows = self._batch_rows()
+            rows.index_copy_(1, slots, states.to(self.buffer.dtype))
+            self.cumulative_length.add_(new_tokens)
+            return rows
+        end = self.cumulative_length + new_tokens
+        if end > self.buffer.shape[1]:
+            grown = self.buffer.new_zeros(self.buffer.shape[0], max(end, 2 * self.buffer.shape[1]), self.buffer.shape[2])
+            grown[:, : self.cumulative_length] = self.buffer[:, : self.cumulative_length]
+            self.buffer = grown
+        self.buffer[:, self.cumulative_length : end] = states
+        self.cumulative_length = end
+        return self.buffer[:, :end]
+
+    def get_seq_length(self) -> int:
+        return self.cumulative_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.is_compileable:
+            return self.max_cache_len, 0
+        return self.cumulative_length + query_length, 0
+
+    def get_max_length(self) -> int:
+        return self.max_cache_len if self.max_cache_len is not None else -1
+
+    def reset(self) -> None:
+        if self.is_compileable:
+            self.cumulative_length.zero_()
+            if self.buffer is not None:
+                self.buffer.zero_()
+        else:
+            self.cumulative_length = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Negative: drop that many tokens from the end. Positive (legacy): keep that many tokens. Zero: nothing, as
+        in transformers' layers (generate() calls `crop(-rejected)` after each assisted step, often with 0)."""
+        length = int(self.cumulative_length)
+        keep = length + tokens_to_remove if tokens_to_remove <= 0 else min(tokens_to_remove, length)
+        if self.is_compileable:
+            self.cumulative_length.fill_(max(keep, 0))
+        else:
+            self.cumulative_length = max(keep, 0)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """In place: a static buffer keeps its address; a growing one reorders only its filled part."""
+        if self.buffer is not None:
+            filled = self._batch_rows() if self.is_compileable else self.buffer[:, : self.cumulative_length]
+            filled.copy_(filled.index_select(0, beam_idx.to(self.buffer.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat each sequence `repeats` times in the batch."""
+        if self.buffer is not None:
+            self._set_batch(self._batch_rows().repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep only the sequences at `indices` of the batch."""
+        if self.buffer is not None:
+            self._set_batch(self._batch_rows()[indices.to(self.buffer.device)])
+
+    def _set_batch(self, rows: torch.Tensor) -> None:
+        """Make `rows` [bsz, capacity, d_c + d_r] the batch: a growing buffer is replaced by it; a static one is
+        written in place, after one re-allocation if it has fewer than bsz rows."""
+        if not self.is_compileable:
+            self.buffer, self.batch_size = rows, rows.shape[0]
+            return
+        if rows.shape[0] > self.buffer.shape[0]:
+            self._allocate(*rows.shape)
+        self.batch_size = rows.shape[0]
+        self._batch_rows().copy_(rows)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes one cached token takes in this layer: (d_c + d_r) x dtype size."""
+        return 0 if self.buffer is None else self.buffer.shape[-1] * self.buffer.element_size()
+
+
+class MLRACache(Cache):
+    """The compressed latent cache of an MLRA model: per layer only the latent and the rope key (d_c + d_r values
+    per token; 576 for the published models), never the per-head keys and values.
+
+    Args:
+        config: the model's config.
+        max_cache_len: `None` for a growing cache; an int for a static, pre-allocated one (torch.compile).
+    """
+
+    def __init__(self, config: MLRAConfig, max_cache_len: int | None = None):
+        super().__init__(layers=[MLRALatentCacheLayer(max_cache_len) for _ in range(config.num_hidden_layers)])
+
+    def update(self, states: torch.Tensor, layer_idx: int, *args, **kwargs) -> torch.Tensor:
+        """Append a layer's new states [bsz, T, d_c + d_r] and return all of its cached states."""
+        return self.layers[layer_idx].update(states)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes one token takes in the cache, all layers together, per sequence."""
+        return sum(layer.bytes_per_token for layer in self.layers)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated by the cache buffers (capacity, not only the filled part)."""
+        return sum(layer.buffer.nbytes for layer in self.layers if layer.buffer is not None)
+
+
+def attention_mask_for_slots(
+    attention_mask: torch.Tensor | None, query_slots: torch.Tensor, kv_length: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """Additive mask [bsz or 1, 1, T, S]: query slot i sees key slot j <= i whose attention_mask entry is 1.
+
+    A padding query sees only its own slot, so its (unused) output is finite and the same whatever the cache's
+    capacity; real queries never see padding.
+    """
+    key_slots = torch.arange(kv_length, device=query_slots.device)
+    own_slot = (key_slots[None, :] == query_slots[:, None])[None, None]
+    allowed = (key_slots[None, :] <= query_slots[:, None])[None, None]
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            raise ValueError(f"attention_mask must be 2D [batch, tokens], got shape {tuple(attention_mask.shape)}")
+        keys_valid = F.pad(attention_mask.bool(), (0, kv_length - attention_mask.shape[1]), value=True)
+        allowed = (allowed & keys_valid[:, None, None, :]) | own_slot
+    return torch.zeros(allowed.shape, dtype=dtype, device=query_slots.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, is_causal=None, **kwargs):
+    """Plain softmax attention, softmax in float32: query [bsz, heads, T, d], key [bsz, heads, S, d], value
+    [bsz, heads, S, d_v], additive attention_mask [bsz|1, 1, T, S] or None (causal when T > 1) -> [bsz, T, heads, d_v]
+    (transformers' attention-interface convention)."""
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    elif query.shape[-2] > 1:
+        causal = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    probs = F.dropout(probs, p=dropout, training=module.training)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+
+
+def use_decode_kernel(config: MLRAConfig, num_new_tokens: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether the absorbed decode runs the fused Triton kernel (`config.decode_kernel`; "auto": on CUDA only)."""
+    if config.decode_kernel == "torch":
+        return False
+    supported = kernel_supports(
+        config.num_softmax_branches, config.latent_block_dim, config.qk_rope_head_dim, num_new_tokens, dtype
+    )
+    if config.decode_kernel == "auto":
+        return supported and device.type == "cuda"
+    if not supported:
+        reason = "Triton does not import" if not triton_available() else "the shapes or dtype are not supported"
+        raise ValueError(
+            f"MLRAConfig.decode_kernel='triton' but the fused decode kernel cannot run: {reason} (branches "
+            f"{config.num_softmax_branches}, latent block {config.latent_block_dim}, rope {config.qk_rope_head_dim}, "
+            f"{num_new_tokens} new tokens, {dtype}); use decode_kernel='auto' or 'torch'"
+        )
+    return True
+
+
+def key_mask_for_kernel(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The decode kernel's key mask [bsz, S] (nonzero: the key may be attended) from a 2D mask [bsz, S], or from
+    the last query row of a prepared 4D mask (additive or boolean); the kernel applies the causal rule itself."""
+    if attention_mask is None or attention_mask.dim() == 2:
+        return attention_mask
+    last_row = attention_mask[:, 0, -1, :]
+    return last_row if last_row.dtype == torch.bool else last_row == 0
+
+
+class MLRALatentUpProjection(nn.Module):
+    """The up-projection of the latent blocks: `weight` [L, hpg * (d_n + d_v), d_l], one nn.Linear weight per
+    latent block. Block l serves the heads of group l % G (in order; per head [k_nope | v]) for branch l // G."""
+
+    def __init__(self, config: MLRAConfig):
+        super().__init__()
+        out_features = config.heads_per_group * (config.qk_nope_head_dim + config.v_head_dim)
+        self.weight = nn.Parameter(torch.empty(config.num_latent_blocks, out_features, config.latent_block_dim))
+
+
+class MLRAAttention(nn.Module):
+    """Latent attention with L latent blocks and B softmax branches (MLA, GLA and MLRA are special cases)."""
+
+    def __init__(self, config: MLRAConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_branches = config.num_softmax_branches
+        self.num_groups = config.num_head_groups
+        self.heads_per_group = config.heads_per_group
+        self.num_latent_blocks = config.num_latent_blocks
+        self.latent_block_dim = config.latent_block_dim
+        self.kv_lora_rank = config.kv_lora_rank
+        self.qk_nope_head_dim = config.qk_nope_head_dim
+        self.qk_rope_head_dim = config.qk_rope_head_dim
+        self.v_head_dim = config.v_head_dim
+        self.scaling = (config.qk_nope_head_dim + config.qk_rope_head_dim) ** -0.5
+        q_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
+
+        if config.q_lora_rank is None:
+            self.q_proj = nn.Linear(config.hidden_size, self.num_heads * q_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(config.hidden_size, config.q_lora_rank, bias=False)
+            self.q_a_layernorm = MLRARMSNorm(config.q_lora_rank, eps=config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(config.q_lora_rank, self.num_heads * q_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(
+            config.hidden_size, config.kv_lora_rank + config.qk_rope_head_dim, bias=False
+        )
+        norm_groups = config.num_latent_blocks if config.latent_norm == "per_block" else 1
+        self.kv_a_layernorm = MLRARMSNorm(config.kv_lora_rank, eps=config.rms_norm_eps, num_groups=norm_groups)
+        self.kv_b_proj = MLRALatentUpProjection(config)
+        if config.attention_output_gate:
+            self.o_gate_proj = nn.Linear(config.hidden_size, self.num_heads * self.v_head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, config.hidden_size, bias=False)
+        self.o_proj.is_residual_output = True  # zero-initialised (paper)
+        self.is_causal = True  # read by transformers' attention functions
+
+    def by_branch_and_group(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        """View the latent-block axis `dim` (length L) of `tensor` as [B, G]. Every path reads the latent blocks
+        through this view: block l sits at branch l // G, group l % G, i.e. l = MLRAConfig.latent_block(b, g)."""
+        return tensor.unflatten(dim, (self.num_branches, self.num_groups))
+
+    def up_projection_per_branch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [B, h, d_n, d_l] and W_UV [B, h, d_v, d_l]: for branch b and head i, the up-projection of the
+        latent block the pair reads (group g's heads, in order, concatenate to all h heads)."""
+        weight = self.by_branch_and_group(self.kv_b_proj.weight, 0)  # [B, G, hpg * (d_n + d_v), d_l]
+        weight = weight.reshape(self.num_branches, self.num_heads, -1, self.latent_block_dim)
+        return weight.split([self.qk_nope_head_dim, self.v_head_dim], dim=2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: MLRACache | None = None,
+        decode_kernel_inputs: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """hidden_states [bsz, T, d] -> [bsz, T, d]. attention_mask: additive [bsz|1, 1, T, S] or None (causal).
+        decode_kernel_inputs: (seq_lens [bsz], key_mask [bsz, S] or None) when the absorbed decode runs the fused
+        kernel (see `MLRAModel.forward`)."""
+        bsz, q_len, _ = hidden_states.shape
+        if self.config.q_lora_rank is None:
+            query = self.q_proj(hidden_states)
+        else:
+            q_latent = self.q_a_layernorm(self.q_a_proj(hidden_states)) * self.config.q_latent_scale
+            query = self.q_b_proj(q_latent)
+        query = query.view(bsz, q_len, self.num_heads, -1)
+        q_nope, q_rope = query.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+
+        # the rope key is the projection's last d_r columns (a tensor-parallel rank with a shared latent norm projects
+        # the whole latent and its norm keeps the rank's blocks)
+        latent_and_rope = self.kv_a_proj_with_mqa(hidden_states)
+        latent, k_rope = latent_and_rope[..., : -self.qk_rope_head_dim], latent_and_rope[..., -self.qk_rope_head_dim :]
+        latent = self.kv_a_layernorm(latent) * self.config.kv_latent_scale
+        cos, sin = position_embeddings
+        q_rope = apply_rotary_pos_emb(q_rope, cos, sin, self.config.rope_interleave)
+        k_rope = apply_rotary_pos_emb(k_rope.unsqueeze(2), cos, sin, self.config.rope_interleave).squeeze(2)
+
+        kv_states = torch.cat([latent, k_rope], dim=-1)  # exactly what the cache keeps
+        if cache is not None:
+            kv_states = cache.update(kv_states, self.layer_idx)
+        if decode_kernel_inputs is not None:
+            attn_output = self.absorbed_attention_kernel(q_nope, q_rope, kv_states, *decode_kernel_inputs)
+        elif cache is not None and q_len <= self.config.absorbed_max_query_len:
+            attn_output = self.absorbed_attention(q_nope, q_rope, kv_states, attention_mask)
+        else:
+            attn_output = self.expanded_attention(q_nope, q_rope, kv_states, attention_mask)
+
+        attn_output = attn_output.reshape(bsz, q_len, self.num_heads * self.v_head_dim)
+        if self.config.attention_output_gate:
+            attn_output = attn_output * torch.sigmoid(self.o_gate_proj(hidden_states))
+        return self.o_proj(attn_output)
+
+    def expanded_attention(self, q_nope, q_rope, kv_states, attention_mask) -> torch.Tensor:
+        """Attention with the latent expanded to per-head keys and values (training, prefill), one softmax branch at
+        a time: every branch attends with the same query (no per-branch copies), and only one branch's keys and
+        values exist at once, so the transient memory is that of an MLA (DeepSeek) layer of the same size.
+
+        q_nope [bsz, T, h, d_n], q_rope [bsz, T, h, d_r], kv_states [bsz, S, d_c + d_r], attention_mask additive
+        [bsz|1, 1, T, S] or None (causal over T == S tokens) -> [bsz, T, h, d_v]. The attention itself runs through
+        transformers' attention interface (`config._attn_implementation`: sdpa, eager, flex_attention, ...).
+        """
+        bsz, q_len = q_nope.shape[:2]
+        kv_len = kv_states.shape[1]
+        latent, k_rope = kv_states.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        blocks = self.by_branch_and_group(latent.unflatten(-1, (self.num_latent_blocks, self.latent_block_dim)), 2)
+        weights = self.by_branch_and_group(self.kv_b_proj.weight, 0)  # [B, G, hpg * (d_n + d_v), d_l]
+        query = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # [bsz, h, T, d_n + d_r]
+        k_rope = k_rope.unsqueeze(1).expand(bsz, self.num_heads, kv_len, self.qk_rope_head_dim)
+        implementation = self.config._attn_implementation or "sdpa"
+        flash = implementation.startswith("flash")
+        if flash and attention_mask is not None:
+            logger.warning_once(f"{implementation} takes no padding or cache masks here: such calls run sdpa")
+            implementation = "sdpa"
+        if implementation not in ("sdpa", "eager") and not flash and attention_mask is None:
+            # other implementations (flex_attention, registered ones) take the causal rule as a mask
+            attention_mask = attention_mask_for_slots(None, torch.arange(q_len, device=query.device), kv_len, query.dtype)
+        attention = (
+            eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+        )
+        pad_value = flash and self.v_head_dim != query.shape[-1]
+
+        output = None
+        for branch in range(self.num_branches):
+            kv = torch.einsum("bsgd,god->bsgo", blocks[:, :, branch], weights[branch])  # [bsz, S, G, hpg*(d_n+d_v)]
+            k_nope, value = kv.reshape(bsz, kv_len, self.num_heads, -1).split(
+                [self.qk_nope_head_dim, self.v_head_dim], dim=-1
+            )
+            key = torch.cat([k_nope.transpose(1, 2), k_rope], dim=-1)  # [bsz, h, S, d_n + d_r]
+            value = value.transpose(1, 2)
+            if pad_value:  # FlashAttention needs one head size for q, k and v (as transformers' DeepseekV3 does)
+                value = F.pad(value, [0, query.shape[-1] - self.v_head_dim])
+            branch_output, _ = attention(
+                self,
+                query,
+                key,
+                value,
+                attention_mask,
+                scaling=self.scaling,
+                dropout=0.0,
+                is_causal=attention_mask is None and q_len > 1,
+            )
+            branch_output = branch_output[..., : self.v_head_dim]
+            output = branch_output if output is None else output + branch_output
+        return output * self.config.attn_output_scale
+
+    def absorbed_attention(self, q_nope, q_rope, kv_states, attention_mask) -> torch.Tensor:
+        """Attention straight on the compressed cache (decode): W_UK is folded into the query and W_UV applied
+        after the softmax, so the cached latent is read as it is and never expanded per head.
+
+        q_nope [bsz, T, h, d_n], q_rope [bsz, T, h, d_r], kv_states [bsz, S, d_c + d_r] -> [bsz, T, h, d_v].
+        """
+        bsz, q_len = q_nope.shape[:2]
+        kv_len = kv_states.shape[1]
+        B, G, hpg = self.num_branches, self.num_groups, self.heads_per_group
+        w_uk, w_uv = self.up_projection_per_branch()
+        latent, k_rope = kv_states.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        blocks = latent.unflatten(-1, (self.num_latent_blocks, self.latent_block_dim))
+        blocks = self.by_branch_and_group(blocks, 2).permute(0, 2, 3, 1, 4)  # [bsz, B, G, S, d_l]
+
+        # matmul (not einsum) reads the weight views as they are, without a per-step copy of W_UK / W_UV
+        q_absorbed = torch.matmul(q_nope.transpose(1, 2).unsqueeze(1), w_uk)  # [bsz, B, h, T, d_l]
+        q_absorbed = q_absorbed.reshape(bsz, B, G, hpg * q_len, self.latent_block_dim)
+        scores = torch.matmul(q_absorbed, blocks.transpose(-1, -2)).view(bsz, B, G, hpg, q_len, kv_len)
+        # one GEMM of all heads' rope queries against the shared rope key (read once, not once per head)
+        q_rope = q_rope.transpose(1, 2).reshape(bsz, self.num_heads * q_len, self.qk_rope_head_dim)
+        rope_scores = torch.matmul(q_rope, k_rope.transpose(1, 2))  # [bsz, h * T, S]
+        scores = (scores + rope_scores.view(bsz, 1, G, hpg, q_len, kv_len)) * self.scaling
+        if attention_mask is not None:
+            scores = scores + attention_mask[:, :, None, None]
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(latent.dtype)
+
+        mixed = torch.matmul(probs.view(bsz, B, G, hpg * q_len, kv_len), blocks)  # [bsz, B, G, hpg*T, d_l]
+        mixed = mixed.view(bsz, B, self.num_heads, q_len, self.latent_block_dim)
+        output = torch.matmul(mixed, w_uv.transpose(-1, -2)).sum(dim=1)  # [bsz, h, T, d_v]
+        return output.transpose(1, 2) * self.config.attn_output_scale
+
+
+    def absorbed_attention_kernel(self, q_nope, q_rope, kv_states, seq_lens, key_mask) -> torch.Tensor:
+        """`absorbed_attention` through the fused Triton kernel: one launch for every head and branch, the cache read
+        once per head group (`mlra_decode_kernel.py`). seq_lens [bsz]: valid tokens per row; key_mask [bsz, S]."""
+        w_uk, w_uv = self.up_projection_per_branch()
+        q_absorbed = torch.matmul(q_nope.transpose(1, 2).unsqueeze(1), w_uk)  # [bsz, B, h, T, d_l]
+        mixed = mlra_decode_attention(
+            q_absorbed.permute(0, 3, 1, 2, 4), q_rope, kv_states, seq_lens, key_mask, self.num_groups, self.scaling
+        )  # [bsz, T, B, h, d_l]
+        output = torch.matmul(mixed.permute(0, 2, 3, 1, 4), w_uv.transpose(-1, -2)).sum(dim=1)  # [bsz, h, T, d_v]
+        return output.transpose(1, 2) * self.config.attn_output_scale
+
+
+class MLRAMLP(nn.Module):
+    def __init__(self, config: MLRAConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.down_proj.is_residual_output = True  # zero-initialised (paper)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MLRADecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: MLRAConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = MLRAAttention(config, layer_idx)
+        self.mlp = MLRAMLP(config)
+        self.input_layernorm = MLRARMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = MLRARMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, **kwargs):
+        hidden_states = hidden_states + self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache=cache, **kwargs
+        )
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class MLRAPreTrainedModel(PreTrainedModel):
+    config_class = MLRAConfig
+    config: MLRAConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["MLRADecoderLayer"]
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        """Normal(0, initializer_range) everywhere, norms at one, attention and MLP output projections at zero."""
+        if getattr(module, "is_residual_output", False):
+            init.zeros_(module.weight)
+        elif isinstance(module, (nn.Linear, nn.Embedding, MLRALatentUpProjection)):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+        elif isinstance(module, MLRARMSNorm):
+            init.ones_(module.weight)
+        elif isinstance(module, MLRARotaryEmbedding):
+            fresh = MLRARotaryEmbedding(self.config).inv_freq
+            init.copy_(module.inv_freq, fresh.to(module.inv_freq.device))
+
+
+def _take_cache_argument(cache, kwargs: dict):
+    """The cache passed as `cache=` (transformers >= 5.2x) or `past_key_values=` (earlier 5.x)."""
+    legacy = kwargs.pop("past_key_values", None)
+    cache = cache if cache is not None else legacy
+    if cache is not None and not isinstance(cache, MLRACache):
+        raise TypeError(
+            f"MLRA models cache only the compressed latent and need an MLRACache; got {type(cache).__name__} "
+            "as the cache argument. Pass `MLRACache(model.config)` or leave the argument out."
+        )
+    return cache
+
+
+class MLRAModel(MLRAPreTrainedModel):
+    def __init__(self, config: MLRAConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([MLRADecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = MLRARMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = MLRARotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: MLRACache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """input_ids [bsz, T] (or inputs_embeds [bsz, T, d]); attention_mask [bsz, past + T] with 0 for padding;
+        position_ids [bsz, T] (default: from attention_mask, so left padding gets the right positions)."""
+        cache = _take_cache_argument(cache, kwargs)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            check_token_ids(input_ids, self.config.vocab_size)
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if self.gradient_checkpointing and self.training:
+            use_cache = False
+        if use_cache and cache is None:
+            cache = MLRACache(self.config)
+        if not use_cache:
+            cache = None
+
+        bsz, q_len = inputs_embeds.shape[:2]
+        past_length = cache.get_seq_length() if cache is not None else 0
+        query_slots = torch.arange(q_len, device=inputs_embeds.device) + past_length
+        # A 2D mask covers exactly the cached tokens and the new ones; any other length would silently shift the
+        # positions derived from it and mask the wrong slots, so refuse it.
+        if (
+            attention_mask is not None
+            and attention_mask.dim() == 2
+            and not torch.compiler.is_compiling()
+            and attention_mask.shape[1] != past_length + q_len
+        ):
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[1]} tokens but the cache holds {int(past_length)} and "
+                f"{q_len} are new: pass the mask of the whole sequence, cached tokens included"
+            )
+        if position_ids is None:
+            if attention_mask is not None and attention_mask.dim() == 2:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
+            else:
+                position_ids = query_slots.unsqueeze(0)
+        decode_kernel_inputs = None
+        if (
+            cache is not None
+            and q_len <= self.config.absorbed_max_query_len
+            and use_decode_kernel(self.config, q_len, inputs_embeds.dtype, inputs_embeds.device)
+        ):
+            # The kernel takes per-row lengths and the key mask as they are: no additive mask, no host sync.
+            if cache.is_compileable:
+                seq_lens = (past_length + q_len).to(inputs_embeds.device).reshape(1)
+            else:
+                seq_lens = torch.full((1,), past_length + q_len, device=inputs_embeds.device)
+            seq_lens = seq_lens.expand(bsz)
+            decode_kernel_inputs = (seq_lens, key_mask_for_kernel(attention_mask))
+            mask = None
+        else:
+            mask = self._attention_mask(attention_mask, query_slots, cache, inputs_embeds.dtype)
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        all_hidden_states = () if output_hidden_states else None
+        for decoder_layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states = decoder_layer(
+                hidden_states, position_embeddings, mask, cache=cache, decode_kernel_inputs=decode_kernel_inputs
+            )
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        return BaseModelOutputWithPast(
+            last_hidden_state=hidden_states, hidden_states=all_hidden_states, **{CACHE_FIELD: cache}
+        )
+
+    def _attention_mask(self, attention_mask, query_slots, cache, dtype) -> torch.Tensor | None:
+        """None where plain causal attention over the given tokens is exact, else an additive mask. A 4D mask was
+        prepared ahead (MLRAForCausalLM.create_masks_for_generate) and is used as it is."""
+        if attention_mask is not None and attention_mask.dim() == 4:
+            return attention_mask
+        static = cache is not None and cache.is_compileable
+        no_padding = attention_mask is None or (
+            not torch.compiler.is_compiling() and attention_mask.dim() == 2 and bool(attention_mask.all())
+        )
+        # Plain causal attention is exact without a cache, and in the expanded path on an empty growing one (prefill:
+        # the fast causal kernels, no [T, S] mask); one new token sees every cached one.
+        q_len = len(query_slots)
+        fresh_prefill = q_len > self.config.absorbed_max_query_len and cache is not None and cache.get_seq_length() == 0
+        if no_padding and (cache is None or (not static and (q_len == 1 or fresh_prefill))):
+            return None
+        kv_length = cache.get_mask_sizes(len(query_slots), 0)[0] if cache is not None else len(query_slots)
+        return attention_mask_for_slots(attention_mask, query_slots, kv_length, dtype)
+
+
+class MLRAForCausalLM(MLRAPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MLRAConfig):
+        super().__init__(config)
+        self.model = MLRAModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: MLRACache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """labels [bsz, T]: next-token cross-entropy (shifted inside; -100 ignored). logits_to_keep: only the
+        last n positions' logits (0: all)."""
+        cache = _take_cache_argument(cache, kwargs)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
+        )
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        """generate() gets an MLRACache: growing by default, static for `cache_implementation="static"`."""
+        implementation = generation_config.cache_implementation
+        if model_kwargs.get(CACHE_FIELD) is not None or generation_config.use_cache is False:
+            return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        if implementation not in (None, "dynamic", *STATIC_CACHE_IMPLEMENTATIONS):
+            raise ValueError(
+                f"cache_implementation={implementation!r} is not supported by MLRA models, which keep only the "
+                "compressed latent: use 'dynamic' (default) or 'static'"
+            )
+        max_cache_len = None
+        if implementation in STATIC_CACHE_IMPLEMENTATIONS:
+            max_cache_len = max(generation_config.max_length, generation_config.max_cache_len or 0)
+        model_kwargs[CACHE_FIELD] = MLRACache(self.config, max_cache_len=max_cache_len)
+
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, **kwargs) -> torch.Tensor | None:
+        """generate() builds the mask before each forward when the cache is static, so that a compiled forward sees
+        one shape at every step: our additive mask [bsz, 1, T, max_cache_len] (transformers' generic builder
+        knows nothing of the latent cache)."""
+        cache = _take_cache_argument(kwargs.pop("cache", None), kwargs)
+        query_slots = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + cache.get_seq_length()
+        return self.model._attention_mask(attention_mask, query_slots, cache, inputs_embeds.dtype)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """Loads our format (safetensors + MLRAConfig) or, detected from config.json, the authors' nanoGPT format
+        (a local folder or a Hub repo with `subfolder=`). For the authors' format, `variant=` names the family
+        member (e.g. "mlra_4_gated"); otherwise the folder name or the weight shapes choose it.
+
+        Under torchrun, `tp_plan="auto"` (or `tp_size=N`, `distributed_config=DistributedConfig(tp_size=N)`,
+        `device_mesh=`) splits the model over the processes by latent block (docs/tensor_parallel.md)."""
+        from .tensor_parallel import pop_tensor_parallel_arguments, shard_model
+
+        tensor_parallel = pop_tensor_parallel_arguments(kwargs)
+        group = tensor_parallel.process_group() if tensor_parallel is not None else None
+        original = find_original_checkpoint(pretrained_model_name_or_path, **kwargs)
+        if original is None:
+            model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        else:
+            model = load_original_checkpoint(cls, original, **kwargs)
+        return model if group is None else shard_model(model, group)
+
+    def save_pretrained(self, *args, **kwargs):
+        if getattr(self, "tensor_parallel", None) is not None:
+            raise ValueError("this model is split for tensor parallelism; save the checkpoint it was loaded from")
+        return super().save_pretrained(*args, **kwargs)
+
+
+__all__ = ["MLRACache", "MLRAForCausalLM", "MLRAModel", "MLRAPreTrainedModel"]
