@@ -19,7 +19,7 @@ STRUCTURES = {"mla": (1, 1), "gla_2": (2, 1), "gla_4": (4, 1), "mlra_2": (4, 2),
 
 
 def attention_by_the_equations(q_absorbed, q_rope, cache, seq_lens, key_mask, num_groups, scaling):
-    """DESIGN's absorbed decode written out per row, new token, branch and head, in float64."""
+    """The absorbed decode (docs/design.md) written out per row, new token, branch and head, in float64."""
     bsz, new_tokens, branches, heads, block_dim = q_absorbed.shape
     blocks, heads_per_group, rope_dim = branches * num_groups, heads // num_groups, q_rope.shape[-1]
     out = torch.zeros(q_absorbed.shape, dtype=torch.float64)
