@@ -1,6 +1,8 @@
 """Writing a converted model folder: sharded safetensors, config.json with auto_map, the modeling files,
 generation_config.json, the tokenizer and README.md, into a temporary folder renamed at the end."""
 
+import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterable
@@ -65,6 +67,7 @@ def write_model_folder(
         if tokenizer is not None:
             tokenizer.save_pretrained(partial)
         (partial / "README.md").write_text(readme, encoding="utf-8")
+        _apply_umask(partial)
         if out.exists():
             shutil.rmtree(out)
         partial.rename(out)
@@ -72,6 +75,15 @@ def write_model_folder(
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return out
+
+
+def _apply_umask(folder: Path) -> None:
+    """Give the folder and its files the permissions of a plainly created folder (mkdtemp makes them private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
 
 
 def _write_weights(folder: Path, config: MLRAConfig, tensors, dtype: torch.dtype, max_shard_size) -> None:
@@ -96,7 +108,7 @@ def _write_weights(folder: Path, config: MLRAConfig, tensors, dtype: torch.dtype
         raise ConversionError(f"the conversion produced no {missing[0]!r} ({len(missing)} tensors missing)")
     if split.is_sharded:
         index = {"metadata": {**split.metadata}, "weight_map": split.tensor_to_filename}
-        (folder / "model.safetensors.index.json").write_text(_json(index), encoding="utf-8")
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _write_config_and_code(folder: Path, config: MLRAConfig, dtype: torch.dtype, generation_config) -> None:
@@ -109,9 +121,3 @@ def _write_config_and_code(folder: Path, config: MLRAConfig, dtype: torch.dtype,
     custom_object_save(model, folder, config=config)
     config.save_pretrained(folder)
     (generation_config or GenerationConfig.from_model_config(config)).save_pretrained(folder)
-
-
-def _json(data) -> str:
-    import json
-
-    return json.dumps(data, indent=2, sort_keys=True) + "\n"
