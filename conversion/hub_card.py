@@ -49,7 +49,7 @@ def cache_rows(config: MLRAConfig) -> list[dict]:
     rows = []
     for tp in TP_DEGREES:
         values = config.latent_block_dim * max(config.num_latent_blocks // tp, 1) + config.qk_rope_head_dim
-        rows.append(dict(tp=tp, values=values, bytes=f"{values * config.num_hidden_layers * 2:,}"))
+        rows.append(dict(tp=tp, width=values, bytes=f"{values * config.num_hidden_layers * 2:,}"))
     return rows
 
 

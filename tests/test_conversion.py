@@ -47,13 +47,14 @@ def run_cli(*argv) -> int:
 
 def char_tokenizer(folder: Path):
     """A character-level tokenizer of < 128 ids, so its ids fit the reference models' vocabulary."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     alphabet = sorted(set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 ():=_,.+-*\n"))
     vocab = {"<unk>": 0, **{char: i + 1 for i, char in enumerate(alphabet)}}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", eos_token="<unk>")
     fast.save_pretrained(folder)
     return folder
@@ -74,10 +75,11 @@ def converted(tmp_path_factory):
                 tokenizer=str(tokenizer) if variant == "mlra_4" and dtype == "float32" else None,
             )
     folders["sharded/float32"] = convert_original(str(REFERENCE / "sharded" / "mlra_4"), root / "sharded" / "mlra_4")
+    sources = {**{name: name.split("/")[0] for name in folders}, "sharded/float32": "sharded/mlra_4"}
     readme = (folders["mlra_4/float32"] / "README.md").read_text()
     usage = re.findall(r"```python\n(.*?)```", readme, re.S)
     checks = {
-        name: (str(folder), str(REFERENCE / name.replace("/float32", "").replace("/bfloat16", "") / "expected.safetensors"))
+        name: (str(folder), str(REFERENCE / sources[name] / "expected.safetensors"))
         for name, folder in folders.items()
     }
     script = f"""
