@@ -175,6 +175,8 @@ def generate(options) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .conversion.cli import add_convert_arguments, run_convert  # here: it imports DTYPE_NAMES from this module
+
     parser = argparse.ArgumentParser(prog="mlra", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     add_generate_arguments(
@@ -183,10 +185,13 @@ def main(argv: list[str] | None = None) -> None:
     add_train_arguments(
         commands.add_parser("train", help="train a family member from scratch or from a checkpoint (Trainer)")
     )
+    add_convert_arguments(commands.add_parser("convert", help="convert checkpoints: the authors' format, MLA models"))
     options = parser.parse_args(argv)
     try:
         if options.command == "generate":
             generate(options)
+        elif options.command == "convert":
+            run_convert(options)
         else:
             run_training(options)
     except CommandLineError as error:
