@@ -7,6 +7,8 @@ per-head widths `d_n` (no-rope key), `d_r` (rope key), `d_v` (value).
 Design notes: docs/design.md (the math and index map, the cache layout, absorbed decode, expanded prefill).
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,6 +17,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
@@ -51,21 +54,38 @@ class MLRARMSNorm(nn.Module):
 
 
 class MLRARotaryEmbedding(nn.Module):
-    """cos/sin tables [bsz, T, d_r] for absolute positions, in the rotate-half layout."""
+    """cos/sin tables [bsz, T, d_r] for absolute positions, in the rotate-half layout. YaRN (`rope_parameters`
+    rope_type "yarn") takes its frequencies and cos/sin factor from transformers' own implementation."""
 
     inv_freq: torch.Tensor
 
     def __init__(self, config: MLRAConfig):
         super().__init__()
         dim = config.qk_rope_head_dim
-        inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        self.attention_scaling = 1.0
+        if config.rope_parameters["rope_type"] == "yarn":
+            inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS["yarn"](config)
+        else:
+            inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos, sin = emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+        return cos.to(x.dtype), sin.to(x.dtype)
+
+
+def softmax_scale(config: MLRAConfig) -> float:
+    """tau = 1 / sqrt(d_n + d_r); under YaRN with `mscale_all_dim` times mscale^2, DeepSeek's correction of the
+    softmax temperature for stretched positions (as transformers' DeepseekV2/V3 attention)."""
+    scale = (config.qk_nope_head_dim + config.qk_rope_head_dim) ** -0.5
+    rope = config.rope_parameters
+    if rope["rope_type"] == "yarn" and rope.get("mscale_all_dim") and rope["factor"] > 1:
+        mscale = 0.1 * rope["mscale_all_dim"] * math.log(rope["factor"]) + 1.0
+        scale *= mscale * mscale
+    return scale
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -365,7 +385,7 @@ class MLRAAttention(nn.Module):
         self.qk_nope_head_dim = config.qk_nope_head_dim
         self.qk_rope_head_dim = config.qk_rope_head_dim
         self.v_head_dim = config.v_head_dim
-        self.scaling = (config.qk_nope_head_dim + config.qk_rope_head_dim) ** -0.5
+        self.scaling = softmax_scale(config)
         q_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
 
         if config.q_lora_rank is None:

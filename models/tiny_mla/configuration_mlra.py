@@ -63,6 +63,9 @@ class MLRAConfig(PreTrainedConfig):
         attention_output_gate (`bool`): sigmoid output gate `sigmoid(W_G x) * o` before `o_proj`.
         rope_theta (`float`), rope_interleave (`bool`): RoPE base and convention (rotate-half when `False`,
             DeepSeek's interleaved pairs when `True`).
+        rope_parameters (`dict`, *optional*): transformers' RoPE parameters; `{"rope_type": "yarn", "factor": ...,
+            "original_max_position_embeddings": ..., "mscale": ..., "mscale_all_dim": ...}` for DeepSeek's YaRN
+            scaling, whose `mscale_all_dim` also multiplies the softmax scale by mscale^2. Its `rope_theta` wins.
         absorbed_max_query_len (`int`): with a cache, queries of at most this many tokens attend through the
             compressed cache in absorbed form; longer ones (prefill chunks) expand the latent per head.
         decode_kernel (`str`): the absorbed decode's implementation: `"auto"` (the fused Triton kernel on CUDA when
@@ -93,6 +96,7 @@ class MLRAConfig(PreTrainedConfig):
     attention_output_gate: bool = False
     rope_theta: float = 10000.0
     rope_interleave: bool = False
+    rope_parameters: dict | None = None
     max_position_embeddings: int = 2048
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.02
@@ -114,6 +118,15 @@ class MLRAConfig(PreTrainedConfig):
         if self.attn_output_scale is None:
             self.attn_output_scale = self.num_softmax_branches**-0.5
         super().__post_init__(**kwargs)
+        self.rope_theta = self.rope_parameters["rope_theta"]
+        if self.rope_parameters["rope_type"] not in ("default", "yarn"):
+            raise ValueError(f"MLRAConfig.rope_parameters: rope_type {self.rope_parameters['rope_type']!r} is not "
+                             "supported (use 'default' or 'yarn')")
+
+    @property
+    def head_dim(self) -> int:
+        """The rotary width d_r, which transformers' RoPE helpers read as `head_dim` (as DeepSeek's configs do)."""
+        return self.qk_rope_head_dim
 
     def _validate_structure(self):
         rules = [

@@ -9,6 +9,7 @@ Design notes: docs/design.md, section 4 (both checkpoint formats and the key map
 
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -100,23 +101,16 @@ def load_original_checkpoint(model_class, checkpoint: OriginalCheckpoint, **kwar
     if unsupported:
         raise TypeError(f"from_pretrained arguments {unsupported} are not supported for the authors' format")
 
-    tensors = OriginalTensors(checkpoint)
-    config = _config_from_original(checkpoint, tensors, variant)
+    config, tensors = open_original_checkpoint(checkpoint, variant)
     if attn_implementation is not None:
         config._attn_implementation = attn_implementation
-    state_dict = _convert_state_dict(tensors, config, dtype)
 
     from accelerate import init_empty_weights
 
     with init_empty_weights():
         model = model_class(config)
-    expected = model.state_dict()
-    for key, tensor in state_dict.items():
-        if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise ValueError(
-                f"{tensors.origin[key]}: shape {tuple(tensor.shape)} does not fit {key} of "
-                f"{config.variant}, which needs {tuple(expected[key].shape)}"
-            )
+    expected_shapes = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+    state_dict = dict(converted_tensors(tensors, config, dtype, expected_shapes))
     missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
     if unexpected or set(missing) - {"lm_head.weight"}:
         raise ValueError(f"conversion of {checkpoint.config_file} left missing {missing}, unexpected {unexpected}")
@@ -124,6 +118,12 @@ def load_original_checkpoint(model_class, checkpoint: OriginalCheckpoint, **kwar
     model.config.dtype = dtype
     model.eval()
     return _place(model, device_map)
+
+
+def open_original_checkpoint(checkpoint: OriginalCheckpoint, variant: str | None = None):
+    """The family config of an authors' checkpoint and its `OriginalTensors` (memory-mapped, nothing converted)."""
+    tensors = OriginalTensors(checkpoint)
+    return _config_from_original(checkpoint, tensors, variant), tensors
 
 
 class OriginalTensors:
@@ -235,29 +235,35 @@ def _config_from_original(checkpoint: OriginalCheckpoint, tensors: OriginalTenso
     )
 
 
-def _convert_state_dict(tensors: OriginalTensors, config: MLRAConfig, dtype: torch.dtype) -> dict:
-    """Map the authors' keys to ours, one tensor at a time, converting dtype as we go."""
-    converted = {}
+def converted_tensors(
+    tensors: OriginalTensors, config: MLRAConfig, dtype: torch.dtype, expected_shapes: dict[str, tuple]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Our (key, tensor) pairs, converted one at a time from the authors' keys (so a consumer that writes each
+    one out holds a single converted tensor at a time), each checked against `expected_shapes` (our model's)."""
 
-    def put(key: str, tensor: torch.Tensor, *sources: str):
-        converted[key] = tensor.to(dtype).contiguous()
+    def put(key: str, tensor: torch.Tensor, *sources: str) -> tuple[str, torch.Tensor]:
         tensors.origin[key] = " + ".join(f"{tensors.file_of[source]}: {source}" for source in sources)
+        if tuple(tensor.shape) != expected_shapes[key]:
+            raise ValueError(
+                f"{tensors.origin[key]}: shape {tuple(tensor.shape)} does not fit {key} of "
+                f"{config.variant}, which needs {expected_shapes[key]}"
+            )
+        return key, tensor.to(dtype).contiguous()
 
-    put("model.embed_tokens.weight", tensors.take("transformer.wte.weight"), "transformer.wte.weight")
-    put("model.norm.weight", tensors.take("layernorm.weight"), "layernorm.weight")
-    if tensors.has("lm_head.weight"):  # stored although tied to the embedding
-        tensors.take("lm_head.weight")
     if not config.tie_word_embeddings:
         raise ValueError("the authors' models tie lm_head to the embedding")
+    yield put("model.embed_tokens.weight", tensors.take("transformer.wte.weight"), "transformer.wte.weight")
+    if tensors.has("lm_head.weight"):  # stored although tied to the embedding
+        tensors.take("lm_head.weight")
 
     base = split_variant_name(config.variant)[0]
     for i in range(config.num_hidden_layers):
         theirs, ours = f"transformer.h.{i}.", f"model.layers.{i}."
         for old, new in LAYER_RENAMES.items():
-            put(ours + new, tensors.take(theirs + old), theirs + old)
+            yield put(ours + new, tensors.take(theirs + old), theirs + old)
         if config.attention_output_gate:
             key = theirs + "attn.gated_proj.weight"
-            put(ours + "self_attn.o_gate_proj.weight", tensors.take(key), key)
+            yield put(ours + "self_attn.o_gate_proj.weight", tensors.take(key), key)
 
         if base == "mla":
             norm_keys = [theirs + "attn.kv_a_layernorm.weight"]
@@ -271,10 +277,10 @@ def _convert_state_dict(tensors: OriginalTensors, config: MLRAConfig, dtype: tor
             norm_keys = [theirs + f"attn.kv_a_layernorms.{n}.weight" for n in range(config.num_latent_blocks)]
             up_keys = [theirs + "attn.kv_b_proj"]
             up = tensors.take(up_keys[0]).transpose(1, 2)
-        put(ours + "self_attn.kv_a_layernorm.weight", torch.cat([tensors.take(k) for k in norm_keys]), *norm_keys)
-        put(ours + "self_attn.kv_b_proj.weight", up, *up_keys)
+        yield put(ours + "self_attn.kv_a_layernorm.weight", torch.cat([tensors.take(k) for k in norm_keys]), *norm_keys)
+        yield put(ours + "self_attn.kv_b_proj.weight", up, *up_keys)
+    yield put("model.norm.weight", tensors.take("layernorm.weight"), "layernorm.weight")
     tensors.check_all_taken()
-    return converted
 
 
 def _parse_dtype(dtype) -> torch.dtype:
