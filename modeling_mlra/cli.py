@@ -1,4 +1,5 @@
-"""The `mlra` command line: `mlra generate` (demo, on the embedded tiny model by default) and `mlra train`.
+"""The `mlra` command line: `mlra generate` (demo, on the embedded tiny model by default), `mlra train`,
+`mlra convert` and `mlra eval tasks|ppl`.
 
     mlra generate --prompt "def fibonacci(n):"
     mlra train --variant mlra_4 --hidden-size 256 ... --train-data a.txt --tokenizer tok/ --output-dir out/ --max-steps 1000
@@ -176,6 +177,7 @@ def generate(options) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     from .conversion.cli import add_convert_arguments, run_convert  # here: it imports DTYPE_NAMES from this module
+    from .eval.cli import add_eval_arguments, run_eval
 
     parser = argparse.ArgumentParser(prog="mlra", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -186,12 +188,15 @@ def main(argv: list[str] | None = None) -> None:
         commands.add_parser("train", help="train a family member from scratch or from a checkpoint (Trainer)")
     )
     add_convert_arguments(commands.add_parser("convert", help="convert checkpoints: the authors' format, MLA models"))
+    add_eval_arguments(commands.add_parser("eval", help="lm-eval tasks and the authors' perplexity protocol"))
     options = parser.parse_args(argv)
     try:
         if options.command == "generate":
             generate(options)
         elif options.command == "convert":
             run_convert(options)
+        elif options.command == "eval":
+            run_eval(options)
         else:
             run_training(options)
     except CommandLineError as error:

@@ -1,9 +1,10 @@
-"""Token data for training and evaluation: the authors' `.bin` shards and plain text files.
+"""Token data for training and evaluation: the authors' `.bin` shards, plain text and JSON Lines files.
 
 The authors' format (nanoGPT / llm.c shards): a header of 256 int32 (magic 20240520, version 1, token count,
 then zeros) followed by the tokens as uint16.
 """
 
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -57,9 +58,27 @@ def tokenize_texts(texts: Iterable[str], tokenizer) -> np.ndarray:
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
 
 
+def read_jsonl_texts(path: Path, key: str = "text") -> list[str]:
+    """The `key` field of every line of a JSON Lines file, one document each."""
+    texts = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {number}: not JSON ({error})") from None
+            if not isinstance(record, dict) or not isinstance(record.get(key), str):
+                raise ValueError(f"{path}, line {number}: expected an object with a string field {key!r}")
+            texts.append(record[key])
+    return texts
+
+
 def load_tokens(paths: Sequence[str | Path], tokenizer=None) -> np.ndarray:
-    """Tokens [n] of several files, concatenated in order: `.bin` shards as stored, any other file read as UTF-8
-    text and tokenized with `tokenizer` (one document per file). A single shard stays memory-mapped (uint16)."""
+    """Tokens [n] of several files, concatenated in order: `.bin` shards as stored, `.jsonl` files as one document
+    per line (its "text" field), any other file as one UTF-8 document; text is tokenized with `tokenizer`. A single
+    shard stays memory-mapped (uint16)."""
     if not paths:
         raise ValueError("no data files given")
     parts = []
@@ -71,7 +90,8 @@ def load_tokens(paths: Sequence[str | Path], tokenizer=None) -> np.ndarray:
         else:
             if tokenizer is None:
                 raise ValueError(f"{path} is a text file: a tokenizer is needed to tokenize it")
-            parts.append(tokenize_texts([path.read_text(encoding="utf-8")], tokenizer))
+            texts = read_jsonl_texts(path) if path.suffix == ".jsonl" else [path.read_text(encoding="utf-8")]
+            parts.append(tokenize_texts(texts, tokenizer))
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
@@ -92,29 +112,3 @@ class TokenBlockDataset(torch.utils.data.Dataset):
         start = index * self.block_size
         block = torch.from_numpy(np.asarray(self.tokens[start : start + self.block_size], dtype=np.int64))
         return {"input_ids": block, "labels": block.clone()}
-
-
-@torch.no_grad()
-def perplexity(model, tokens: np.ndarray, block_size: int, batch_size: int = 8) -> float:
-    """exp(mean next-token cross-entropy) of `model` over `tokens` [n], cut into non-overlapping blocks of
-    `block_size` (the trailing partial block included); every token but each block's first is predicted once."""
-    model.eval()
-    device = next(model.parameters()).device
-    blocks = [tokens[i : i + block_size] for i in range(0, len(tokens), block_size)]
-    blocks = [b for b in blocks if len(b) > 1]
-    total_loss, total_predicted = 0.0, 0
-    for i in range(0, len(blocks), batch_size):
-        batch = blocks[i : i + batch_size]
-        length = max(len(b) for b in batch)
-        input_ids = torch.zeros(len(batch), length, dtype=torch.long)
-        labels = torch.full((len(batch), length), -100, dtype=torch.long)
-        for row, block in enumerate(batch):
-            input_ids[row, : len(block)] = torch.from_numpy(np.asarray(block, dtype=np.int64))
-            labels[row, : len(block)] = input_ids[row, : len(block)]
-        logits = model(input_ids=input_ids.to(device), use_cache=False).logits.float()
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten().to(device), ignore_index=-100, reduction="sum"
-        )
-        total_loss += loss.item()
-        total_predicted += int((labels[:, 1:] != -100).sum())
-    return float(np.exp(total_loss / total_predicted))
