@@ -170,7 +170,10 @@ def run_tasks(options) -> None:
     from .tables import zero_shot_table
 
     paper = options.tasks == "paper"
-    task_names = load_paper_results()["zero_shot"]["tasks"] if paper else [name.strip() for name in options.tasks.split(",") if name.strip()]
+    if paper:
+        task_names = load_paper_results()["zero_shot"]["tasks"]
+    else:
+        task_names = [name.strip() for name in options.tasks.split(",") if name.strip()]
     task_manager = task_manager_for(task_names, options.include_path)
     unknown = [name for name in task_names if name not in task_manager.all_tasks]
     if unknown:

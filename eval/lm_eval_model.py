@@ -44,7 +44,8 @@ class MLRALM(HFLM):
             if tokenizer is None:
                 raise ValueError("pass the tokenizer along with a loaded model")
         else:
-            device, torch_dtype = resolve_device_and_dtype(device or "auto", str(dtype or "auto").removeprefix("torch."))
+            dtype_name = str(dtype or "auto").removeprefix("torch.")
+            device, torch_dtype = resolve_device_and_dtype(device or "auto", dtype_name)
             model = MLRAForCausalLM.from_pretrained(pretrained, subfolder=subfolder, dtype=torch_dtype).to(device)
         if tokenizer is None or isinstance(tokenizer, (str, Path)):
             tokenizer = load_tokenizer(str(pretrained), subfolder, None if tokenizer is None else str(tokenizer))

@@ -32,7 +32,9 @@ class PerplexityResult:
         return asdict(self)
 
 
-def num_batches(num_tokens: int, block_size: int, batch_size: int, max_tokens: int = DEFAULT_MAX_TOKENS, name="the data") -> int:
+def num_batches(
+    num_tokens: int, block_size: int, batch_size: int, max_tokens: int = DEFAULT_MAX_TOKENS, name: str = "the data"
+) -> int:
     """How many whole batches of `batch_size` blocks of `block_size` tokens the protocol evaluates in `num_tokens`
     tokens (at least one, else a ValueError naming the data)."""
     batches = min(max_tokens, num_tokens) // (batch_size * block_size)

@@ -25,12 +25,15 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from modeling_mlra import MLRAForCausalLM  # noqa: E402
-from modeling_mlra.data import load_tokens, perplexity, write_bin_tokens  # noqa: E402
+from modeling_mlra.data import load_tokens, write_bin_tokens  # noqa: E402
+from modeling_mlra.eval.perplexity import evaluate_perplexity  # noqa: E402
 from refresh_model_folders import refresh  # noqa: E402  (this folder is on sys.path when run as a script)
 
 EOS = "<|endoftext|>"
 VOCAB_SIZE = 2048
 BLOCK_SIZE = 128
+# Perplexities with the authors' protocol (modeling_mlra.eval.perplexity), 8 blocks a batch.
+PROTOCOL = dict(block_size=BLOCK_SIZE, batch_size=8, progress=False)
 HELDOUT_EVERY, HELDOUT_OFFSET = 16, 8  # file i (sorted by name) is held out when i % 16 == 8
 FIXTURE_CHARS = 40_000
 # The same sizes for both models, so they have exactly the same parameter count.
@@ -118,8 +121,8 @@ def main():
             "command": " ".join(commands[variant]),
             "parameters": model.num_parameters(),
             "weights_bytes": (destination / "model.safetensors").stat().st_size,
-            "val_perplexity": round(perplexity(model, val_tokens, BLOCK_SIZE), 3),
-            "fixture_perplexity": round(perplexity(model, fixture_tokens, BLOCK_SIZE), 3),
+            "val_perplexity": round(evaluate_perplexity(model, val_tokens, **PROTOCOL).perplexity, 3),
+            "fixture_perplexity": round(evaluate_perplexity(model, fixture_tokens, **PROTOCOL).perplexity, 3),
         }
     results.update(train_tokens=len(load_tokens([work / "train.bin"])), val_tokens=len(val_tokens))
     results.update(heldout_files=[f.name for f in heldout_files], vocab_size=len(tokenizer))

@@ -17,7 +17,8 @@ from transformers import AutoTokenizer  # noqa: E402
 
 from modeling_mlra import MLRAForCausalLM  # noqa: E402
 from modeling_mlra.cli import DEFAULT_MODEL  # noqa: E402
-from modeling_mlra.data import load_tokens, perplexity  # noqa: E402
+from modeling_mlra.data import load_tokens  # noqa: E402
+from modeling_mlra.eval.perplexity import evaluate_perplexity  # noqa: E402
 
 RESULTS = json.loads((DEFAULT_MODEL / "training_results.json").read_text())
 PROMPT = "def f(x):"
@@ -42,9 +43,8 @@ def test_heldout_perplexity_stays_within_10_percent_of_the_recorded_value(varian
     folder = ROOT / recorded["folder"]
     model = MLRAForCausalLM.from_pretrained(folder, local_files_only=True)
     tokens = load_tokens([HELDOUT], AutoTokenizer.from_pretrained(folder, local_files_only=True))
-    assert perplexity(model, tokens, block_size=model.config.max_position_embeddings) <= 1.1 * recorded[
-        "fixture_perplexity"
-    ]
+    result = evaluate_perplexity(model, tokens, block_size=model.config.max_position_embeddings, batch_size=8)
+    assert result.perplexity <= 1.1 * recorded["fixture_perplexity"]
 
 
 def folder_id(folder: Path) -> str:
