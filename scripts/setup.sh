@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Installs the package and its test tools into the active Python. A torch that is already installed is kept;
+# Installs the package, its test tools and lm-eval (the `eval` extra) into the active Python. A torch that is already installed is kept;
 # otherwise the CPU build torch==2.13.0 is installed (plain `torch` would pull a multi-GB CUDA build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! python -c "import torch" 2>/dev/null; then
     python -m pip install -q torch==2.13.0
 fi
-python -m pip install -q -e ".[dev]"
+python -m pip install -q -e ".[dev,eval]"
 python -c "import torch, transformers; print(f'torch {torch.__version__}, transformers {transformers.__version__}')"

@@ -1,0 +1,66 @@
+"""The regular (non-editable) wheel: the top-level eval/ and conversion/ folders install inside the package."""
+
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SETUPTOOLS = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    """The wheel built from a copy of the sources (the build writes build/ and *.egg-info next to them)."""
+    work = tmp_path_factory.mktemp("wheel")
+    source = work / "source"
+    for folder in sorted(set(SETUPTOOLS["package-dir"].values())):
+        shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", work / "dist"]
+    subprocess.run([*map(str, command), str(source)], check=True, capture_output=True, timeout=300)
+    (path,) = (work / "dist").glob("modeling_mlra-*.whl")
+    return path
+
+
+def test_wheel_holds_eval_and_conversion_inside_the_package(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    for package, folder in SETUPTOOLS["package-dir"].items():
+        expected = {
+            f"{package.replace('.', '/')}/{path.relative_to(ROOT / folder).as_posix()}"
+            for path in (ROOT / folder).glob("*.py")
+        }
+        assert expected <= set(names), package
+    assert "modeling_mlra/eval/paper_results.json" in names
+    assert "modeling_mlra/default_model/model.safetensors" in names
+    (entry_points,) = [name for name in names if name.endswith(".dist-info/entry_points.txt")]
+    assert "mlra = modeling_mlra.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+def test_mlra_eval_runs_from_the_installed_wheel_without_the_repository(wheel, tmp_path):
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+        check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    environment = {**os.environ, "PYTHONPATH": str(target), "OMP_NUM_THREADS": "1"}
+    # What the installed `mlra` script runs (entry point modeling_mlra.cli:main), from outside the repository.
+    program = (
+        "import sys, modeling_mlra.eval.paper_results as paper, modeling_mlra.cli as cli\n"
+        "paper.load_paper_results()\n"
+        "print(paper.__file__)\n"
+        "cli.main(['eval', 'ppl', '--help'])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, env=environment, cwd=tmp_path, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    location, usage = result.stdout.split("\n", 1)
+    assert Path(location).is_relative_to(target)
+    assert "--block-size" in usage and "--max-tokens" in usage
