@@ -77,7 +77,10 @@ def load_model(options):
         model = MLRAForCausalLM.from_pretrained(options.model, subfolder=options.subfolder, dtype=dtype)
     except (OSError, ValueError) as error:
         raise EvalInputError(f"--model {options.model} (subfolder {options.subfolder!r}): {error}") from None
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    print(f"{options.model} {options.subfolder}".strip() + f": {model.config.variant or 'family model'}, "
+          f"{model.num_parameters():,} parameters on {device} in {str(dtype).removeprefix('torch.')}")
+    return model
 
 
 def load_tokenizer(options):

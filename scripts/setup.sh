@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs the package, its test tools and lm-eval (the `eval` extra) into the active Python. A torch that is already installed is kept;
-# otherwise the CPU build torch==2.13.0 is installed (plain `torch` would pull a multi-GB CUDA build).
+# Installs the package, its test tools and lm-eval (the `eval` extra) into the active Python. A torch that is
+# already installed is kept; otherwise the CPU build torch==2.13.0 is installed (plain `torch` would pull a multi-GB CUDA build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if ! python -c "import torch" 2>/dev/null; then
