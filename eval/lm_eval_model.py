@@ -21,7 +21,7 @@ class MLRALM(HFLM):
 
     Args:
         pretrained: folder or Hub id of the checkpoint (default: the tiny model embedded in the package), or a
-            loaded `MLRAForCausalLM`.
+            loaded `MLRAForCausalLM` (then `device` and `dtype` are its own).
         subfolder: folder inside `pretrained` holding the checkpoint (e.g. `main/mlra_4` in Soughing/MLRA).
         tokenizer: tokenizer folder or Hub id; default: the checkpoint's own, else GPT-2's from the local cache
             (the authors' checkpoints ship none).
@@ -40,9 +40,7 @@ class MLRALM(HFLM):
         **kwargs,
     ):
         if isinstance(pretrained, MLRAForCausalLM):
-            model = pretrained
-            if tokenizer is None:
-                raise ValueError("pass the tokenizer along with a loaded model")
+            model, pretrained = pretrained, pretrained.name_or_path
         else:
             dtype_name = str(dtype or "auto").removeprefix("torch.")
             device, torch_dtype = resolve_device_and_dtype(device or "auto", dtype_name)

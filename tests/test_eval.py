@@ -187,39 +187,44 @@ def task_dir(tmp_path_factory):
     return folder
 
 
+def encode(tokenizer, text):
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@torch.no_grad()
+def loglikelihood(model, context_ids, continuation_ids):
+    """log p(continuation | context) from the model's logits on the whole sequence."""
+    ids = torch.tensor([context_ids + continuation_ids])
+    log_probs = model(input_ids=ids, use_cache=False).logits[0].float().log_softmax(-1)
+    positions = torch.arange(len(context_ids) - 1, ids.shape[1] - 1)
+    return log_probs[positions, torch.tensor(continuation_ids)].sum().item()
+
+
+def choice_loglikelihoods(model, tokenizer, doc):
+    # lm-eval scores " " + choice (its default target_delimiter) after the question.
+    context = encode(tokenizer, doc["question"])
+    whole = [encode(tokenizer, f"{doc['question']} {choice}") for choice in doc["choices"]]
+    return [loglikelihood(model, context, ids[len(context) :]) for ids in whole]
+
+
 @pytest.fixture(scope="module")
 def direct(model_dir):
     """What each request of the tiny tasks must score, computed from the model's logits and generate()."""
     model = MLRAForCausalLM.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
 
-    def encode(text):
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    @torch.no_grad()
-    def loglikelihood(context_ids, continuation_ids):
-        ids = torch.tensor([context_ids + continuation_ids])
-        log_probs = model(input_ids=ids, use_cache=False).logits[0].float().log_softmax(-1)
-        positions = torch.arange(len(context_ids) - 1, ids.shape[1] - 1)
-        return log_probs[positions, torch.tensor(continuation_ids)].sum().item()
-
-    def choice(doc):
-        # lm-eval scores " " + choice (its default target_delimiter) after the question.
-        context = encode(doc["question"])
-        return [loglikelihood(context, encode(f"{doc['question']} {c}")[len(context) :]) for c in doc["choices"]]
-
     def rolling(doc):
         prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        return loglikelihood([prefix], encode(doc["text"]))
+        return loglikelihood(model, [prefix], encode(tokenizer, doc["text"]))
 
     @torch.no_grad()
     def generation(doc):
-        ids = torch.tensor([encode(doc["prompt"])])
+        ids = torch.tensor([encode(tokenizer, doc["prompt"])])
         output = model.generate(input_ids=ids, max_new_tokens=MAX_GEN_TOKS, do_sample=False)
         return tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True).split("\n")[0]
 
     return {
-        "tiny_choice": [choice(doc) for doc in CHOICES],
+        "tiny_choice": [choice_loglikelihoods(model, tokenizer, doc) for doc in CHOICES],
         "tiny_rolling": [rolling(doc) for doc in DOCUMENTS],
         "tiny_generate": [generation(doc) for doc in PROMPTS],
     }
@@ -304,6 +309,36 @@ def test_mlra_model_is_registered_with_lm_eval_and_generates_with_the_mlra_cache
     )
     assert results["results"]["tiny_generate"]["exact_match,none"] in (0.0, 1.0)
     assert caches and set(caches) == {MLRACache}
+
+
+def test_mlra_model_class_scores_the_authors_checkpoint_with_its_logits(task_dir, tmp_path):
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    import modeling_mlra.eval.lm_eval_model  # noqa: F401  (registers "mlra")
+
+    # The authors' folders ship no tokenizer and the fixtures' vocabulary has 128 ids: one token per character.
+    characters = Tokenizer(models.WordLevel({"<eos>": 0, **{chr(i): i - 31 for i in range(32, 127)}}, "<eos>"))
+    characters.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    characters.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=characters, eos_token="<eos>")
+    tokenizer.save_pretrained(tmp_path / "characters")
+    checkpoint = REFERENCE_DIR / "mlra_4"
+    results = lm_eval.simple_evaluate(
+        model="mlra",
+        model_args=f"pretrained={checkpoint},tokenizer={tmp_path / 'characters'},device=cpu",
+        tasks=["tiny_choice"],
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+        batch_size=2,
+        log_samples=True,
+    )
+    model = MLRAForCausalLM.from_pretrained(checkpoint).eval()
+    samples = sorted(results["samples"]["tiny_choice"], key=lambda sample: sample["doc_id"])
+    for sample, doc in zip(samples, CHOICES, strict=True):
+        scores = [response[0][0] for response in sample["resps"]]
+        assert scores == pytest.approx(choice_loglikelihoods(model, tokenizer, doc), rel=1e-4, abs=1e-4)
 
 
 def test_tasks_command_rejects_an_unknown_task_in_one_line(task_dir, capsys, monkeypatch):
