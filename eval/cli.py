@@ -7,15 +7,17 @@ perplexity protocol). lm-eval and the model load inside the commands, so that ot
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
+
+from modeling_mlra.arguments import CommandLineError, check_at_least, check_files, check_model_location, reported_as
 
 from .perplexity import DEFAULT_MAX_TOKENS
 
 
-class EvalInputError(ValueError):
-    """A bad argument or input file, reported in one line."""
+def batch_size(value: str) -> int | str:
+    """lm-eval's batch size: an integer or 'auto'."""
+    return value if value == "auto" else int(value)
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +48,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     tasks.add_argument("--include-path", help="folder of extra lm-eval task YAML files")
     tasks.add_argument("--num-fewshot", type=int, help="few-shot examples (default: the task's; paper: 0)")
     tasks.add_argument("--limit", type=float, help="evaluate only this many documents per task (or a fraction)")
-    tasks.add_argument("--batch-size", default="1", help="an integer or 'auto'")
+    tasks.add_argument("--batch-size", type=batch_size, default=1, help="an integer or 'auto'")
     tasks.add_argument("--log-samples", action="store_true", help="keep every document's responses in --output-json")
     ppl.add_argument("--data", nargs="+", required=True, type=Path, help=".bin (the authors' format), .jsonl or text")
     ppl.add_argument("--block-size", type=int, default=2048)
@@ -56,43 +58,29 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_eval(options: argparse.Namespace) -> None:
-    """Dispatch `mlra eval tasks|ppl`; a bad argument or input ends the command with one line and exit code 2."""
-    try:
-        if options.eval_command == "tasks":
-            run_tasks(options)
-        else:
-            run_perplexity(options)
-    except EvalInputError as error:
-        print(f"mlra eval {options.eval_command}: error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    """`mlra eval tasks|ppl`; a bad argument or input raises CommandLineError (`mlra` prints one line, exit code 2)."""
+    check_model_location("--model", options.model, options.subfolder)
+    if options.tokenizer is not None:
+        check_model_location("--tokenizer", options.tokenizer)
+    check_at_least("--batch-size", None if options.batch_size == "auto" else options.batch_size, 1)
+    if options.eval_command == "tasks":
+        run_tasks(options)
+    else:
+        run_perplexity(options)
 
 
 def load_model(options):
-    """The checkpoint named by --model/--subfolder on --device in --dtype, or an EvalInputError."""
+    """The checkpoint named by --model/--subfolder on --device in --dtype."""
     from modeling_mlra.cli import resolve_device_and_dtype
     from modeling_mlra.modeling_mlra import MLRAForCausalLM
 
     device, dtype = resolve_device_and_dtype(options.device, options.dtype)
-    try:
+    with reported_as(f"--model {options.model}"):
         model = MLRAForCausalLM.from_pretrained(options.model, subfolder=options.subfolder, dtype=dtype)
-    except (OSError, ValueError) as error:
-        raise EvalInputError(f"--model {options.model} (subfolder {options.subfolder!r}): {error}") from None
     model = model.to(device).eval()
     print(f"{options.model} {options.subfolder}".strip() + f": {model.config.variant or 'family model'}, "
           f"{model.num_parameters():,} parameters on {device} in {str(dtype).removeprefix('torch.')}")
     return model
-
-
-def load_tokenizer(options):
-    """--tokenizer, else the model's, else GPT-2's from the cache; an EvalInputError when there is none."""
-    from modeling_mlra.cli import load_tokenizer
-
-    try:
-        return load_tokenizer(options.model, options.subfolder, options.tokenizer)
-    except SystemExit as error:
-        raise EvalInputError(str(error.code).removeprefix("error: ")) from None
-    except (OSError, ValueError) as error:
-        raise EvalInputError(f"--tokenizer {options.tokenizer}: {error}") from None
 
 
 def model_label(options) -> str:
@@ -107,25 +95,25 @@ def write_json(path: Path, data: dict, default=None) -> None:
 
 def run_perplexity(options) -> None:
     """`mlra eval ppl`: every file checked before any is evaluated, then one result per file and the table."""
+    from modeling_mlra.cli import load_tokenizer
+
     from .perplexity import evaluate_perplexity, load_eval_tokens, num_batches
     from .tables import perplexity_table
 
+    check_files("--data", options.data)
+    check_at_least("--block-size", options.block_size, 1)
+    check_at_least("--max-tokens", options.max_tokens, 1)
     names = [path.name for path in options.data]
     if len(set(names)) != len(names):
-        raise EvalInputError(f"--data: several files share a name ({', '.join(names)}); results are keyed by name")
+        raise CommandLineError(f"--data: several files share a name ({', '.join(names)}); results are keyed by name")
     model = load_model(options)
     needs_tokenizer = any(path.suffix != ".bin" for path in options.data)
-    tokenizer = load_tokenizer(options) if needs_tokenizer else None
+    tokenizer = load_tokenizer(options.model, options.subfolder, options.tokenizer) if needs_tokenizer else None
     tokens = {}
     for path in options.data:
-        try:
+        with reported_as("--data"):
             tokens[path.name] = load_eval_tokens(path, model.config.vocab_size, tokenizer)
-        except (OSError, ValueError) as error:
-            raise EvalInputError(str(error)) from None
-        try:
             num_batches(len(tokens[path.name]), options.block_size, options.batch_size, options.max_tokens, str(path))
-        except ValueError as error:
-            raise EvalInputError(f"{error} (--batch-size, --block-size)") from None
     results = {}
     for path in options.data:
         start = time.perf_counter()
@@ -155,7 +143,7 @@ def task_manager_for(task_names: list[str], include_path: str | None):
 
     if include_path is not None:
         if not Path(include_path).is_dir():
-            raise EvalInputError(f"--include-path {include_path} is not a folder")
+            raise CommandLineError(f"--include-path {include_path}: the folder does not exist")
         local = TaskManager(include_path=include_path, include_defaults=False)
         if all(name in local.all_tasks for name in task_names):
             return local
@@ -167,6 +155,8 @@ def run_tasks(options) -> None:
     paper's Table 4 layout beside the authors' row."""
     import lm_eval
     from lm_eval.utils import handle_non_serializable, make_table
+
+    from modeling_mlra.cli import load_tokenizer
 
     from .lm_eval_model import MLRALM
     from .paper_results import load_paper_results
@@ -180,9 +170,10 @@ def run_tasks(options) -> None:
     task_manager = task_manager_for(task_names, options.include_path)
     unknown = [name for name in task_names if name not in task_manager.all_tasks]
     if unknown:
-        raise EvalInputError(f"--tasks: unknown lm-eval task(s) {', '.join(unknown)} (see `lm_eval ls tasks`)")
+        raise CommandLineError(f"--tasks: unknown lm-eval task(s) {', '.join(unknown)} (see `lm_eval ls tasks`)")
     model = load_model(options)
-    lm = MLRALM(pretrained=model, tokenizer=load_tokenizer(options), batch_size=options.batch_size)
+    tokenizer = load_tokenizer(options.model, options.subfolder, options.tokenizer)
+    lm = MLRALM(pretrained=model, tokenizer=tokenizer, batch_size=options.batch_size)
     start = time.perf_counter()
     results = lm_eval.simple_evaluate(
         model=lm,
