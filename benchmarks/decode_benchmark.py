@@ -25,10 +25,13 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, LlamaConfig, LlamaForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from modeling_mlra import MLRACache, MLRAConfig, MLRAForCausalLM  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cache_tensors, check_cache_layout, random_cache  # noqa: E402
+
+from modeling_mlra import MLRAConfig, MLRAForCausalLM  # noqa: E402  (common puts the repository first)
+from modeling_mlra.modeling_mlra import CACHE_FIELD  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -52,23 +55,19 @@ class Result:
 
 
 # ----------------------------------------------------------------------------------------------- model setups
-# Each setup returns (model, fill_cache) where fill_cache(context) returns a cache holding `context` tokens in
-# exactly the layout the model's own forward writes (checked once against a real forward by check_cache_layout).
+# Each setup returns (model, fill_cache) where fill_cache(context) returns a cache holding `context` random tokens in
+# exactly the layout the model's own forward writes (common.random_cache; checked once against a real forward by
+# common.check_cache_layout).
 
 
 def setup_mlra(variant: str, layers: int, dtype: torch.dtype, reserve: int):
     """Ours: MLRAForCausalLM with the published shapes of `variant`; an MLRACache filled with random latents."""
     config = MLRAConfig.from_variant(variant, num_hidden_layers=layers, max_position_embeddings=MAX_POSITIONS)
     model = MLRAForCausalLM(config).to(dtype).eval()
-    width = config.kv_lora_rank + config.qk_rope_head_dim  # d_c + d_r = 576: all a layer caches per token
 
-    def fill_cache(context: int) -> MLRACache:
-        cache = MLRACache(config)
-        for layer_idx, layer in enumerate(cache.layers):
-            # Room for the timed steps, so no capacity doubling (an amortized copy) lands inside the timing.
-            layer.min_capacity = context + reserve
-            cache.update(torch.randn(1, context, width, dtype=dtype), layer_idx)
-        return cache
+    def fill_cache(context: int):
+        # Room for the timed steps, so no capacity doubling (an amortized copy) lands inside the timing.
+        return random_cache(model, 1, context, reserve)
 
     return model, fill_cache
 
@@ -90,13 +89,8 @@ def setup_deepseek_v3(layers: int, dtype: torch.dtype):
     )
     model = DeepseekV3ForCausalLM(config).to(dtype).eval()
 
-    def fill_cache(context: int) -> DynamicCache:
-        cache = DynamicCache(config=config)
-        for layer_idx in range(layers):
-            latent = torch.randn(1, 1, context, D_C, dtype=dtype)
-            rope_key = torch.randn(1, 1, context, D_R, dtype=dtype)
-            cache.update(latent, rope_key, layer_idx)
-        return cache
+    def fill_cache(context: int):
+        return random_cache(model, 1, context, reserve=0)
 
     return model, fill_cache
 
@@ -110,33 +104,10 @@ def setup_llama(layers: int, dtype: torch.dtype, kv_heads: int):
     )
     model = LlamaForCausalLM(config).to(dtype).eval()
 
-    def fill_cache(context: int) -> DynamicCache:
-        cache = DynamicCache(config=config)
-        for layer_idx in range(layers):
-            keys = torch.randn(1, kv_heads, context, 128, dtype=dtype)
-            values = torch.randn(1, kv_heads, context, 128, dtype=dtype)
-            cache.update(keys, values, layer_idx)
-        return cache
+    def fill_cache(context: int):
+        return random_cache(model, 1, context, reserve=0)
 
     return model, fill_cache
-
-
-def cache_tensors(cache) -> list[list[torch.Tensor]]:
-    """Per layer, the tensors the cache holds for it (the filled part)."""
-    if isinstance(cache, MLRACache):
-        return [[layer.buffer[:, : layer.get_seq_length()]] for layer in cache.layers]
-    return [[layer.keys, layer.values] for layer in cache.layers]
-
-
-def check_cache_layout(model, fill_cache, tokens: int = 8) -> None:
-    """The directly filled cache must have the shapes and dtypes the model's own forward writes."""
-    with torch.no_grad():
-        real = model(input_ids=torch.randint(0, VOCAB, (1, tokens)), use_cache=True, logits_to_keep=1)
-    real = getattr(real, "cache", None) or real.past_key_values
-    ours = fill_cache(tokens)
-    describe = lambda c: [[(tuple(t.shape), t.dtype) for t in layer] for layer in cache_tensors(c)]  # noqa: E731
-    if describe(real) != describe(ours):
-        raise RuntimeError(f"{type(model).__name__}: filled cache {describe(ours)} != forward's {describe(real)}")
 
 
 def cache_bytes(cache) -> int:
@@ -170,7 +141,7 @@ def decode_step(model, cache, attention_log: list[float]) -> tuple[float, float]
     token = torch.randint(0, VOCAB, (1, 1))
     with torch.no_grad():
         start = time.perf_counter()
-        model(input_ids=token, cache=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=token, use_cache=True, logits_to_keep=1, **{CACHE_FIELD: cache})
         elapsed = (time.perf_counter() - start) * 1e3
     return elapsed, sum(attention_log) / len(model.model.layers)
 
@@ -242,7 +213,7 @@ class Contender:
 def build(name: str, family: str, setup) -> Contender:
     print(f"building {name}", flush=True)
     model, fill_cache = setup()
-    check_cache_layout(model, fill_cache)
+    check_cache_layout(model)
     weight_bytes = sum(p.nbytes for p in model.parameters())
     return Contender(name, family, model, fill_cache, instrument_attention(model), weight_bytes)
 

@@ -19,14 +19,15 @@ from pathlib import Path
 import torch
 import transformers
 from safetensors.torch import load_file
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import DynamicCache
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from modeling_mlra import MLRACache, MLRAConfig, MLRAForCausalLM  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import copy_bandwidth, deepseek_v3_config, llama_gqa_config, published_model, transformers_model  # noqa: E402
+
+from modeling_mlra import MLRACache, MLRAConfig, MLRAForCausalLM  # noqa: E402  (common puts the repository first)
 from modeling_mlra.modeling_mlra import CACHE_FIELD  # noqa: E402
 
 REFERENCE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "reference"
-PUBLISHED = dict(hidden_size=3072, num_attention_heads=24, vocab_size=50304)
 
 
 def check_reference_fixtures(device) -> list[dict]:
@@ -45,18 +46,6 @@ def check_reference_fixtures(device) -> list[dict]:
             )
         )
     return rows
-
-
-def published_model(variant: str, layers: int, device, dtype, **overrides) -> MLRAForCausalLM:
-    """Random weights at the published shapes; output projections random too (not the zero init)."""
-    torch.manual_seed(0)
-    config = MLRAConfig.from_variant(variant, num_hidden_layers=layers, **overrides)
-    model = MLRAForCausalLM(config).to(device=device, dtype=dtype).eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if getattr(module, "is_residual_output", False):
-                module.weight.normal_(0, config.initializer_range)
-    return model
 
 
 def check_absorbed_vs_expanded(device, context: int = 4096) -> list[dict]:
@@ -98,24 +87,6 @@ def check_static_compiled_generate(device) -> dict:
     return dict(static_equals_dynamic=torch.equal(static, dynamic), compiled_equals_dynamic=torch.equal(compiled, dynamic))
 
 
-def deepseek_v3(layers: int) -> DeepseekV3ForCausalLM:
-    config = DeepseekV3Config(
-        **PUBLISHED, num_hidden_layers=layers, intermediate_size=9880, first_k_dense_replace=layers,
-        q_lora_rank=1024, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-        num_key_value_heads=24, n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1,
-        tie_word_embeddings=True, max_position_embeddings=131072,
-    )
-    return DeepseekV3ForCausalLM(config)
-
-
-def llama_gqa(layers: int) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        **PUBLISHED, num_hidden_layers=layers, intermediate_size=9880, num_key_value_heads=8, head_dim=128,
-        tie_word_embeddings=True, max_position_embeddings=131072,
-    )
-    return LlamaForCausalLM(config)
-
-
 def fill_cache(model, cache, batch: int, context: int, device, chunk: int = 4096) -> None:
     """The model's own forward writes its cache, chunk by chunk, whatever layout its cache has."""
     ids = torch.randint(0, 50304, (batch, context), device=device)
@@ -150,27 +121,13 @@ def time_decode_step(model, cache, batch: int, device, steps: int = 20) -> float
     return statistics.median(times)
 
 
-def copy_bandwidth(device, gigabytes: float = 2.0) -> float:
-    """Device-to-device copy, GB/s counting bytes read and written."""
-    src = torch.empty(int(gigabytes * 2**30), dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        dst.copy_(src)
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * src.numel() * 10 / (start.elapsed_time(end) / 1e3) / 1e9
-
-
 def time_decode(device, layers: int, contexts: list[int], batches: list[int]) -> list[dict]:
+    reference = MLRAConfig.from_variant("mlra_4", num_hidden_layers=layers, max_position_embeddings=131072)
     builders = {
         "mlra_4": lambda: published_model("mlra_4", layers, device, torch.bfloat16),
         "mla": lambda: published_model("mla", layers, device, torch.bfloat16),
-        "deepseek_v3": lambda: deepseek_v3(layers).to(device=device, dtype=torch.bfloat16).eval(),
-        "llama_gqa": lambda: llama_gqa(layers).to(device=device, dtype=torch.bfloat16).eval(),
+        "deepseek_v3": lambda: transformers_model(deepseek_v3_config(reference), device, torch.bfloat16),
+        "llama_gqa": lambda: transformers_model(llama_gqa_config(reference), device, torch.bfloat16),
     }
     rows = []
     for name, build in builders.items():

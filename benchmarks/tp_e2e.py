@@ -21,42 +21,22 @@ for _name, _value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTIC
 import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import transformers  # noqa: E402
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, DynamicCache  # noqa: E402
-from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from modeling_mlra import MLRACache, MLRAConfig, MLRAForCausalLM  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import IntervalStreamer, deepseek_v3_config, random_model  # noqa: E402
+
+from modeling_mlra import MLRACache, MLRAConfig  # noqa: E402  (common puts the repository first)
 from modeling_mlra.tensor_parallel import shard_model  # noqa: E402
 
 VARIANTS = ("mlra_4", "gla_2", "mla")
-
-
-class IntervalStreamer(BaseStreamer):
-    """Records when each new token reaches the streamer (after the step's work is done on the device)."""
-
-    def __init__(self):
-        self.times = []
-
-    def put(self, value):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.times.append(time.perf_counter())
-
-    def end(self):
-        pass
-
-    def median_ms(self) -> float:
-        intervals = [b - a for a, b in zip(self.times[1:], self.times[2:])]  # times[0]: the prompt
-        return statistics.median(intervals) * 1e3
 
 
 def mlra_config(variant: str, args) -> MLRAConfig:
@@ -72,28 +52,7 @@ def mlra_config(variant: str, args) -> MLRAConfig:
 
 def deepseek_config(args) -> DeepseekV3Config:
     """transformers' DeepseekV3 (dense layers) with MLA's 2.9B shape."""
-    mla = mlra_config("mla", args)
-    return DeepseekV3Config(
-        vocab_size=mla.vocab_size, hidden_size=mla.hidden_size, intermediate_size=mla.intermediate_size,
-        num_hidden_layers=mla.num_hidden_layers, num_attention_heads=mla.num_attention_heads,
-        num_key_value_heads=mla.num_attention_heads, q_lora_rank=mla.q_lora_rank, kv_lora_rank=mla.kv_lora_rank,
-        qk_nope_head_dim=mla.qk_nope_head_dim, qk_rope_head_dim=mla.qk_rope_head_dim, v_head_dim=mla.v_head_dim,
-        first_k_dense_replace=mla.num_hidden_layers, n_routed_experts=8, num_experts_per_tok=2, n_group=1,
-        topk_group=1, max_position_embeddings=mla.max_position_embeddings, tie_word_embeddings=True,
-        rms_norm_eps=1e-6,
-    )  # fmt: skip
-
-
-def random_mlra(config: MLRAConfig, device, dtype) -> MLRAForCausalLM:
-    """Same weights on every rank (same seed); the output projections random too (the init zeroes them)."""
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = MLRAForCausalLM._from_config(config, dtype=dtype).eval()
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                parameter.normal_(std=0.02)
-    return model
+    return deepseek_v3_config(mlra_config("mla", args))
 
 
 def mlra_cache(model, config, batch: int, prompt: int, capacity: int, device, dtype):
@@ -215,7 +174,7 @@ def main():
 
     for variant in args.variants:
         config = mlra_config(variant, args)
-        model = random_mlra(config, device, dtype)
+        model = random_model(config, device, dtype)
 
         def make_cache(batch, prompt):
             return mlra_cache(model, config, batch, prompt, prompt + args.new_tokens + 8, device, dtype)

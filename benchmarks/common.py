@@ -1,0 +1,183 @@
+"""Helpers shared by the benchmarks: the models at the published shapes (ours and transformers' DeepseekV3 and Llama
+of the same size), caches filled with random states in the layout each model's forward writes, the check of that
+layout, a device-to-device copy as the bandwidth reference, and a streamer that times generated tokens."""
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import (
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
+    DynamicCache,
+    LlamaConfig,
+    LlamaForCausalLM,
+    StaticCache,
+)
+from transformers.generation.streamers import BaseStreamer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from modeling_mlra import MLRACache, MLRAConfig, MLRAForCausalLM  # noqa: E402
+from modeling_mlra.modeling_mlra import CACHE_FIELD, MLRALatentCacheLayer  # noqa: E402
+
+
+def random_model(config: MLRAConfig, device, dtype) -> MLRAForCausalLM:
+    """Ours with random weights, built on `device` (seed 0, so every process builds the same); the output
+    projections random too (not the zero init), so every layer's attention and MLP contribute."""
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = MLRAForCausalLM._from_config(config, dtype=dtype).eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if getattr(module, "is_residual_output", False):
+                module.weight.normal_(0, config.initializer_range)
+    return model
+
+
+def published_model(variant: str, layers: int, device, dtype, **overrides) -> MLRAForCausalLM:
+    """`random_model` of a family member at the published shapes with `layers` layers (`overrides`: any field)."""
+    return random_model(MLRAConfig.from_variant(variant, num_hidden_layers=layers, **overrides), device, dtype)
+
+
+def deepseek_v3_config(reference: MLRAConfig) -> DeepseekV3Config:
+    """transformers' DeepseekV3 with every layer dense (no MoE is built) and the sizes of `reference` (an MLRA
+    config): the same latent, head and MLP widths, vocabulary, tied embeddings and context length."""
+    return DeepseekV3Config(
+        vocab_size=reference.vocab_size, hidden_size=reference.hidden_size,
+        intermediate_size=reference.intermediate_size, num_hidden_layers=reference.num_hidden_layers,
+        num_attention_heads=reference.num_attention_heads, num_key_value_heads=reference.num_attention_heads,
+        q_lora_rank=reference.q_lora_rank, kv_lora_rank=reference.kv_lora_rank,
+        qk_nope_head_dim=reference.qk_nope_head_dim, qk_rope_head_dim=reference.qk_rope_head_dim,
+        v_head_dim=reference.v_head_dim, first_k_dense_replace=reference.num_hidden_layers, n_routed_experts=8,
+        num_experts_per_tok=2, n_group=1, topk_group=1, tie_word_embeddings=True,
+        max_position_embeddings=reference.max_position_embeddings, rms_norm_eps=1e-6,
+    )  # fmt: skip
+
+
+def llama_gqa_config(reference: MLRAConfig, kv_heads: int = 8) -> LlamaConfig:
+    """transformers' Llama of the size of `reference`: the same query heads, `kv_heads` key/value heads (GQA) of
+    the value head width, MLP width, vocabulary, tied embeddings and context length."""
+    return LlamaConfig(
+        vocab_size=reference.vocab_size, hidden_size=reference.hidden_size,
+        intermediate_size=reference.intermediate_size, num_hidden_layers=reference.num_hidden_layers,
+        num_attention_heads=reference.num_attention_heads, num_key_value_heads=kv_heads,
+        head_dim=reference.v_head_dim, tie_word_embeddings=True,
+        max_position_embeddings=reference.max_position_embeddings, rms_norm_eps=1e-6,
+    )  # fmt: skip
+
+
+def transformers_model(config, device, dtype):
+    """DeepseekV3ForCausalLM or LlamaForCausalLM (from the config's type) with random weights, built on `device`."""
+    model_class = DeepseekV3ForCausalLM if isinstance(config, DeepseekV3Config) else LlamaForCausalLM
+    torch.manual_seed(0)
+    with torch.device(device):
+        return model_class._from_config(config, dtype=dtype).eval()
+
+
+def cache_states_shapes(config, batch: int, tokens: int) -> list[tuple[int, ...]]:
+    """Shapes of the tensors a layer's forward passes to `cache.update` for `tokens` new tokens: ours, the latent and
+    rope key [bsz, T, d_c + d_r]; DeepseekV3, the normalized latent [bsz, 1, T, d_c] and the rotated rope key
+    [bsz, 1, T, d_r] (it re-expands them every step); Llama, K and V [bsz, kv_heads, T, head_dim]."""
+    if isinstance(config, MLRAConfig):
+        return [(batch, tokens, config.kv_lora_rank + config.qk_rope_head_dim)]
+    if isinstance(config, DeepseekV3Config):
+        return [(batch, 1, tokens, config.kv_lora_rank), (batch, 1, tokens, config.qk_rope_head_dim)]
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return [(batch, config.num_key_value_heads, tokens, head_dim)] * 2
+
+
+def empty_cache(model, capacity: int, static: bool = False):
+    """An empty cache of the model's kind: ours `MLRACache` (static: allocated at `capacity`; growing: that capacity
+    up front, so no doubling copy falls inside a timing); DeepseekV3 and Llama: transformers' `StaticCache` at
+    `capacity` or a `DynamicCache`."""
+    if isinstance(model, MLRAForCausalLM):
+        cache = MLRACache(model.config, max_cache_len=capacity if static else None)
+        for layer in cache.layers:
+            layer.min_capacity = capacity
+        return cache
+    return StaticCache(config=model.config, max_cache_len=capacity) if static else DynamicCache(config=model.config)
+
+
+def random_cache(model, batch: int, tokens: int, reserve: int, static: bool = False):
+    """`empty_cache(model, tokens + reserve, static)` holding `tokens` random tokens per row, written through the
+    cache's own `update` with tensors of the shapes the model's forward passes to it (`cache_states_shapes`)."""
+    cache = empty_cache(model, tokens + reserve, static)
+    parameter = next(model.parameters())
+    shapes = cache_states_shapes(model.config, batch, tokens)
+    for layer_idx in range(model.config.num_hidden_layers):
+        states = [torch.randn(shape, dtype=parameter.dtype, device=parameter.device) for shape in shapes]
+        cache.update(*states, layer_idx)
+    return cache
+
+
+def cache_tensors(cache) -> list[list[torch.Tensor]]:
+    """Per layer, the tensors the cache holds for it: the filled part of a growing cache, all of a static one."""
+    tensors = []
+    for layer in cache.layers:
+        if isinstance(layer, MLRALatentCacheLayer):
+            filled = layer.buffer if layer.is_compileable else layer.buffer[:, : layer.get_seq_length()]
+            tensors.append([filled])
+        else:
+            tensors.append([layer.keys, layer.values])
+    return tensors
+
+
+def set_cache_length(cache, length: int) -> None:
+    """Rewind (or advance) a static cache to `length` tokens in place, on the device: the next step writes slot
+    `length` (ours and transformers' static layers both count their tokens in a `cumulative_length` tensor)."""
+    for layer in cache.layers:
+        layer.cumulative_length.fill_(length)
+
+
+def check_cache_layout(model, static: bool = False, tokens: int = 8, reserve: int = 8) -> None:
+    """`random_cache` must hold the shapes and dtypes that the model's own forward writes: compared with a real
+    forward of `tokens` tokens into `empty_cache` of the same kind and capacity."""
+    filled = random_cache(model, 1, tokens, reserve, static)
+    written = empty_cache(model, tokens + reserve, static)
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), device=next(model.parameters()).device)
+    with torch.no_grad():
+        model(ids, logits_to_keep=1, **{CACHE_FIELD: written})
+    describe = lambda c: [[(tuple(t.shape), t.dtype) for t in layer] for layer in cache_tensors(c)]  # noqa: E731
+    if describe(written) != describe(filled) or int(written.get_seq_length()) != int(filled.get_seq_length()):
+        raise RuntimeError(f"{type(model).__name__}: random cache {describe(filled)} != forward's {describe(written)}")
+
+
+def copy_bandwidth(device, gigabytes: float = 2.0) -> float:
+    """Device-to-device copy, GB/s counting bytes read and written."""
+    src = torch.empty(int(gigabytes * 2**30), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * src.numel() * 10 / (start.elapsed_time(end) / 1e3) / 1e9
+
+
+class IntervalStreamer(BaseStreamer):
+    """Records when each put reaches the streamer (after the step's work is done on the device): the prompt first,
+    then every new token."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, value):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+    def intervals_ms(self) -> list[float]:
+        """Milliseconds between consecutive puts; the first is the prompt's forward up to the first new token."""
+        return [(b - a) * 1e3 for a, b in zip(self.times, self.times[1:])]
+
+    def median_ms(self, skip: int = 1) -> float:
+        """Median interval after the first `skip` (1: leave out the prompt's forward)."""
+        return statistics.median(self.intervals_ms()[skip:])
