@@ -324,7 +324,10 @@ class Report:
 
     def write(self) -> None:
         self.out.with_suffix(".json").write_text(json.dumps(dict(meta=self.meta, rows=self.rows), indent=1))
-        self.out.with_suffix(".md").write_text(markdown(self.meta, self.rows))
+        try:
+            self.out.with_suffix(".md").write_text(markdown(self.meta, self.rows))
+        except Exception as error:  # noqa: BLE001 - the .json holds every row; a report bug must not stop the run
+            print(f"could not write the .md: {error_text(error)}", flush=True)
 
     def finish(self) -> None:
         self.write()
@@ -332,6 +335,8 @@ class Report:
             plot(self.meta, self.rows, self.out.with_suffix(".png"))
         except ImportError:
             print("matplotlib is not installed: no PNG", flush=True)
+        except Exception as error:  # noqa: BLE001
+            print(f"could not draw the .png: {error_text(error)}", flush=True)
 
 
 def fmt(value, spec: str) -> str:
@@ -736,7 +741,8 @@ def main(argv=None):
             report.record(row)
     meta["elapsed_s"] = time.perf_counter() - started
     report.finish()
-    print(f"\n{markdown(meta, report.rows)}\nwrote {out.with_suffix('.md')}, .json, .png in {meta['elapsed_s']:.0f} s")
+    print("\n" + out.with_suffix(".md").read_text(), flush=True)
+    print(f"wrote {out}.md, .json, .png in {meta['elapsed_s']:.0f} s")
 
 
 def triton_version() -> str | None:
