@@ -29,6 +29,8 @@ from modeling_mlra import MLRAConfig  # noqa: E402
 from modeling_mlra.mlra_decode_kernel import _decode_attention, mlra_decode_attention  # noqa: E402
 from modeling_mlra.modeling_mlra import MLRAAttention  # noqa: E402
 
+from common import copy_bandwidth  # noqa: E402  (the copy reference every benchmark here uses)
+
 K = 1024
 
 
@@ -57,15 +59,6 @@ SWEEP = [
     dict(BLOCK_N=32, num_warps=8, num_stages=2),
     dict(BLOCK_N=64, num_warps=8, num_stages=2),
 ]
-
-
-def copy_bandwidth(device) -> float:
-    """GB/s of a 4 GiB device-to-device copy, bytes read + written: the best of graph replays and plain event timing
-    (one H200 run gave 2719 GB/s through graph replays where another gave 4283 for the same copy)."""
-    src = torch.randn(2**30, device=device)
-    dst = torch.empty_like(src)
-    ms = min(bench(lambda: dst.copy_(src)), triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median"))
-    return 2 * src.nbytes / ms / 1e6
 
 
 def attention_module(heads, blocks, branches, block_dim, device):
@@ -150,7 +143,7 @@ def run_case(
         q_nope = torch.randn(bsz, 1, heads, 128, device=device, dtype=torch.bfloat16)
         with torch.no_grad():
             row["attention_kernel_us"] = bench(
-                lambda: module.absorbed_attention_kernel(q_nope, q_rope[:, :, :, :], cache, seq_lens, None)
+                lambda: module.absorbed_attention(q_nope, q_rope, cache, None, (seq_lens, None))
             ) * 1e3
             try:
                 if bsz * context > 512 * K:

@@ -130,9 +130,8 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
                 f"[0, {vocab_size}) (config.vocab_size): {fix}"
             )
     else:
-        within = (input_ids >= 0) & (input_ids < vocab_size)
-        message = f"input_ids holds a token id outside [0, {vocab_size}) (config.vocab_size): {fix}"
-        torch._assert_async(within.all(), message)
+        within = ((input_ids >= 0) & (input_ids < vocab_size)).all()
+        assert_on_device(within, f"input_ids holds a token id outside [0, {vocab_size}) (config.vocab_size): {fix}")
 
 
 class MLRALatentCacheLayer(CacheLayerMixin):
@@ -451,10 +450,8 @@ class MLRAAttention(nn.Module):
         kv_states = torch.cat([latent, k_rope], dim=-1)  # exactly what the cache keeps
         if cache is not None:
             kv_states = cache.update(kv_states, self.layer_idx)
-        if decode_kernel_inputs is not None:
-            attn_output = self.absorbed_attention_kernel(q_nope, q_rope, kv_states, *decode_kernel_inputs)
-        elif cache is not None and q_len <= self.config.absorbed_max_query_len:
-            attn_output = self.absorbed_attention(q_nope, q_rope, kv_states, attention_mask)
+        if decode_kernel_inputs is not None or (cache is not None and q_len <= self.config.absorbed_max_query_len):
+            attn_output = self.absorbed_attention(q_nope, q_rope, kv_states, attention_mask, decode_kernel_inputs)
         else:
             attn_output = self.expanded_attention(q_nope, q_rope, kv_states, attention_mask)
 
@@ -516,22 +513,39 @@ class MLRAAttention(nn.Module):
             output = branch_output if output is None else output + branch_output
         return output * self.config.attn_output_scale
 
-    def absorbed_attention(self, q_nope, q_rope, kv_states, attention_mask) -> torch.Tensor:
+    def absorbed_attention(
+        self, q_nope, q_rope, kv_states, attention_mask, decode_kernel_inputs=None
+    ) -> torch.Tensor:
         """Attention straight on the compressed cache (decode): W_UK is folded into the query and W_UV applied
         after the softmax, so the cached latent is read as it is and never expanded per head.
 
         q_nope [bsz, T, h, d_n], q_rope [bsz, T, h, d_r], kv_states [bsz, S, d_c + d_r] -> [bsz, T, h, d_v].
+        With decode_kernel_inputs (seq_lens [bsz], key_mask [bsz, S] or None) the softmax part runs in the fused
+        Triton kernel (`mlra_decode_kernel.py`), else in PyTorch with the additive attention_mask.
         """
-        bsz, q_len = q_nope.shape[:2]
+        w_uk, w_uv = self.up_projection_per_branch()
+        # matmul (not einsum) reads the weight views as they are, without a per-step copy of W_UK / W_UV
+        q_absorbed = torch.matmul(q_nope.transpose(1, 2).unsqueeze(1), w_uk)  # [bsz, B, h, T, d_l]
+        if decode_kernel_inputs is not None:
+            mixed = mlra_decode_attention(
+                q_absorbed.permute(0, 3, 1, 2, 4), q_rope, kv_states, *decode_kernel_inputs, self.num_groups,
+                self.scaling,
+            ).permute(0, 2, 3, 1, 4)
+        else:
+            mixed = self.absorbed_softmax(q_absorbed, q_rope, kv_states, attention_mask)
+        output = torch.matmul(mixed, w_uv.transpose(-1, -2)).sum(dim=1)  # [bsz, h, T, d_v]
+        return output.transpose(1, 2) * self.config.attn_output_scale
+
+    def absorbed_softmax(self, q_absorbed, q_rope, kv_states, attention_mask) -> torch.Tensor:
+        """The PyTorch softmax part of `absorbed_attention`: q_absorbed [bsz, B, h, T, d_l] -> the softmax-weighted
+        latent blocks [bsz, B, h, T, d_l], a handful of batched GEMMs over the [B, G] view of the cache."""
+        bsz, _, _, q_len, _ = q_absorbed.shape
         kv_len = kv_states.shape[1]
         B, G, hpg = self.num_branches, self.num_groups, self.heads_per_group
-        w_uk, w_uv = self.up_projection_per_branch()
         latent, k_rope = kv_states.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         blocks = latent.unflatten(-1, (self.num_latent_blocks, self.latent_block_dim))
         blocks = self.by_branch_and_group(blocks, 2).permute(0, 2, 3, 1, 4)  # [bsz, B, G, S, d_l]
 
-        # matmul (not einsum) reads the weight views as they are, without a per-step copy of W_UK / W_UV
-        q_absorbed = torch.matmul(q_nope.transpose(1, 2).unsqueeze(1), w_uk)  # [bsz, B, h, T, d_l]
         q_absorbed = q_absorbed.reshape(bsz, B, G, hpg * q_len, self.latent_block_dim)
         scores = torch.matmul(q_absorbed, blocks.transpose(-1, -2)).view(bsz, B, G, hpg, q_len, kv_len)
         # one GEMM of all heads' rope queries against the shared rope key (read once, not once per head)
@@ -543,21 +557,7 @@ class MLRAAttention(nn.Module):
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(latent.dtype)
 
         mixed = torch.matmul(probs.view(bsz, B, G, hpg * q_len, kv_len), blocks)  # [bsz, B, G, hpg*T, d_l]
-        mixed = mixed.view(bsz, B, self.num_heads, q_len, self.latent_block_dim)
-        output = torch.matmul(mixed, w_uv.transpose(-1, -2)).sum(dim=1)  # [bsz, h, T, d_v]
-        return output.transpose(1, 2) * self.config.attn_output_scale
-
-
-    def absorbed_attention_kernel(self, q_nope, q_rope, kv_states, seq_lens, key_mask) -> torch.Tensor:
-        """`absorbed_attention` through the fused Triton kernel: one launch for every head and branch, the cache read
-        once per head group (`mlra_decode_kernel.py`). seq_lens [bsz]: valid tokens per row; key_mask [bsz, S]."""
-        w_uk, w_uv = self.up_projection_per_branch()
-        q_absorbed = torch.matmul(q_nope.transpose(1, 2).unsqueeze(1), w_uk)  # [bsz, B, h, T, d_l]
-        mixed = mlra_decode_attention(
-            q_absorbed.permute(0, 3, 1, 2, 4), q_rope, kv_states, seq_lens, key_mask, self.num_groups, self.scaling
-        )  # [bsz, T, B, h, d_l]
-        output = torch.matmul(mixed.permute(0, 2, 3, 1, 4), w_uv.transpose(-1, -2)).sum(dim=1)  # [bsz, h, T, d_v]
-        return output.transpose(1, 2) * self.config.attn_output_scale
+        return mixed.view(bsz, B, self.num_heads, q_len, self.latent_block_dim)
 
 
 class MLRAMLP(nn.Module):
