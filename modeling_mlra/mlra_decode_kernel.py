@@ -296,15 +296,12 @@ def _decode_attention(q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_grou
     rope_dim = q_rope.shape[-1]
     heads_per_group = num_heads // num_groups
     device = kv_cache.device
-    config = dict(
-        launch_config(
-            bsz, num_groups, heads_per_group, num_branches, latent_block_dim, rope_dim, num_new_tokens,
-            kv_cache.shape[1], kv_cache.element_size(), _num_sms(device.index or 0),
-        )
+    config = launch_config(
+        bsz, num_groups, heads_per_group, num_branches, latent_block_dim, rope_dim, num_new_tokens,
+        kv_cache.shape[1], kv_cache.element_size(), _num_sms(device.index or 0),
     )
-    config.update(overrides or {})
-    if num_splits:
-        config["num_splits"] = num_splits
+    if overrides or num_splits:  # a copy: the cached configuration stays as computed
+        config = {**config, **(overrides or {}), **({"num_splits": num_splits} if num_splits else {})}
     num_splits = config["num_splits"]
     branches_per_program = config["BRANCHES_PER_PROGRAM"]
     out = q_absorbed.new_empty(q_absorbed.shape)
