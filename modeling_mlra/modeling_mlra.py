@@ -24,6 +24,7 @@ from transformers.utils import logging
 from .configuration_mlra import MLRAConfig
 from .mlra_decode_kernel import kernel_supports, mlra_decode_attention, triton_available
 from .original_checkpoint import find_original_checkpoint, load_original_checkpoint
+from .tensor_parallel import pop_tensor_parallel_arguments, shard_model
 
 logger = logging.get_logger(__name__)
 
@@ -814,8 +815,6 @@ class MLRAForCausalLM(MLRAPreTrainedModel, GenerationMixin):
 
         Under torchrun, `tp_plan="auto"` (or `tp_size=N`, `distributed_config=DistributedConfig(tp_size=N)`,
         `device_mesh=`) splits the model over the processes by latent block (docs/tensor_parallel.md)."""
-        from .tensor_parallel import pop_tensor_parallel_arguments, shard_model
-
         tensor_parallel = pop_tensor_parallel_arguments(kwargs)
         group = tensor_parallel.process_group() if tensor_parallel is not None else None
         original = find_original_checkpoint(pretrained_model_name_or_path, **kwargs)

@@ -10,7 +10,9 @@ way (gate/up by output rows, down by input columns, one all-reduce); the embeddi
     torchrun --nproc-per-node 4 script.py    # in script.py:
     model = MLRAForCausalLM.from_pretrained(path, tp_plan="auto")    # or tp_size=4, or distributed_config=...
 
-Inference only: the all-reduces carry no gradient rule.
+Inference only: the all-reduces carry no gradient rule. `modeling_mlra.py` imports this module (for
+`from_pretrained`), never the reverse: the sharding builds each rank's attention from the class of the layer it
+replaces.
 """
 
 import copy
@@ -24,7 +26,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .configuration_mlra import MLRAConfig
-from .modeling_mlra import MLRAAttention, MLRARMSNorm
 
 TENSOR_PARALLEL_ARGUMENTS = ("tp_plan", "tp_size", "distributed_config", "device_mesh")
 
@@ -129,7 +130,7 @@ class HeldBlocksSharedNorm(nn.Module):
     then only the rank's latent columns are kept. Projecting the whole latent costs d x d_c weights per rank and
     no collective, where a sliced projection would need an all-reduce of the sum of squares in every layer."""
 
-    def __init__(self, norm: MLRARMSNorm, columns: list[int]):
+    def __init__(self, norm: nn.Module, columns: list[int]):
         super().__init__()
         self.norm = norm
         self.register_buffer("columns", torch.tensor(columns), persistent=False)
@@ -154,12 +155,13 @@ def _head_rows(weight: torch.Tensor, heads: list[int], num_heads: int) -> torch.
     return weight.unflatten(0, (num_heads, -1))[heads].flatten(0, 1)
 
 
-def shard_attention(attention: MLRAAttention, shard: LatentShard, group) -> MLRAAttention:
-    """This rank's attention: an MLRAAttention over the shard's local structure, holding slices of `attention`."""
+def shard_attention(attention: nn.Module, shard: LatentShard, group) -> nn.Module:
+    """This rank's attention: an attention of the same class (MLRAAttention) over the shard's local structure,
+    holding slices of `attention`."""
     config, h = shard.config, shard.config.num_attention_heads
     heads, d_r = shard.heads, config.qk_rope_head_dim
     with torch.device("meta"):
-        local = MLRAAttention(shard.local_config(), attention.layer_idx)
+        local = type(attention)(shard.local_config(), attention.layer_idx)
     if config.q_lora_rank is None:
         local.q_proj = _linear(_head_rows(attention.q_proj.weight, heads, h))
     else:
