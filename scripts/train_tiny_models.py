@@ -27,7 +27,6 @@ sys.path.insert(0, str(REPO))
 from modeling_mlra import MLRAForCausalLM  # noqa: E402
 from modeling_mlra.data import load_tokens, write_bin_tokens  # noqa: E402
 from modeling_mlra.eval.perplexity import evaluate_perplexity  # noqa: E402
-from refresh_model_folders import refresh  # noqa: E402  (this folder is on sys.path when run as a script)
 
 EOS = "<|endoftext|>"
 VOCAB_SIZE = 2048
@@ -42,7 +41,18 @@ MODEL_SIZE = [
     "--q-lora-rank", "96", "--kv-lora-rank", "128", "--qk-nope-head-dim", "32", "--qk-rope-head-dim", "16",
 ]  # fmt: skip
 MODELS = {"mlra_4": REPO / "modeling_mlra" / "default_model", "mla": REPO / "models" / "tiny_mla"}
-SHIPPED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+SHIPPED_FILES = ("generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+def ship(trained: Path, destination: Path) -> None:
+    """Copy a trained model into a shipped folder: weights, tokenizer and configs, no modeling files. Its config.json
+    drops `auto_map` (which would name modules the folder lacks): the package's registered classes load it."""
+    destination.mkdir(parents=True, exist_ok=True)
+    for name in SHIPPED_FILES:
+        shutil.copy(trained / name, destination / name)
+    config = json.loads((trained / "config.json").read_text())
+    config.pop("auto_map", None)
+    (destination / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def split_stdlib() -> tuple[list[Path], list[Path]]:
@@ -111,10 +121,7 @@ def main():
     val_tokens = load_tokens([work / "val.bin"])
     fixture_tokens = load_tokens([REPO / "tests" / "fixtures" / "heldout_python.txt"], tokenizer)
     for variant, destination in MODELS.items():
-        destination.mkdir(parents=True, exist_ok=True)
-        for name in SHIPPED_FILES:
-            shutil.copy(work / variant / name, destination / name)
-        refresh(destination)  # the modeling files beside the weights, as save_pretrained writes them
+        ship(work / variant, destination)
         model = MLRAForCausalLM.from_pretrained(destination)
         results["models"][variant] = {
             "folder": str(destination.relative_to(REPO)),

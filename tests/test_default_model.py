@@ -9,11 +9,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
 
-from conftest import tiny_model  # noqa: E402
-from refresh_model_folders import SHIPPED_MODEL_FOLDERS  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from modeling_mlra import MLRAForCausalLM  # noqa: E402
 from modeling_mlra.cli import DEFAULT_MODEL  # noqa: E402
@@ -21,6 +18,7 @@ from modeling_mlra.data import load_tokens  # noqa: E402
 from modeling_mlra.eval.perplexity import evaluate_perplexity  # noqa: E402
 
 RESULTS = json.loads((DEFAULT_MODEL / "training_results.json").read_text())
+SHIPPED_MODEL_FOLDERS = [ROOT / recorded["folder"] for _, recorded in sorted(RESULTS["models"].items())]
 PROMPT = "def f(x):"
 HELDOUT = Path(__file__).parent / "fixtures" / "heldout_python.txt"  # the first held-out stdlib files, verbatim
 
@@ -52,25 +50,36 @@ def folder_id(folder: Path) -> str:
 
 
 @pytest.mark.parametrize("folder", SHIPPED_MODEL_FOLDERS, ids=folder_id)
-def test_shipped_modeling_files_are_those_save_pretrained_writes_from_the_current_sources(folder, tmp_path):
-    """The copies beside the weights must follow every change of the package: save_pretrained decides which modules
-    go (transformers' relative-import discovery) and the shipped folder must hold exactly those, byte for byte."""
-    tiny_model().save_pretrained(tmp_path)
-    written = {path.name: path.read_bytes() for path in tmp_path.glob("*.py")}
-    shipped = {path.name: path.read_bytes() for path in folder.glob("*.py")}
-    stale = sorted(name for name in written.keys() | shipped.keys() if written.get(name) != shipped.get(name))
-    assert not stale, f"{folder_id(folder)}: {stale} differ from the package; run python scripts/refresh_model_folders.py"
-    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
-    assert json.loads((folder / "config.json").read_text()).get("auto_map") == auto_map
+def test_shipped_folders_hold_no_modeling_code_and_load_through_the_package_with_trust_remote_code(folder):
+    """The shipped folders carry weights, configs and tokenizer only: no .py files and no `auto_map` naming any.
+    With the package imported, the registered classes load them, with or without `trust_remote_code=True`."""
+    assert not list(folder.glob("*.py"))
+    assert "auto_map" not in json.loads((folder / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    assert type(model) is MLRAForCausalLM
 
 
-def test_shipped_folders_load_and_generate_with_trust_remote_code_and_without_the_package(tmp_path):
-    """One fresh process (isolated, outside the repository) that never imports the package loads every shipped
-    folder through its own modeling files and generates the package's greedy tokens."""
+def test_shipped_models_saved_with_save_pretrained_generate_the_same_tokens_without_the_package(tmp_path):
+    """save_pretrained writes `auto_map` and the modeling files: one fresh process (isolated, outside the repository)
+    that never imports the package loads every shipped model saved that way and generates the package's greedy
+    tokens."""
+    saved, expected = [], []
+    for folder in SHIPPED_MODEL_FOLDERS:
+        model = MLRAForCausalLM.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        copy = tmp_path / folder.name
+        model.save_pretrained(copy)
+        tokenizer.save_pretrained(copy)
+        assert json.loads((copy / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == (
+            "modeling_mlra.MLRAForCausalLM"
+        )
+        saved.append(str(copy))
+        inputs = tokenizer(PROMPT, return_tensors="pt")
+        expected.append(model.generate(**inputs, max_new_tokens=8, do_sample=False)[0].tolist())
     script = (
         "import sys\n"
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n"
-        f"for folder in {[str(folder) for folder in SHIPPED_MODEL_FOLDERS]!r}:\n"
+        f"for folder in {saved!r}:\n"
         "    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)\n"
         "    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)\n"
         "    output = model.generate(**tokenizer(PROMPT, return_tensors='pt'), max_new_tokens=8, do_sample=False)\n"
@@ -84,10 +93,5 @@ def test_shipped_folders_load_and_generate_with_trust_remote_code_and_without_th
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     generated = [line.split()[1:] for line in result.stdout.splitlines() if line.startswith("generated ")]
-    assert len(generated) == len(SHIPPED_MODEL_FOLDERS)
-    for folder, (module, *tokens) in zip(SHIPPED_MODEL_FOLDERS, generated):
-        assert module.startswith("transformers_modules."), folder
-        model = MLRAForCausalLM.from_pretrained(folder)
-        inputs = AutoTokenizer.from_pretrained(folder)(PROMPT, return_tensors="pt")
-        expected = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0].tolist()
-        assert [int(token) for token in tokens] == expected, folder
+    assert [module.startswith("transformers_modules.") for module, *_ in generated] == [True] * len(saved)
+    assert [[int(token) for token in tokens] for _, *tokens in generated] == expected

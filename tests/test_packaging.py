@@ -1,4 +1,5 @@
-"""The regular (non-editable) wheel: the top-level eval/ and conversion/ folders install inside the package."""
+"""The regular (non-editable) wheel: the top-level eval/ and conversion/ folders install inside the package, and the
+embedded default model ships and runs from it."""
 
 import os
 import shutil
@@ -38,18 +39,26 @@ def test_wheel_holds_eval_and_conversion_inside_the_package(wheel):
         }
         assert expected <= set(names), package
     assert "modeling_mlra/eval/paper_results.json" in names
-    assert "modeling_mlra/default_model/model.safetensors" in names
+    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md"):
+        assert f"modeling_mlra/default_model/{name}" in names
+    assert not [name for name in names if name.startswith("modeling_mlra/default_model/") and name.endswith(".py")]
     (entry_points,) = [name for name in names if name.endswith(".dist-info/entry_points.txt")]
     assert "mlra = modeling_mlra.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
-def test_mlra_eval_runs_from_the_installed_wheel_without_the_repository(wheel, tmp_path):
-    target = tmp_path / "site"
+@pytest.fixture(scope="module")
+def installed(wheel, tmp_path_factory):
+    """The wheel installed into a folder of its own (no dependencies: those of this environment serve)."""
+    target = tmp_path_factory.mktemp("site")
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
         check=True, capture_output=True, timeout=300,
     )  # fmt: skip
-    environment = {**os.environ, "PYTHONPATH": str(target), "OMP_NUM_THREADS": "1"}
+    return target
+
+
+def test_mlra_eval_runs_from_the_installed_wheel_without_the_repository(installed, tmp_path):
+    environment = {**os.environ, "PYTHONPATH": str(installed), "OMP_NUM_THREADS": "1"}
     # What the installed `mlra` script runs (entry point modeling_mlra.cli:main), from outside the repository.
     program = (
         "import sys, modeling_mlra.eval.paper_results as paper, modeling_mlra.cli as cli\n"
@@ -62,5 +71,22 @@ def test_mlra_eval_runs_from_the_installed_wheel_without_the_repository(wheel, t
     )
     assert result.returncode == 0, result.stderr
     location, usage = result.stdout.split("\n", 1)
-    assert Path(location).is_relative_to(target)
+    assert Path(location).is_relative_to(installed)
     assert "--block-size" in usage and "--max-tokens" in usage
+
+
+def test_mlra_generate_runs_the_embedded_model_from_the_installed_wheel(installed, tmp_path):
+    """The default model folder inside the installed package loads through the package (it holds no code)."""
+    environment = {**os.environ, "PYTHONPATH": str(installed), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    program = (
+        "import modeling_mlra.cli as cli\n"
+        "print(cli.DEFAULT_MODEL)\n"
+        "cli.main(['generate', '--max-new-tokens', '4', '--device', 'cpu'])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, env=environment, cwd=tmp_path, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    location, output = result.stdout.split("\n", 1)
+    assert Path(location).is_relative_to(installed)
+    assert output.startswith("def fibonacci(n):") and "[4 tokens in " in output
