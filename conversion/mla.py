@@ -22,7 +22,14 @@ from modeling_mlra.configuration_mlra import split_variant_name
 from modeling_mlra.original_checkpoint import converted_tensors, find_original_checkpoint, open_original_checkpoint
 
 from .hub_card import CardInfo, render_hub_card
-from .original import GPT2_TOKENIZER, check_source, describe_source, find_tokenizer, missing_config_error
+from .source import (
+    GPT2_TOKENIZER,
+    card_source_name,
+    check_source,
+    describe_source,
+    find_tokenizer,
+    missing_config_error,
+)
 from .writer import ConversionError, check_output_folder, planned_tensors, write_model_folder
 
 DEEPSEEK_TYPES = ("deepseek_v2", "deepseek_v3")
@@ -340,7 +347,7 @@ def convert_mla(
     fallback = GPT2_TOKENIZER if source.kind == "authors" else None
     found_tokenizer = find_tokenizer(src, subfolder, tokenizer, fallback=fallback)
     config, tensors = source.config, source.tensors
-    where = describe_source(src if not os.path.isdir(src) else Path(src).name, subfolder)
+    where = card_source_name(src, subfolder)
     provenance = f"Converted with `mlra convert mla --mode {mode}` from the MLA checkpoint `{where}` ({source.kind})"
     limitations = []
     if mode == "exact":
