@@ -141,9 +141,10 @@ class MLRALatentCacheLayer(CacheLayerMixin):
 
     Dynamic (`max_cache_len=None`): capacity grows by doubling, so appending a token copies nothing.
     Static: the buffer is allocated once at `max_cache_len` and written in place (torch.compile, CUDA graphs); it
-    keeps its address through every batch operation, so a compiled forward never sees a new tensor. Its first
-    `batch_size` rows are the batch: after a batch reduction the spare rows stay allocated, and only a batch larger
-    than any before re-allocates it (once per new maximum).
+    keeps its address through every batch operation and reset, so a compiled forward never sees a new tensor. Its
+    first `batch_size` rows are the batch: after a batch reduction the spare rows stay allocated, and only a batch
+    larger than any before re-allocates it (once per new maximum). The first update after allocation or `reset`
+    sets the batch (`starts_batch`).
     """
 
     is_sliding = False
@@ -156,17 +157,23 @@ class MLRALatentCacheLayer(CacheLayerMixin):
         self.is_compileable = max_cache_len is not None
         self.buffer: torch.Tensor | None = None
         self.batch_size = 0
+        self.starts_batch = True
         self.cumulative_length = torch.tensor(0, dtype=torch.long) if self.is_compileable else 0
 
     def lazy_initialization(self, states: torch.Tensor, *args) -> None:
         bsz, new_tokens, width = states.shape
         capacity = self.max_cache_len or max(new_tokens, self.min_capacity)
-        self.dtype, self.device = states.dtype, states.device
+        self.initialize(bsz, capacity, width, states.dtype, states.device)
+
+    def initialize(self, rows: int, capacity: int, width: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Allocate the buffer [rows, capacity, width] (empty; the first update sets the batch)."""
+        self.dtype, self.device = dtype, device
         if self.is_compileable:
-            self.cumulative_length = self.cumulative_length.to(states.device)
+            self.cumulative_length = self.cumulative_length.to(device)
             if not torch.compiler.is_compiling():
                 torch._dynamo.mark_static_address(self.cumulative_length)
-        self._allocate(bsz, capacity, width)
+        self._allocate(rows, capacity, width)
+        self.starts_batch = True
         self.is_initialized = True
 
     def _allocate(self, rows: int, capacity: int, width: int) -> None:
@@ -185,6 +192,8 @@ class MLRALatentCacheLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(states)
         new_tokens = states.shape[1]
+        if self.is_compileable and self.starts_batch:
+            self._resize_batch(states.shape[0])
         if self.is_compileable:
             assert_on_device(
                 self.cumulative_length + new_tokens <= self.max_cache_len,
@@ -221,6 +230,7 @@ class MLRALatentCacheLayer(CacheLayerMixin):
             self.cumulative_length.zero_()
             if self.buffer is not None:
                 self.buffer.zero_()
+            self.starts_batch = True
         else:
             self.cumulative_length = 0
 
@@ -256,10 +266,15 @@ class MLRALatentCacheLayer(CacheLayerMixin):
         if not self.is_compileable:
             self.buffer, self.batch_size = rows, rows.shape[0]
             return
-        if rows.shape[0] > self.buffer.shape[0]:
-            self._allocate(*rows.shape)
-        self.batch_size = rows.shape[0]
+        self._resize_batch(rows.shape[0])
         self._batch_rows().copy_(rows)
+
+    def _resize_batch(self, rows: int) -> None:
+        """A static buffer holds a batch of `rows` sequences from now on; re-allocated only if it has fewer rows."""
+        if rows > self.buffer.shape[0]:
+            self._allocate(rows, *self.buffer.shape[1:])
+        self.batch_size = rows
+        self.starts_batch = False
 
     @property
     def bytes_per_token(self) -> int:
@@ -282,6 +297,27 @@ class MLRACache(Cache):
     def update(self, states: torch.Tensor, layer_idx: int, *args, **kwargs) -> torch.Tensor:
         """Append a layer's new states [bsz, T, d_c + d_r] and return all of its cached states."""
         return self.layers[layer_idx].update(states)
+
+    @property
+    def max_cache_len(self) -> int | None:
+        """The capacity of a static cache in tokens; None for a growing one."""
+        return self.layers[0].max_cache_len
+
+    def initialize(self, rows: int, widths: list[int], dtype: torch.dtype, device: torch.device) -> None:
+        """Allocate every layer's static buffer now, `rows` x max_cache_len x its width (d_c + d_r, or a tensor-
+        parallel rank's share): generate() does, so the prefill of every call sees the same, initialized cache."""
+        for layer, width in zip(self.layers, widths):
+            layer.initialize(rows, self.max_cache_len, width, dtype, device)
+
+    def fits(self, rows: int, tokens: int, dtype: torch.dtype, device: torch.device) -> bool:
+        """Whether this static cache, once reset, holds a new batch of up to `rows` sequences of up to `tokens`
+        tokens each in the buffers it has (unallocated ones take any batch)."""
+        if self.max_cache_len is None or self.max_cache_len < tokens:
+            return False
+        return all(
+            layer.buffer is None or (layer.buffer.shape[0] >= rows and layer.dtype == dtype and layer.device == device)
+            for layer in self.layers
+        )
 
     @property
     def bytes_per_token(self) -> int:
@@ -784,20 +820,44 @@ class MLRAForCausalLM(MLRAPreTrainedModel, GenerationMixin):
             **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
 
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        """generate() gets an MLRACache: growing by default, static for `cache_implementation="static"`."""
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs, generation_mode=None, batch_size=None, max_cache_length=None, *args,
+        **kwargs,
+    ):
+        """generate() gets an MLRACache: growing by default, static for `cache_implementation="static"`.
+
+        A static cache is sized as transformers sizes its own: generate()'s `max_cache_length` (prompt or
+        `inputs_embeds` plus new tokens), or `max_cache_len` when larger, or the largest size of an earlier call.
+        Unlike a fresh cache per call, one static cache is kept on the model and reset for every call that fits in
+        it with the same batch, so a compiled forward sees the same buffers (and never recompiles) call after call.
+        """
         implementation = generation_config.cache_implementation
         if model_kwargs.get(CACHE_FIELD) is not None or generation_config.use_cache is False:
-            return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+            return super()._prepare_cache_for_generation(
+                generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, *args, **kwargs
+            )
         if implementation not in (None, "dynamic", *STATIC_CACHE_IMPLEMENTATIONS):
             raise ValueError(
                 f"cache_implementation={implementation!r} is not supported by MLRA models, which keep only the "
                 "compressed latent: use 'dynamic' (default) or 'static'"
             )
-        max_cache_len = None
-        if implementation in STATIC_CACHE_IMPLEMENTATIONS:
-            max_cache_len = max(generation_config.max_length, generation_config.max_cache_len or 0)
-        model_kwargs[CACHE_FIELD] = MLRACache(self.config, max_cache_len=max_cache_len)
+        if implementation not in STATIC_CACHE_IMPLEMENTATIONS:
+            model_kwargs[CACHE_FIELD] = MLRACache(self.config)
+            return
+        if max_cache_length is None:
+            max_cache_length = generation_config.max_length - 1
+        rows = max(generation_config.num_beams, generation_config.num_return_sequences or 1) * (batch_size or 1)
+        needed = max(max_cache_length, generation_config.max_cache_len or 0)
+        cache = getattr(self, "_static_generation_cache", None)
+        if cache is not None and cache.fits(rows, needed, self.dtype, self.device):
+            cache.reset()
+        else:
+            previous = cache.max_cache_len if cache is not None else 0
+            cache = MLRACache(self.config, max_cache_len=max(needed, previous))
+            widths = [layer.self_attn.kv_lora_rank + layer.self_attn.qk_rope_head_dim for layer in self.model.layers]
+            cache.initialize(rows, widths, self.dtype, self.device)
+            self._static_generation_cache = cache
+        model_kwargs[CACHE_FIELD] = cache
 
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, **kwargs) -> torch.Tensor | None:
         """generate() builds the mask before each forward when the cache is static, so that a compiled forward sees

@@ -5,7 +5,8 @@ import pytest
 import torch
 from conftest import cache_kwargs, output_cache, random_tokens, tiny_model
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, TextStreamer
+from torch._dynamo.utils import counters
+from transformers import CompileConfig, PreTrainedTokenizerFast, TextStreamer
 
 from modeling_mlra import MLRACache
 
@@ -151,8 +152,50 @@ def test_static_cache_implementation_gives_the_dynamic_greedy_output(model):
     )
     cache = output_cache(output)
     assert isinstance(cache, MLRACache) and cache.is_compileable
-    assert cache.layers[0].buffer.shape[1] == 16  # allocated once for prompt + new tokens
+    assert cache.layers[0].buffer.shape[1] >= 15  # prompt + new tokens - 1 (the last token is never fed back)
     assert torch.equal(output.sequences, dynamic)
+
+
+def test_static_generate_from_inputs_embeds_sizes_the_cache_for_the_embeddings_too():
+    model = tiny_model(seed=5)
+    embeds = model.get_input_embeddings()(prompt((2, 7), seed=5))
+    options = dict(max_new_tokens=6, do_sample=False, pad_token_id=PAD, return_dict_in_generate=True)
+    static = model.generate(inputs_embeds=embeds, cache_implementation="static", **options)
+    dynamic = model.generate(inputs_embeds=embeds, **options)
+    assert output_cache(static).max_cache_len == 7 + 6 - 1
+    assert torch.equal(static.sequences, dynamic.sequences)
+
+
+def test_static_generate_calls_of_different_lengths_reuse_one_cache_of_the_largest_size():
+    model = tiny_model(seed=5)
+    options = dict(do_sample=False, pad_token_id=PAD, cache_implementation="static", return_dict_in_generate=True)
+    caches = []
+    for length, new_tokens in [(5, 8), (9, 2), (3, 4), (6, 12)]:
+        input_ids = prompt((2, length), seed=length)
+        output = model.generate(input_ids, max_new_tokens=new_tokens, **options)
+        assert torch.equal(output.sequences, greedy_without_cache(model, input_ids, new_tokens))
+        caches.append(output_cache(output))
+    assert caches[0] is caches[1] is caches[2]  # 12, 10, 6 tokens fit in the first call's 12
+    assert caches[3] is not caches[0] and caches[3].max_cache_len == 6 + 12 - 1
+    assert output_cache(model.generate(prompt((3, 4), seed=1), max_new_tokens=2, **options)) is not caches[3]  # batch
+
+
+def test_compiled_static_generate_never_recompiles_across_calls_of_different_lengths():
+    model = tiny_model(seed=6, num_hidden_layers=1)
+    compile_config = CompileConfig(fullgraph=True, dynamic=False, backend="eager", mode=None)
+    compile_config._compile_all_devices = True  # generate() compiles on accelerators only unless told
+    model.generation_config.compile_config = compile_config
+    options = dict(do_sample=False, pad_token_id=PAD, cache_implementation="static")
+    torch._dynamo.reset()
+    counters.clear()
+    model.generate(prompt((1, 5), seed=6), max_new_tokens=10, **options)
+    assert counters["stats"]["unique_graphs"] == 1  # the decode step (the prefill runs eagerly)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for length, new_tokens in [(3, 4), (7, 2), (2, 9)]:
+            input_ids = prompt((1, length), seed=length)
+            output = model.generate(input_ids, max_new_tokens=new_tokens, **options)
+            assert torch.equal(output, greedy_without_cache(model, input_ids, new_tokens))
+    assert counters["stats"]["unique_graphs"] == 1
 
 
 def test_static_cache_decoding_under_torch_compile_matches_eager():
