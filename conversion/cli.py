@@ -1,12 +1,13 @@
 """`mlra convert original SRC OUT ...` and `mlra convert mla SRC OUT --mode exact|tp ...`."""
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
 from modeling_mlra.cli import DTYPE_NAMES
 
-from .writer import DEFAULT_MAX_SHARD_SIZE, ConversionError
+from .writer import DEFAULT_MAX_SHARD_SIZE, ConversionError, check_shard_size
 
 DTYPE_CHOICES = tuple(DTYPE_NAMES)
 
@@ -32,9 +33,9 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     mla.add_argument("--subfolder", default="", help="folder inside SRC holding the checkpoint")
     mla.add_argument("--mode", choices=("exact", "tp"), required=True,
                      help="exact: the family member MLA; tp: L = B = --blocks with a shared latent norm (TPLA)")
-    mla.add_argument("--blocks", type=int, choices=(2, 4), default=4, help="tp: latent blocks = softmax branches")
-    mla.add_argument("--rotation", choices=("none", "hadamard", "pca"), default="hadamard",
-                     help="tp: orthogonal rotation of the latent before it is sliced")
+    mla.add_argument("--blocks", type=int, choices=(2, 4), help="tp: latent blocks = softmax branches (default 4)")
+    mla.add_argument("--rotation", choices=("none", "hadamard", "pca"),
+                     help="tp: orthogonal rotation of the latent before it is sliced (default hadamard)")
     mla.add_argument("--calibration", type=Path, help="tp with --rotation pca: a text file to fit the rotation on")
     mla.add_argument("--tokenizer", help="tokenizer folder or Hub id (default: SRC's); tp's calibration needs one")
     for command in (original, mla):
@@ -54,8 +55,29 @@ def push_to_hub(folder: Path, repo_id: str) -> str:
     return str(commit)
 
 
+def check_convert_options(options) -> None:
+    """Options that cannot apply, checked before any work."""
+    from huggingface_hub import is_offline_mode
+
+    check_shard_size(options.max_shard_size)
+    if options.push_to_hub and is_offline_mode():
+        raise ConversionError(f"--push-to-hub {options.push_to_hub}: HF_HUB_OFFLINE is set; unset it to upload")
+    if options.source != "mla":
+        return
+    if options.mode == "exact":
+        given = [f"--{name}" for name in ("blocks", "rotation", "calibration") if getattr(options, name) is not None]
+        if given:
+            raise ConversionError(f"{', '.join(given)}: only for --mode tp (--mode exact converts into MLA as it is)")
+        return
+    options.blocks = 4 if options.blocks is None else options.blocks
+    options.rotation = options.rotation or "hadamard"
+    if options.rotation == "pca" and options.calibration is None:
+        raise ConversionError("--rotation pca needs --calibration FILE (text to fit the rotation on)")
+
+
 def run_convert(options) -> None:
-    """Dispatch `mlra convert ...`; bad input prints one line and exits with status 2."""
+    """Dispatch `mlra convert ...`; bad input prints one line and exits with status 2; SIGINT, SIGTERM and SIGHUP
+    one line and 128 + the signal's number. Neither leaves anything at OUT."""
     from .mla import convert_mla
     from .original import convert_original
 
@@ -65,11 +87,10 @@ def run_convert(options) -> None:
         overwrite=options.overwrite, repo_id=options.push_to_hub,
     )
     try:
+        check_convert_options(options)
         if options.source == "original":
             out = convert_original(options.src, options.out, variant=options.variant, **common)
         else:
-            if options.rotation == "pca" and options.mode == "tp" and options.calibration is None:
-                raise ConversionError("--rotation pca needs --calibration FILE (text to fit the rotation on)")
             out = convert_mla(
                 options.src, options.out, mode=options.mode, blocks=options.blocks, rotation=options.rotation,
                 calibration=options.calibration, **common,
@@ -78,6 +99,16 @@ def run_convert(options) -> None:
         message = error.args[0] if isinstance(error, KeyError) and error.args else error
         print(f"mlra convert: error: {message}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as interrupt:
+        signum = getattr(interrupt, "signum", signal.SIGINT)
+        print(f"mlra convert: stopped by {signal.Signals(signum).name}; nothing was written to {options.out}", file=sys.stderr)
+        sys.exit(128 + signum)
     print(f"wrote {out}")
     if options.push_to_hub:
-        print(f"uploaded to {options.push_to_hub}: {push_to_hub(out, options.push_to_hub)}")
+        try:
+            commit = push_to_hub(out, options.push_to_hub)
+        except Exception as error:  # the network, the token, the repo's permissions: the folder is complete anyway
+            print(f"mlra convert: error: --push-to-hub {options.push_to_hub}: the upload failed ({type(error).__name__}: "
+                  f"{' '.join(str(error).split())}); the converted folder is {out}", file=sys.stderr)
+            sys.exit(2)
+        print(f"uploaded to {options.push_to_hub}: {commit}")

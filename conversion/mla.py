@@ -19,7 +19,13 @@ from transformers.utils import cached_file
 
 from modeling_mlra import MLRAConfig, MLRAForCausalLM
 from modeling_mlra.configuration_mlra import split_variant_name
-from modeling_mlra.original_checkpoint import converted_tensors, find_original_checkpoint, open_original_checkpoint
+from modeling_mlra.original_checkpoint import (
+    check_finite,
+    check_zip_checksums,
+    converted_tensors,
+    find_original_checkpoint,
+    open_original_checkpoint,
+)
 
 from .hub_card import CardInfo, render_hub_card
 from .source import (
@@ -74,6 +80,7 @@ class CheckpointFiles:
                 self.handles[path] = safe_open(path, framework="pt")
                 keys = self.handles[path].keys()
             else:
+                check_zip_checksums(path)
                 self.handles[path] = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
                 keys = self.handles[path].keys()
             self.file_of.update(dict.fromkeys(keys, path))
@@ -83,7 +90,9 @@ class CheckpointFiles:
             raise ConversionError(f"key {key!r} is missing from {', '.join(sorted(self.handles))}")
         path = self.file_of.pop(key)
         handle = self.handles[path]
-        return handle.get_tensor(key) if hasattr(handle, "get_tensor") else handle[key]
+        tensor = handle.get_tensor(key) if hasattr(handle, "get_tensor") else handle[key]
+        check_finite(tensor, f"{path}: {key}")
+        return tensor
 
     def has(self, key: str) -> bool:
         return key in self.file_of
@@ -164,6 +173,7 @@ def open_mla_source(src: str, subfolder: str, dtype: torch.dtype) -> MLASource:
         config, tensors = open_original_checkpoint(original)
         if split_variant_name(config.variant)[0] != "mla":
             raise ConversionError(f"{original.config_file}: the weights are {config.variant}, not MLA")
+        tensors.check_file_checksums()
         expected = {key: tuple(t.shape) for key, t in planned_tensors(config, dtype).items()}
         expected["lm_head.weight"] = expected["model.embed_tokens.weight"]
         return MLASource(config, converted_tensors(tensors, config, dtype, expected), "authors")

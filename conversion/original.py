@@ -35,6 +35,7 @@ def convert_original(
             raise ConversionError(f"{config_file}: not the authors' format (model_type 'gpt2' with nanoGPT fields)")
         raise missing_config_error(src, subfolder)
     config, tensors = open_original_checkpoint(checkpoint, variant)
+    tensors.check_file_checksums()
     config.dtype = dtype
     found_tokenizer = find_tokenizer(src, subfolder, tokenizer)
     expected_shapes = {key: tuple(t.shape) for key, t in planned_tensors(config, dtype).items()}

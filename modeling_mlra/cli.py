@@ -1,5 +1,5 @@
 """The `mlra` command line: `mlra generate` (demo, on the embedded tiny model by default), `mlra train`,
-`mlra convert` and `mlra eval tasks|ppl`.
+`mlra convert`, `mlra eval tasks|ppl` and `mlra verify`.
 
     mlra generate --prompt "def fibonacci(n):"
     mlra train --variant mlra_4 --hidden-size 256 ... --train-data a.txt --tokenizer tok/ --output-dir out/ --max-steps 1000
@@ -175,6 +175,20 @@ def generate(options) -> None:
         print(f"\n[{new_tokens} tokens in {elapsed:.2f} s: {new_tokens / elapsed:.1f} tokens/s on {device}, {str(dtype).removeprefix('torch.')}]")
 
 
+def verify_folder(folder: Path) -> None:
+    """The `mlra verify` command: one line per problem on stderr and exit code 1, or a summary."""
+    from .conversion.verify import verify_model_folder
+
+    if not folder.is_dir():
+        raise CommandLineError(f"{folder}: the folder does not exist")
+    problems, summary = verify_model_folder(folder)
+    for problem in problems:
+        print(f"mlra verify: {problem}", file=sys.stderr)
+    if problems:
+        raise SystemExit(1)
+    print(summary)
+
+
 def main(argv: list[str] | None = None) -> None:
     from .conversion.cli import add_convert_arguments, run_convert  # here: it imports DTYPE_NAMES from this module
     from .eval.cli import add_eval_arguments, run_eval
@@ -189,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     add_convert_arguments(commands.add_parser("convert", help="convert checkpoints: the authors' format, MLA models"))
     add_eval_arguments(commands.add_parser("eval", help="lm-eval tasks and the authors' perplexity protocol"))
+    verify = commands.add_parser("verify", help="check a model folder: files against SHA256SUMS, weights finite")
+    verify.add_argument("folder", type=Path)
     options = parser.parse_args(argv)
     try:
         if options.command == "generate":
@@ -197,6 +213,8 @@ def main(argv: list[str] | None = None) -> None:
             run_convert(options)
         elif options.command == "eval":
             run_eval(options)
+        elif options.command == "verify":
+            verify_folder(options.folder)
         else:
             run_training(options)
     except CommandLineError as error:

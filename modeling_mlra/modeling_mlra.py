@@ -23,7 +23,7 @@ from transformers.utils import logging
 
 from .configuration_mlra import MLRAConfig
 from .mlra_decode_kernel import kernel_supports, mlra_decode_attention, triton_available
-from .original_checkpoint import find_original_checkpoint, load_original_checkpoint
+from .original_checkpoint import check_finite_weights, find_original_checkpoint, load_original_checkpoint
 from .tensor_parallel import pop_tensor_parallel_arguments, shard_model
 
 logger = logging.get_logger(__name__)
@@ -880,6 +880,9 @@ class MLRAForCausalLM(MLRAPreTrainedModel, GenerationMixin):
         original = find_original_checkpoint(pretrained_model_name_or_path, **kwargs)
         if original is None:
             model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            # about 1 s per 5.8 GB on one CPU core (benchmarks/results/weight_checks.md); NaN weights would
+            # otherwise give NaN logits at every step
+            check_finite_weights(model[0] if isinstance(model, tuple) else model, str(pretrained_model_name_or_path))
         else:
             model = load_original_checkpoint(cls, original, **kwargs)
         return model if group is None else shard_model(model, group)
