@@ -1,13 +1,22 @@
 """Helpers shared by the benchmarks: the models at the published shapes (ours and transformers' DeepseekV3 and Llama
 of the same size), caches filled with random states in the layout each model's forward writes, the check of that
-layout, a device-to-device copy as the bandwidth reference, and a streamer that times generated tokens."""
+layout, a device-to-device copy as the bandwidth reference, a streamer that times generated tokens, the timing
+functions, and the reporting: every result is written as OUT.json and OUT.md, both naming the command that wrote
+them, and plotted as OUT.png."""
 
+import gc
+import json
+import os
+import platform
+import shlex
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import (
     DeepseekV3Config,
     DeepseekV3ForCausalLM,
@@ -18,7 +27,8 @@ from transformers import (
 )
 from transformers.generation.streamers import BaseStreamer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPOSITORY = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPOSITORY))
 from modeling_mlra import MLRACache, MLRAConfig, MLRAForCausalLM  # noqa: E402
 from modeling_mlra.modeling_mlra import CACHE_FIELD, MLRALatentCacheLayer  # noqa: E402
 
@@ -181,3 +191,130 @@ class IntervalStreamer(BaseStreamer):
     def median_ms(self, skip: int = 1) -> float:
         """Median interval after the first `skip` (1: leave out the prompt's forward)."""
         return statistics.median(self.intervals_ms()[skip:])
+
+
+# ----------------------------------------------------------------------------------------------- timing
+
+
+def synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_ms(fn, device):
+    """(fn(), milliseconds): CUDA events on the GPU (the device's time from launch to finish), a wall clock on the
+    CPU."""
+    if torch.device(device).type != "cuda":
+        start = time.perf_counter()
+        result = fn()
+        return result, (time.perf_counter() - start) * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    result = fn()
+    end.record()
+    end.synchronize()
+    return result, start.elapsed_time(end)
+
+
+def gpu_time_ms(fn) -> float:
+    """Median milliseconds of GPU time of fn(), replayed from a CUDA graph: host launch overhead is left out, as it
+    is in a captured decode step. fn runs once eagerly first (kernel compilation, autotuning)."""
+    import triton.testing
+
+    fn()
+    return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+
+
+def median_ms(fn, device, warmup: int = 1, iterations: int = 5) -> float:
+    """Median milliseconds of fn(): `gpu_time_ms` on a GPU; on the CPU the wall time of `iterations` calls after
+    `warmup`."""
+    if torch.device(device).type == "cuda":
+        return gpu_time_ms(fn)
+    for _ in range(warmup):
+        fn()
+    return statistics.median(timed_ms(fn, device)[1] for _ in range(iterations))
+
+
+def release(device) -> None:
+    """Free what the previous configuration left (between models or sizes in one process)."""
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------- reporting
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The command that is running, as typed from the repository root (under torchrun, with its process count)."""
+    script = Path(sys.argv[0]).resolve()
+    if script.is_relative_to(REPOSITORY):
+        script = script.relative_to(REPOSITORY)
+    launcher = "python"
+    if "LOCAL_WORLD_SIZE" in os.environ:
+        launcher = f"torchrun --nproc-per-node {os.environ['LOCAL_WORLD_SIZE']}"
+    return " ".join([launcher, str(script), *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+
+
+def software_versions() -> dict:
+    """Python, torch, transformers, triton (None where not installed) and CUDA versions."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return dict(
+        python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
+        triton=triton_version, cuda=torch.version.cuda,
+    )  # fmt: skip
+
+
+def write_results(out: Path, data: dict, markdown: str, command: str | None = None) -> None:
+    """OUT.json (`data` and the command) and OUT.md (`markdown` with the command under its title line)."""
+    out = Path(out)
+    command = command or command_line()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"command": command, **data}, indent=1, default=str))
+    title, _, body = markdown.partition("\n")
+    out.with_suffix(".md").write_text(f"{title}\n\nCommand: `{command}`\n{body}")
+
+
+@dataclass
+class Panel:
+    """One plot: lines (label -> (x, y) points) and horizontal reference lines (label -> y)."""
+
+    title: str
+    xlabel: str
+    ylabel: str
+    lines: dict[str, list[tuple[float, float]]]
+    references: dict[str, float] = field(default_factory=dict)
+    xscale: str = "log"
+    yscale: str = "linear"
+
+
+def plot_panels(path: Path, panels: list[Panel], title: str | None = None) -> None:
+    """The panels side by side in one PNG; without matplotlib, a note and no file."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no PNG")
+        return
+    figure, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for axis, panel in zip(axes[0], panels):
+        for label, points in panel.lines.items():
+            if points:
+                axis.plot(*zip(*sorted(points)), marker="o", label=label)
+        for label, value in panel.references.items():
+            axis.axhline(value, color="black", linestyle="--", label=label)
+        axis.set(xscale=panel.xscale, yscale=panel.yscale, xlabel=panel.xlabel, ylabel=panel.ylabel, title=panel.title)
+        axis.grid(True, which="both", alpha=0.3)
+        axis.legend(fontsize=7)
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(Path(path), dpi=120)
+    plt.close(figure)

@@ -15,7 +15,6 @@ structure, which reads the rope key once per block).
 """
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -29,16 +28,9 @@ from modeling_mlra import MLRAConfig  # noqa: E402
 from modeling_mlra.mlra_decode_kernel import _decode_attention, mlra_decode_attention  # noqa: E402
 from modeling_mlra.modeling_mlra import MLRAAttention  # noqa: E402
 
-from common import copy_bandwidth  # noqa: E402  (the copy reference every benchmark here uses)
+from common import Panel, copy_bandwidth, gpu_time_ms, plot_panels, write_results  # noqa: E402
 
 K = 1024
-
-
-def bench(fn) -> float:
-    """Median milliseconds of GPU time: the calls replayed from a CUDA graph, so host overhead is left out (it is
-    reported separately as the eager call time)."""
-    fn()
-    return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
 
 
 def eager_call_us(fn, calls: int = 50) -> float:
@@ -102,7 +94,7 @@ def run_case(
     if bsz * context <= 256 * K:
         ref = reference_attention(q_absorbed, q_rope, cache, groups, scaling)
         row["rel_err_vs_fp32"] = ((out.float() - ref).norm() / ref.norm()).item()
-    ms = bench(lambda: mlra_decode_attention(q_absorbed, q_rope, cache, seq_lens, None, groups, scaling))
+    ms = gpu_time_ms(lambda: mlra_decode_attention(q_absorbed, q_rope, cache, seq_lens, None, groups, scaling))
     row["kernel_us"] = ms * 1e3
     row["kernel_gbs"] = cache.nbytes / ms / 1e6
     row["of_copy"] = row["kernel_gbs"] / copy_gbs
@@ -117,7 +109,7 @@ def run_case(
         for overrides in variants:
             splits = overrides.pop("num_splits", 0)
             try:
-                us = bench(lambda: _decode_attention(
+                us = gpu_time_ms(lambda: _decode_attention(
                     q_absorbed, q_rope, cache, seq_lens, None, groups, scaling, splits, overrides)) * 1e3
             except Exception as error:  # a config that does not compile or fit: recorded, not fatal
                 us = None
@@ -136,13 +128,13 @@ def run_case(
             for l in range(blocks):
                 mlra_decode_attention(q_blocks[l], q_rope, block_caches[l], seq_lens, None, 1, scaling)
 
-        row["per_block_us"] = bench(one_launch_per_block) * 1e3
+        row["per_block_us"] = gpu_time_ms(one_launch_per_block) * 1e3
         row["fused_speedup_vs_per_block"] = row["per_block_us"] / row["kernel_us"]
         del block_caches
     if module is not None:
         q_nope = torch.randn(bsz, 1, heads, 128, device=device, dtype=torch.bfloat16)
         with torch.no_grad():
-            row["attention_kernel_us"] = bench(
+            row["attention_kernel_us"] = gpu_time_ms(
                 lambda: module.absorbed_attention(q_nope, q_rope, cache, None, (seq_lens, None))
             ) * 1e3
             try:
@@ -192,8 +184,6 @@ def main():
             print(rows[-1], flush=True)
 
     out = Path(options.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(dict(machine=machine, copy_gbs=copy_gbs, rows=rows), indent=1))
     lines = [
         f"# Fused decode kernel, {machine} (torch {torch.__version__}, triton {triton.__version__})",
         "",
@@ -223,37 +213,22 @@ def main():
     ]
     lines += ["", "MLA (b) / MLRA-4 share (a) kernel time: " + ", ".join(f"{c // K}K: {r:.2f}x" for c, r in ratios)]
     table = "\n".join(lines) + "\n"
-    out.with_suffix(".md").write_text(table)
+    write_results(out, dict(machine=machine, copy_gbs=copy_gbs, rows=rows), table)
     print(table)
     plot(rows, copy_gbs, machine, out.with_suffix(".png"))
 
 
 def plot(rows, copy_gbs, machine, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     series = {}
     for row in rows:
         series.setdefault(f"{row['case']}, batch {row['batch']}", []).append(row)
-    for label, points in series.items():
-        contexts = [p["context"] for p in points]
-        left.plot(contexts, [p["kernel_us"] for p in points], marker="o", label=label)
-        right.plot(contexts, [p["kernel_gbs"] for p in points], marker="o", label=label)
-    right.axhline(copy_gbs, color="black", linestyle="--", label="device-to-device copy")
-    for axis, ylabel in ((left, "kernel time (us)"), (right, "achieved bandwidth (GB/s)")):
-        axis.set_xscale("log", base=2)
-        axis.set_xlabel("cached tokens")
-        axis.set_ylabel(ylabel)
-        axis.grid(alpha=0.3)
-    left.set_yscale("log")
-    right.legend(fontsize=7)
-    fig.suptitle(f"MLRA fused decode kernel, bfloat16, {machine}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
+    times = {label: [(p["context"], p["kernel_us"]) for p in points] for label, points in series.items()}
+    rates = {label: [(p["context"], p["kernel_gbs"]) for p in points] for label, points in series.items()}
+    panels = [
+        Panel("kernel time", "cached tokens", "kernel time (us)", times, yscale="log"),
+        Panel("achieved bandwidth", "cached tokens", "GB/s", rates, references={"device-to-device copy": copy_gbs}),
+    ]
+    plot_panels(path, panels, title=f"MLRA fused decode kernel, bfloat16, {machine}")
 
 if __name__ == "__main__":
     main()

@@ -2,7 +2,7 @@
 cache, of every base member of ours (MLA, GLA-2/4, MLRA-2/4) beside transformers' DeepseekV3 (dense, same sizes
 as MLRA-4) and Llama with 8 KV heads (GQA), all at the published ~2.9B shape, bfloat16, random weights.
 
-    python benchmarks/e2e_generate.py --out benchmarks/results/e2e_h200     # the GPU run (about 6-7 minutes)
+    python benchmarks/e2e_generate.py --out benchmarks/results/e2e_generate_h200     # the GPU run (about 6-7 minutes)
     python benchmarks/e2e_generate.py --quick                               # tiny shapes on the CPU, float32
 
 Measured, one model on the GPU at a time:
@@ -23,7 +23,6 @@ Every configuration runs in its own try/except (an out-of-memory is recorded, no
 """
 
 import argparse
-import gc
 import json
 import platform
 import statistics
@@ -33,18 +32,22 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     IntervalStreamer,
     check_cache_layout,
+    command_line,
     copy_bandwidth,
     deepseek_v3_config,
     llama_gqa_config,
     published_model,
     random_cache,
+    release,
     set_cache_length,
+    software_versions,
+    synchronize,
+    timed_ms,
     transformers_model,
 )
 from transformers import DeepseekV3Config, DynamicCache  # noqa: E402
@@ -124,26 +127,6 @@ def generate_cache(model):
 
 
 # ----------------------------------------------------------------------------------------------- timing
-
-
-def synchronize(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed_ms(fn, device):
-    """(fn(), milliseconds): CUDA events on the GPU (the device's time from launch to finish), a wall clock on the
-    CPU."""
-    if device.type != "cuda":
-        start = time.perf_counter()
-        result = fn()
-        return result, (time.perf_counter() - start) * 1e3
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    result = fn()
-    end.record()
-    end.synchronize()
-    return result, start.elapsed_time(end)
 
 
 @contextmanager
@@ -585,12 +568,6 @@ def error_text(error: BaseException) -> str:
     return f"{type(error).__name__}: {str(error).strip().splitlines()[0][:160] if str(error).strip() else ''}"
 
 
-def release(device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def run_model(name: str, args, device, dtype, report: Report, started: float) -> None:
     """Everything for one model: build, layout checks, prefill, eager and CUDA-graph decode."""
 
@@ -649,7 +626,7 @@ def run_model(name: str, args, device, dtype, report: Report, started: float) ->
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="output prefix (.md, .json, .png); default benchmarks/results/"
-                        "e2e_h200, or /tmp/e2e_quick with --quick")  # fmt: skip
+                        "e2e_generate_h200, or /tmp/e2e_quick with --quick")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="tiny shapes, float32, on the CPU: checks the script")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--layers", type=int, default=24)
@@ -685,7 +662,7 @@ def main(argv=None):
         args.layers, args.prefill, args.long_prefill, args.peak_memory_tokens = 2, [64, 128], [256], 128
         args.prompts, args.batches, args.torch_decode_prompts, args.fill_from = [16, 64, 128], [1, 2], [16, 128], 64
         args.new_tokens, args.warmup_tokens, args.replays, args.compiled_new_tokens = 5, 16, 3, 5
-    out = args.out or Path("/tmp/e2e_quick" if args.quick else "benchmarks/results/e2e_h200")
+    out = args.out or Path("/tmp/e2e_quick" if args.quick else "benchmarks/results/e2e_generate_h200")
     args.max_positions = max([*args.prefill, *args.long_prefill, *args.prompts]) + args.static_reserve + 64
 
     started = time.perf_counter()
@@ -705,12 +682,11 @@ def main(argv=None):
     if args.quick:
         torch.set_num_threads(1)  # a shared few-core CPU: one thread keeps the check from waiting on busy cores
     meta = dict(
-        command="python benchmarks/e2e_generate.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        command=command_line(argv),
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
         machine=f"{platform.node()}, {platform.processor() or platform.machine()}",
-        dtype=str(dtype).removeprefix("torch."), layers=args.layers, quick=args.quick, torch=torch.__version__,
-        transformers=transformers.__version__, triton=triton_version(), cuda=torch.version.cuda,
-        python=platform.python_version(), new_tokens=args.new_tokens, fill_from=args.fill_from,
+        dtype=str(dtype).removeprefix("torch."), layers=args.layers, quick=args.quick, **software_versions(),
+        new_tokens=args.new_tokens, fill_from=args.fill_from,
         prompts=args.prompts, prefill=args.prefill, compiled_prompt=args.compiled_prompt,
         compiled_new_tokens=args.compiled_new_tokens, estimate_s=estimate,
     )  # fmt: skip
@@ -743,14 +719,6 @@ def main(argv=None):
     report.finish()
     print("\n" + out.with_suffix(".md").read_text(), flush=True)
     print(f"wrote {out}.md, .json, .png in {meta['elapsed_s']:.0f} s")
-
-
-def triton_version() -> str | None:
-    try:
-        import triton
-    except ImportError:
-        return None
-    return triton.__version__
 
 
 if __name__ == "__main__":

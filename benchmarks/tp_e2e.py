@@ -8,8 +8,10 @@ and prompt: ms per token (median interval between streamed tokens), tokens/s, pe
 a decode step spent in collectives (NCCL kernel time in a profiled step / median step time).
 
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
-        torchrun --nproc-per-node 2 benchmarks/tp_e2e.py --output-dir benchmarks/results/tp_e2e
-    torchrun --nproc-per-node 2 benchmarks/tp_e2e.py --quick --output-dir /tmp/tp_e2e    # tiny shapes, CPU, gloo
+        torchrun --nproc-per-node 2 benchmarks/tp_e2e.py --out benchmarks/results/tp_e2e_h200x2
+    torchrun --nproc-per-node 2 benchmarks/tp_e2e.py --quick --out /tmp/tp_e2e    # tiny shapes, CPU, gloo
+
+Writes OUT.json, OUT.md and OUT.png.
 """
 
 import os
@@ -27,11 +29,18 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import transformers  # noqa: E402
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, DynamicCache  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import IntervalStreamer, deepseek_v3_config, random_model  # noqa: E402
+from common import (  # noqa: E402
+    IntervalStreamer,
+    Panel,
+    deepseek_v3_config,
+    plot_panels,
+    random_model,
+    software_versions,
+    write_results,
+)
 
 from modeling_mlra import MLRACache, MLRAConfig  # noqa: E402  (common puts the repository first)
 from modeling_mlra.tensor_parallel import shard_model  # noqa: E402
@@ -143,7 +152,7 @@ def run_setup(name: str, model, make_cache, args, vocab: int, device, record, ma
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="output prefix: OUT.json, OUT.md, OUT.png")
     parser.add_argument("--prompts", type=int, nargs="+", default=[4096, 32768, 131072])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--new-tokens", type=int, default=16)
@@ -208,16 +217,14 @@ def main():
     if rank == 0:
         meta = {
             "device": torch.cuda.get_device_name() if use_cuda else "cpu",
-            "gpus": world, "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
-            "transformers": transformers.__version__, "new_tokens": args.new_tokens,
+            "gpus": world, "dtype": str(dtype).removeprefix("torch."), **software_versions(),
+            "new_tokens": args.new_tokens,
         }  # fmt: skip
-        write_outputs(rows, meta, args.output_dir)
+        write_outputs(rows, meta, args.out)
     dist.destroy_process_group()
 
 
-def write_outputs(rows: list[dict], meta: dict, output_dir: Path) -> None:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "tp_e2e.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+def write_outputs(rows: list[dict], meta: dict, out: Path) -> None:
     lines = [
         f"# Tensor-parallel decode, {meta['gpus']} x {meta['device']}, {meta['dtype']}, 2.9B shape, random weights",
         "",
@@ -236,29 +243,21 @@ def write_outputs(rows: list[dict], meta: dict, output_dir: Path) -> None:
             f"| {row['setup']} | {row['batch']} | {row['prompt']:,} | {row['ms_per_token']:.2f} | "
             f"{row['tokens_per_s']:.1f} | {row['cache_gb_per_gpu']:.2f} | {'' if share is None else f'{share:.0%}'} |"
         )
-    (output_dir / "tp_e2e.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no PNG")
-        return
-    batches = sorted({row["batch"] for row in rows})
-    figure, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4), squeeze=False)
-    for axis, batch in zip(axes[0], batches):
-        for setup in dict.fromkeys(row["setup"] for row in rows):
-            points = [(r["prompt"], r["ms_per_token"]) for r in rows if r["setup"] == setup and r["batch"] == batch
-                      and "ms_per_token" in r]  # fmt: skip
-            if points:
-                axis.plot(*zip(*points), marker="o", label=setup)
-        axis.set(xscale="log", xlabel="prompt tokens (cached)", ylabel="ms per token", title=f"batch {batch}")
-        axis.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(output_dir / "tp_e2e.png", dpi=120)
+    markdown = "\n".join(lines) + "\n"
+    write_results(out, {"meta": meta, "rows": rows}, markdown)
+    print(markdown)
+    panels = [
+        Panel(
+            f"batch {batch}", "prompt tokens (cached)", "ms per token",
+            {
+                setup: [(r["prompt"], r["ms_per_token"]) for r in rows
+                        if r["setup"] == setup and r["batch"] == batch and "ms_per_token" in r]
+                for setup in dict.fromkeys(row["setup"] for row in rows)
+            },
+        )  # fmt: skip
+        for batch in sorted({row["batch"] for row in rows})
+    ]
+    plot_panels(out.with_suffix(".png"), panels)
 
 
 if __name__ == "__main__":

@@ -7,25 +7,24 @@ rope 64, batch 1, one query token, 128K to 2M cached tokens.
 - MLRA-4 at 4-way TP: one latent block per GPU, all 64 heads: 64 heads on 128 + 64.
 
 The latent members run the rank's own attention module (`LatentShard.local_config()` -> `MLRAAttention`) through its
-absorbed decode path, so whatever that path dispatches to (the fused decode kernel when present) is what is timed.
-Writes tp_share_attention.{json,md,png} into --output-dir.
+absorbed decode path, so whatever that path dispatches to (the fused decode kernel when present) is what is timed:
+GPU time of CUDA-graph replays (`common.gpu_time_ms`). Writes OUT.json, OUT.md and OUT.png.
 
-    python benchmarks/tp_share_attention.py --output-dir benchmarks/results/tp_share    # one H200, ~2 min
-    python benchmarks/tp_share_attention.py --quick --output-dir /tmp/tp_share           # tiny shapes on the CPU
+    python benchmarks/tp_share_attention.py --out benchmarks/results/tp_share_attention_h200   # one H200, ~2 min
+    python benchmarks/tp_share_attention.py --quick --out /tmp/tp_share_attention              # tiny shapes, CPU
 """
 
 import argparse
-import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from modeling_mlra import MLRAConfig  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import Panel, median_ms, plot_panels, software_versions, write_results  # noqa: E402
+
+from modeling_mlra import MLRAConfig  # noqa: E402  (common puts the repository first)
 from modeling_mlra.modeling_mlra import MLRAAttention, use_decode_kernel  # noqa: E402
 from modeling_mlra.tensor_parallel import LatentShard  # noqa: E402
 
@@ -48,31 +47,6 @@ def share_attention(variant: str, degree: int, heads: int, head_dim: int, rope_d
     return attention, shard
 
 
-def time_call(fn, device, warmup: int, iterations: int) -> float:
-    """Median milliseconds of fn(): on a GPU, GPU time of CUDA-graph replays (host launch overhead left out, as it
-    would be in a captured decode step); on the CPU, wall time."""
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
-    times = []
-    for _ in range(iterations):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 @torch.no_grad()
 def measure(context: int, args, device, dtype) -> dict:
     heads, head_dim, rope_dim = args.heads, args.head_dim, args.rope_dim
@@ -82,7 +56,7 @@ def measure(context: int, args, device, dtype) -> dict:
     query = torch.randn(1, q_heads, 1, head_dim, device=device, dtype=dtype)
     key = torch.randn(1, 1, context, head_dim, device=device, dtype=dtype)
     value = torch.randn(1, 1, context, head_dim, device=device, dtype=dtype)
-    row["GQA_ms"] = time_call(
+    row["GQA_ms"] = median_ms(
         lambda: F.scaled_dot_product_attention(query, key, value, enable_gqa=True), device, args.warmup, args.iters
     )
     row["GQA_bytes"] = 2 * context * head_dim * key.element_size()
@@ -102,7 +76,7 @@ def measure(context: int, args, device, dtype) -> dict:
         else:
             row[f"{name}_path"] = "PyTorch absorbed"
             run = lambda: attention.absorbed_attention(q_nope, q_rope, kv_states, None)  # noqa: E731
-        row[f"{name}_ms"] = time_call(run, device, args.warmup, args.iters)
+        row[f"{name}_ms"] = median_ms(run, device, args.warmup, args.iters)
         row[f"{name}_bytes"] = kv_states.numel() * kv_states.element_size()
         row[f"{name}_shape"] = f"{local_heads} heads on {shard.cache_width - rope_dim} + {rope_dim}"
         del kv_states
@@ -111,9 +85,7 @@ def measure(context: int, args, device, dtype) -> dict:
     return row
 
 
-def write_outputs(rows: list[dict], meta: dict, output_dir: Path) -> None:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "tp_share_attention.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+def write_outputs(rows: list[dict], meta: dict, out: Path) -> None:
     names = ("GQA", "MLA", "GLA-2", "MLRA-4")
     lines = [
         f"# Per-GPU share of decode attention ({meta['device']}, {meta['dtype']}, batch 1, {meta['heads']} query heads)",
@@ -130,29 +102,17 @@ def write_outputs(rows: list[dict], meta: dict, output_dir: Path) -> None:
             + f" | {row['MLA/MLRA-4']:.2f} | {row['GQA/MLRA-4']:.2f} | {row['GLA-2/MLRA-4']:.2f} | {bandwidth:.0f} |"
         )  # fmt: skip
     lines += ["", "Paper (Figure 5, 128K-2M): " + ", ".join(f"{k}/MLRA-4 {a}-{b}x" for k, (a, b) in PAPER_RATIOS.items())]
-    (output_dir / "tp_share_attention.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no PNG")
-        return
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for name in names:
-        axis.plot([r["context"] for r in rows], [r[f"{name}_ms"] for r in rows], marker="o", label=name)
-    axis.set(xscale="log", yscale="log", xlabel="cached tokens", ylabel="ms per decode step (one GPU's share)")
-    axis.legend()
-    axis.grid(True, which="both", alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(output_dir / "tp_share_attention.png", dpi=120)
+    markdown = "\n".join(lines) + "\n"
+    write_results(out, {"meta": meta, "rows": rows}, markdown)
+    print(markdown)
+    lines_by_member = {name: [(r["context"], r[f"{name}_ms"]) for r in rows] for name in names}
+    panel = Panel(f"one GPU's share, {meta['device']}, {meta['dtype']}", "cached tokens", "ms per decode step", lines_by_member, yscale="log")
+    plot_panels(out.with_suffix(".png"), [panel])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="output prefix: OUT.json, OUT.md, OUT.png")
     parser.add_argument("--contexts", type=int, nargs="+", default=[1 << 17, 1 << 18, 1 << 19, 1 << 20, 1 << 21])
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=20)
@@ -168,7 +128,7 @@ def main():
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "dtype": str(dtype).removeprefix("torch."),
         "heads": args.heads, "head_dim": args.head_dim, "rope_dim": args.rope_dim,
-        "torch": torch.__version__,
+        **software_versions(),
         "shares": {
             "GQA": f"8-way TP: {args.heads // 8} query heads on 1 KV head of {args.head_dim}",
             **{
@@ -184,7 +144,7 @@ def main():
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
     for name, (variant, degree) in LATENT_MEMBERS.items():
         meta["shares"][name] += f": {rows[0][name + '_shape']} ({rows[0][name + '_path']})"
-    write_outputs(rows, meta, args.output_dir)
+    write_outputs(rows, meta, args.out)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,10 @@ Caches are filled directly with random, correctly shaped states (no long prefill
 step alone: one token through the whole model (embedding, layers, final norm, lm_head) with the cache
 prefilled to the context length. See benchmarks/README.md.
 
-    python benchmarks/decode_benchmark.py                      # full run: 2 layers, 1K/4K/16K/64K, fp32
-    python benchmarks/decode_benchmark.py --contexts 1024 4096 --layers 1 --steps 3
+    python benchmarks/decode_cpu.py                      # full run: 2 layers, 1K/4K/16K/64K, fp32
+    python benchmarks/decode_cpu.py --contexts 1024 4096 --layers 1 --steps 3    # quick
+
+Writes OUT.md and OUT.json (default benchmarks/results/decode_cpu_DTYPE).
 """
 
 import argparse
@@ -25,12 +27,20 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import cache_tensors, check_cache_layout, random_cache  # noqa: E402
+from common import (  # noqa: E402
+    cache_tensors,
+    check_cache_layout,
+    deepseek_v3_config,
+    llama_gqa_config,
+    published_model,
+    random_cache,
+    transformers_model,
+    write_results,
+)
 
-from modeling_mlra import MLRAConfig, MLRAForCausalLM  # noqa: E402  (common puts the repository first)
+from modeling_mlra import MLRAConfig  # noqa: E402  (common puts the repository first)
 from modeling_mlra.modeling_mlra import CACHE_FIELD  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -60,10 +70,14 @@ class Result:
 # common.check_cache_layout).
 
 
+def published_shapes(layers: int) -> MLRAConfig:
+    """MLRA-4's published shapes with `layers` layers: the size transformers' DeepseekV3 and Llama are built at."""
+    return MLRAConfig.from_variant("mlra_4", num_hidden_layers=layers, max_position_embeddings=MAX_POSITIONS)
+
+
 def setup_mlra(variant: str, layers: int, dtype: torch.dtype, reserve: int):
     """Ours: MLRAForCausalLM with the published shapes of `variant`; an MLRACache filled with random latents."""
-    config = MLRAConfig.from_variant(variant, num_hidden_layers=layers, max_position_embeddings=MAX_POSITIONS)
-    model = MLRAForCausalLM(config).to(dtype).eval()
+    model = published_model(variant, layers, "cpu", dtype, max_position_embeddings=MAX_POSITIONS)
 
     def fill_cache(context: int):
         # Room for the timed steps, so no capacity doubling (an amortized copy) lands inside the timing.
@@ -79,15 +93,7 @@ def setup_deepseek_v3(layers: int, dtype: torch.dtype):
     [bsz, 1, S, d_c] (the normalized latent) and values [bsz, 1, S, d_r] (the rotated rope key); every step it
     re-expands all cached latents through kv_b_proj into per-head K [bsz, h, S, d_n + d_r] and V [bsz, h, S, d_v].
     """
-    config = DeepseekV3Config(
-        vocab_size=VOCAB, hidden_size=D, intermediate_size=MLP, num_hidden_layers=layers,
-        num_attention_heads=HEADS, num_key_value_heads=HEADS, q_lora_rank=D_CQ, kv_lora_rank=D_C,
-        qk_nope_head_dim=D_N, qk_rope_head_dim=D_R, v_head_dim=D_V,
-        first_k_dense_replace=layers,  # every layer dense: no MoE is built
-        n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1,
-        max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=True, rms_norm_eps=1e-6,
-    )
-    model = DeepseekV3ForCausalLM(config).to(dtype).eval()
+    model = transformers_model(deepseek_v3_config(published_shapes(layers)), "cpu", dtype)
 
     def fill_cache(context: int):
         return random_cache(model, 1, context, reserve=0)
@@ -96,13 +102,8 @@ def setup_deepseek_v3(layers: int, dtype: torch.dtype):
 
 
 def setup_llama(layers: int, dtype: torch.dtype, kv_heads: int):
-    """transformers' Llama with GQA of similar size: 24 query heads, `kv_heads` KV heads of 128, hidden 3072."""
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=D, intermediate_size=MLP, num_hidden_layers=layers,
-        num_attention_heads=HEADS, num_key_value_heads=kv_heads, head_dim=128,
-        max_position_embeddings=MAX_POSITIONS, tie_word_embeddings=True, rms_norm_eps=1e-6,
-    )
-    model = LlamaForCausalLM(config).to(dtype).eval()
+    """transformers' Llama with GQA of the same size: 24 query heads, `kv_heads` KV heads of 128, hidden 3072."""
+    model = transformers_model(llama_gqa_config(published_shapes(layers), kv_heads), "cpu", dtype)
 
     def fill_cache(context: int):
         return random_cache(model, 1, context, reserve=0)
@@ -356,9 +357,10 @@ def main(argv=None):
     parser.add_argument("--skip", nargs="*", default=[], help="models to list as skipped without running")
     parser.add_argument("--memory-fraction", type=float, default=0.6,
                         help="skip a configuration needing more than this fraction of available memory")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "decode_cpu")
+    parser.add_argument("--out", type=Path, help="output prefix (default benchmarks/results/decode_cpu_DTYPE)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    args.out = args.out or RESULTS_DIR / f"decode_cpu_{args.dtype}"
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
@@ -387,11 +389,9 @@ def main(argv=None):
 
     table = markdown_table(results, reference, args.layers)
     summary = targets(results, reference, elem)
-    command = "python benchmarks/decode_benchmark.py " + " ".join(sys.argv[1:] if argv is None else argv)
     report = "\n".join([
         f"# Decode step on the CPU: {args.layers} layer(s) of the published 2.9B shapes, {args.dtype}",
         "",
-        f"Command: `{command.strip()}`  ",
         f"Machine: {machine['cpu']}, {machine['logical_cores']} logical cores (torch threads {args.threads}), "
         f"{machine['memory_gb']} GB RAM, avx512_bf16={machine['avx512_bf16']}, amx={machine['amx']}; "
         f"Python {machine['python']}, torch {machine['torch']}, transformers {machine['transformers']}.  ",
@@ -419,14 +419,12 @@ def main(argv=None):
         "(S x 7680 values per layer, every step).",
         "",
     ])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".md").write_text(report)
     raw = {
         "machine": machine, "load_before": load_before, "load_after": load_after, "args": {
             k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
         }, "results": [asdict(r) for r in results],
     }
-    args.out.with_suffix(".json").write_text(json.dumps(raw, indent=2))
+    write_results(args.out, raw, report)
     print("\n" + table + "\n\n" + "\n".join(summary))
     print(f"\nwrote {args.out.with_suffix('.md')} and {args.out.with_suffix('.json')}")
 
