@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import CompileConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -758,17 +758,18 @@ class MLRAModel(MLRAPreTrainedModel):
         prepared ahead (MLRAForCausalLM.create_masks_for_generate) and is used as it is."""
         if attention_mask is not None and attention_mask.dim() == 4:
             return attention_mask
-        static = cache is not None and cache.is_compileable
+        q_len = len(query_slots)
+        if cache is not None and cache.is_compileable:  # one mask shape at every step, and no look at its values
+            return attention_mask_for_slots(attention_mask, query_slots, cache.get_mask_sizes(q_len, 0)[0], dtype)
         no_padding = attention_mask is None or (
             not torch.compiler.is_compiling() and attention_mask.dim() == 2 and bool(attention_mask.all())
         )
         # Plain causal attention is exact without a cache, and in the expanded path on an empty growing one (prefill:
         # the fast causal kernels, no [T, S] mask); one new token sees every cached one.
-        q_len = len(query_slots)
         fresh_prefill = q_len > self.config.absorbed_max_query_len and cache is not None and cache.get_seq_length() == 0
-        if no_padding and (cache is None or (not static and (q_len == 1 or fresh_prefill))):
+        if no_padding and (cache is None or q_len == 1 or fresh_prefill):
             return None
-        kv_length = cache.get_mask_sizes(len(query_slots), 0)[0] if cache is not None else len(query_slots)
+        kv_length = cache.get_mask_sizes(q_len, 0)[0] if cache is not None else q_len
         return attention_mask_for_slots(attention_mask, query_slots, kv_length, dtype)
 
 
@@ -859,12 +860,28 @@ class MLRAForCausalLM(MLRAPreTrainedModel, GenerationMixin):
             self._static_generation_cache = cache
         model_kwargs[CACHE_FIELD] = cache
 
+    def _default_compile_config(self) -> CompileConfig:
+        """generate()'s torch.compile of the decode step on a static cache when `generation_config.compile_config`
+        is not set: one graph without breaks (the forward is written for it; a break would fail loudly instead of
+        silently slowing every token), static shapes (the static cache keeps them), CUDA graphs (reduce-overhead)."""
+        return CompileConfig(fullgraph=True, dynamic=False)
+
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, **kwargs) -> torch.Tensor | None:
         """generate() builds the mask before each forward when the cache is static, so that a compiled forward sees
         one shape at every step: our additive mask [bsz, 1, T, max_cache_len] (transformers' generic builder
-        knows nothing of the latent cache)."""
+        knows nothing of the latent cache). Where the step runs the fused decode kernel, which applies the causal
+        rule itself, only the padding is needed: the 2D mask padded to the capacity, as [bsz, 1, 1, max_cache_len]
+        booleans (two small launches on the host's critical path of every step, not a dozen)."""
         cache = _take_cache_argument(kwargs.pop("cache", None), kwargs)
-        query_slots = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + cache.get_seq_length()
+        q_len = inputs_embeds.shape[1]
+        if q_len <= self.config.absorbed_max_query_len and use_decode_kernel(
+            self.config, q_len, inputs_embeds.dtype, inputs_embeds.device
+        ):
+            if attention_mask is None or attention_mask.dim() != 2:
+                return attention_mask
+            capacity = cache.get_mask_sizes(q_len, 0)[0]
+            return F.pad(attention_mask.bool(), (0, capacity - attention_mask.shape[1]), value=True)[:, None, None]
+        query_slots = torch.arange(q_len, device=inputs_embeds.device) + cache.get_seq_length()
         return self.model._attention_mask(attention_mask, query_slots, cache, inputs_embeds.dtype)
 
     @classmethod

@@ -233,3 +233,18 @@ def test_forcing_the_kernel_for_an_unsupported_shape_names_the_reason():
 def test_an_unknown_decode_kernel_setting_is_refused():
     with pytest.raises(ValueError, match="decode_kernel"):
         MLRAConfig(decode_kernel="cuda")
+
+
+def test_static_generate_through_the_kernel_gives_the_pytorch_path_tokens_for_left_padded_rows():
+    # generate() hands the kernel only the padding ([bsz, 1, 1, capacity] booleans), the PyTorch path the full mask
+    input_ids = random_tokens((2, 7), seed=18).to(DEVICE) + 1
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :3] = 0
+    outputs = {}
+    for decode_kernel in ("triton", "torch"):
+        model = tiny_model(seed=19, decode_kernel=decode_kernel).to(DEVICE)
+        outputs[decode_kernel] = model.generate(
+            input_ids, attention_mask=attention_mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+            cache_implementation="static",
+        )
+    assert torch.equal(outputs["triton"], outputs["torch"])

@@ -1,0 +1,545 @@
+"""The decode step against the weight-read floor, and what generate() gives, on one GPU in one run (issue 16).
+
+    python benchmarks/decode_step.py --out benchmarks/results/decode_step_h200    # the GPU run (under 10 minutes)
+    python benchmarks/decode_step.py --quick                                        # tiny shapes on the CPU
+
+Ours (MLRA-4, MLA, GLA-2) beside transformers' Llama (8 KV heads) and DeepseekV3 (dense) of the same ~2.9B size,
+bfloat16, random weights, 24 layers, a static cache of each model's own kind holding `context` random tokens
+(benchmarks/common.py: the layout each model's forward writes, checked). Per model and batch x context:
+- graph step: the model's eager decode step (one token, `logits_to_keep=1`) captured in a CUDA graph; the cache is
+  rewound to `context` before every replay (outside the timed events); median of replays;
+- compiled step: `torch.compile(step, fullgraph=True, dynamic=False)` (inductor, default mode; one compiled
+  function per model, recompiled per shape: a static cache's capacity is a constant of the graph, ours and
+  transformers' alike), captured the same way, at --compiled-shapes (mla and gla_2: --small-compiled-shapes; the
+  compiles dominate the run); its logits against the eager step's (bfloat16);
+- floor: (parameter bytes + cached bytes read) / device-to-device copy rate measured in this run;
+- kernels of one compiled step (torch.profiler, outside a graph): how many, their summed time, the top ones, and
+  for ours the fused decode kernel's share (`mlra_decode_kernel.py`);
+- generate(cache_implementation="static") at batch 1 with each model's automatic compile (ours:
+  `MLRAForCausalLM._default_compile_config`; transformers': its `CompileConfig()`), several calls of different
+  lengths: the first call's time (compile included), recompiles after it (dynamo's graph count), total tokens/s of
+  256 new tokens (16-token prompt) and the median streamed interval (IntervalStreamer, which synchronises per
+  token as a streamer must), and ours' greedy tokens against eager generate()'s;
+- a cProfile of one compiled generate() call of ours (the host's work per token) and the compile time again in a
+  second process with the compile caches warm.
+Every part is in its own try/except, rows are written as they come (.json, .md), the plot at the end; parts not
+started by --stop-after-s are recorded as skipped.
+"""
+
+import argparse
+import cProfile
+import gc
+import io
+import json
+import platform
+import pstats
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    IntervalStreamer,
+    cache_tensors,
+    check_cache_layout,
+    copy_bandwidth,
+    deepseek_v3_config,
+    llama_gqa_config,
+    published_model,
+    random_cache,
+    set_cache_length,
+    transformers_model,
+)
+from transformers import CompileConfig  # noqa: E402
+from transformers.generation.streamers import BaseStreamer  # noqa: E402
+
+from modeling_mlra import MLRAConfig, MLRAForCausalLM  # noqa: E402  (common puts the repository first)
+from modeling_mlra.modeling_mlra import CACHE_FIELD  # noqa: E402
+
+OURS = ("mlra_4", "mla", "gla_2")
+MODELS = ("mlra_4", "llama_gqa", "deepseek_v3", "mla", "gla_2")  # the most wanted first
+SHAPES = ("1x16", "1x32768", "16x16", "16x32768", "1x131072")
+GB = 1e9
+QUICK_SHAPES = dict(
+    hidden_size=64, num_attention_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, v_head_dim=16, qk_rope_head_dim=8,
+    intermediate_size=128, vocab_size=256,
+)  # fmt: skip
+DECODE_KERNEL_NAMES = ("_mlra_decode_kernel", "_merge_splits_kernel")
+
+
+def build_model(name: str, args, device, dtype):
+    overrides = dict(max_position_embeddings=args.max_positions)
+    if args.quick:
+        overrides.update(QUICK_SHAPES, q_lora_rank=64 if name == "mla" else 48)
+    if name in OURS:
+        return published_model(name, args.layers, device, dtype, **overrides)
+    reference = MLRAConfig.from_variant("mlra_4", num_hidden_layers=args.layers, **overrides)
+    if name == "deepseek_v3":
+        return transformers_model(deepseek_v3_config(reference), device, dtype)
+    return transformers_model(llama_gqa_config(reference, kv_heads=2 if args.quick else 8), device, dtype)
+
+
+def synchronize(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_ms(fn, device) -> float:
+    if device.type != "cuda":
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def parameter_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())  # a tied embedding once
+
+
+def cache_bytes_read(cache, context: int) -> int:
+    """Bytes of the cached tokens a step reads: `context` tokens of every cached tensor, all layers."""
+    return sum(t.element_size() * t.numel() // t.shape[-2 if t.dim() == 4 else 1] * context
+               for layer in cache_tensors(cache) for t in layer)  # fmt: skip
+
+
+class Step:
+    """One decode step of `model` on `cache` (rewound to `context` before every run), eager or compiled, and its
+    CUDA-graph capture (on the CPU, --quick: called directly)."""
+
+    def __init__(self, model, compiled, cache, batch: int, context: int, device):
+        self.model, self.compiled, self.cache, self.context, self.device = model, compiled, cache, context, device
+        self.ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
+
+    def eager(self):
+        return self.model(self.ids, logits_to_keep=1, **{CACHE_FIELD: self.cache}).logits
+
+    def run(self, fn):
+        set_cache_length(self.cache, self.context)
+        return fn()
+
+    def graph(self, fn, warmups: int = 3):
+        """(replay, logits): `fn` warmed up on a side stream, then captured; replay() reruns it from `context`."""
+        if self.device.type != "cuda":
+            out = self.run(fn)
+            return (lambda: out.copy_(self.run(fn))), out
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(warmups):
+                self.run(fn)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        set_cache_length(self.cache, self.context)
+        with torch.cuda.graph(graph):
+            out = fn()
+        self._graph = graph  # kept alive with its memory pool as long as this step
+
+        def replay():
+            set_cache_length(self.cache, self.context)
+            graph.replay()
+            return out
+
+        return replay, out
+
+    def time_replays(self, replay, args) -> float:
+        first = min(timed_ms(replay, self.device) for _ in range(2))
+        replays = max(3, min(args.replays, int(args.replay_budget_s * 1e3 / max(first, 1e-3))))
+        return statistics.median(timed_ms(replay, self.device) for _ in range(replays))
+
+
+def kernel_profile(fn, device, top: int = 8) -> dict:
+    """Kernels of one call of `fn` (after warm-up): count, summed device time, the top ones, the decode kernel's."""
+    if device.type != "cuda":
+        return {}
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        synchronize(device)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = [e for e in kernels if not e.name.startswith(("Memcpy", "Memset"))]
+    by_name = {}
+    for e in kernels:
+        by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time
+    total = sum(by_name.values())
+    decode = sum(t for name, t in by_name.items() if any(k in name for k in DECODE_KERNEL_NAMES))
+    tops = sorted(by_name.items(), key=lambda item: -item[1])[:top]
+    return dict(kernels=len(kernels), kernel_us=total, decode_kernel_us=decode,
+                top=[dict(name=name[:90], us=us, count=sum(e.name == name for e in kernels)) for name, us in tops])  # fmt: skip
+
+
+def measure_shape(model, compiled, name, batch, context, args, device, report, floor_of) -> None:
+    row = dict(part="step", model=name, batch=batch, context=context)
+    cache = random_cache(model, batch, context, reserve=args.reserve, static=True)
+    step = Step(model, compiled, cache, batch, context, device)
+    row["floor_ms"] = floor_of(cache, context)
+    with torch.no_grad():
+        replay, _ = step.graph(step.eager)
+        row["graph_ms"] = step.time_replays(replay, args)
+        step._graph = None
+        if compiled is not None:
+            compile_fn = lambda: compiled(step.ids, cache)  # noqa: E731
+            start = time.perf_counter()
+            step.run(compile_fn)
+            synchronize(device)
+            row["first_compiled_call_s"] = time.perf_counter() - start
+            reference = step.run(step.eager).float()
+            compiled_logits = step.run(compile_fn).float()
+            row["compiled_vs_eager"] = ((compiled_logits - reference).abs().max() / reference.abs().max()).item()
+            replay, _ = step.graph(compile_fn)
+            row["compiled_ms"] = step.time_replays(replay, args)
+            step._graph = None
+            if (batch, context) in args.profile_shapes:
+                row.update(kernel_profile(lambda: step.run(compile_fn), device))
+    report.record(row)
+
+
+def compiled_step(model, args):
+    def step(ids, cache):
+        return model(ids, logits_to_keep=1, **{CACHE_FIELD: cache}).logits
+
+    return torch.compile(step, fullgraph=True, dynamic=False, backend=args.backend)
+
+
+def measure_generate(model, name, args, device, report) -> None:
+    """generate() with a static cache and the model's automatic compile, at batch 1, over calls of several lengths."""
+    vocab = model.config.vocab_size
+    options = dict(do_sample=False, pad_token_id=0, cache_implementation="static")
+    if args.quick:  # generate() compiles only on accelerators unless told; the eager backend keeps the check fast
+        config = CompileConfig(fullgraph=True, dynamic=False, backend="eager", mode=None)
+        config._compile_all_devices = True
+        model.generation_config.compile_config = config
+
+    def prompt(length, seed):
+        return torch.randint(1, vocab, (1, length), generator=torch.Generator().manual_seed(seed)).to(device)
+
+    def generate(ids, new_tokens, **extra):
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, **options, **extra)  # fmt: skip
+
+    row = dict(part="generate", model=name, batch=1, context=args.prompt, new_tokens=args.new_tokens)
+    stats = torch._dynamo.utils.counters["stats"]
+    with torch.no_grad():
+        start = time.perf_counter()
+        first = generate(prompt(args.prompt, 0), args.new_tokens)
+        synchronize(device)
+        row["first_call_s"] = time.perf_counter() - start
+        graphs = stats["unique_graphs"]
+        generate(prompt(args.prompt + 8, 1), args.new_tokens // 2)  # other lengths, within the first call's cache
+        generate(prompt(args.prompt - 8, 2), args.new_tokens // 2)
+        synchronize(device)
+        start = time.perf_counter()
+        again = generate(prompt(args.prompt, 0), args.new_tokens)
+        synchronize(device)
+        total_s = time.perf_counter() - start
+        row.update(total_s=total_s, tokens_per_s=args.new_tokens / total_s, ms_per_token=total_s / args.new_tokens * 1e3)
+        streamer = IntervalStreamer()
+        generate(prompt(args.prompt, 3), args.new_tokens, streamer=streamer)
+        row["streamed_ms"] = streamer.median_ms(skip=2)
+        row["recompiles_after_first_call"] = stats["unique_graphs"] - graphs
+        row["same_tokens_as_first_call"] = bool(torch.equal(first, again))
+        if name in OURS:
+            eager = model.generate(prompt(args.prompt, 0), max_new_tokens=args.check_tokens, do_sample=False,
+                                   pad_token_id=0, disable_compile=True)  # fmt: skip
+            n = args.check_tokens + args.prompt
+            row["tokens_equal_to_eager"] = int((first[0, args.prompt : n] == eager[0, args.prompt : n]).cumprod(0).sum())
+            row["tokens_compared"] = args.check_tokens
+        if name == "mlra_4" and args.out is not None:
+            profiler = cProfile.Profile()
+            profiler.enable()
+            generate(prompt(args.prompt, 4), min(64, args.new_tokens))
+            synchronize(device)
+            profiler.disable()
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(30)
+            path = Path(str(args.out) + "_generate_profile.txt")
+            path.write_text(f"cProfile of one compiled generate() call of {name}, {args.prompt}-token prompt, "
+                            f"{min(64, args.new_tokens)} new tokens\n"
+                            + text.getvalue())  # fmt: skip
+            row["profile"] = path.name
+    report.record(row)
+
+
+def warm_compile_child(args) -> dict:
+    """In this (second) process: build mlra_4, compile its step at 1 x prompt with the caches the first process
+    filled, and return the seconds of the first compiled call."""
+    device = torch.device("cuda")
+    model = build_model("mlra_4", args, device, torch.bfloat16)
+    cache = random_cache(model, 1, args.prompt, reserve=args.reserve, static=True)
+    compiled = compiled_step(model, args)
+    ids = torch.randint(0, model.config.vocab_size, (1, 1), device=device)
+    start = time.perf_counter()
+    with torch.no_grad():
+        set_cache_length(cache, args.prompt)
+        compiled(ids, cache)
+    torch.cuda.synchronize()
+    return dict(warm_compile_s=time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+class Report:
+    def __init__(self, out: Path, meta: dict):
+        self.out, self.meta, self.rows = out, meta, []
+        out.parent.mkdir(parents=True, exist_ok=True)
+
+    def record(self, row: dict) -> None:
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+        self.write()
+
+    def write(self) -> None:
+        self.out.with_suffix(".json").write_text(json.dumps(dict(meta=self.meta, rows=self.rows), indent=1))
+        try:
+            self.out.with_suffix(".md").write_text(markdown(self.meta, self.rows))
+        except Exception as error:  # noqa: BLE001 - the .json holds every row
+            print(f"could not write the .md: {error!r}", flush=True)
+
+
+def fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def shape_label(batch: int, context: int) -> str:
+    return f"{batch} x " + (f"{context // 1024}K" if context >= 1024 and context % 1024 == 0 else str(context))
+
+
+def ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    steps = [r for r in rows if r["part"] == "step"]
+    gens = [r for r in rows if r["part"] == "generate"]
+    lines = [
+        f"# Decode step and generate(): {meta['device']}, {meta['dtype']}, {meta['layers']} layers, random weights",
+        "",
+        f"Command: `{meta['command']}`  ",
+        f"Versions: torch {meta['torch']}, transformers {meta['transformers']}, Python {meta['python']}  ",
+        f"Copy rate in this run: {fmt(meta.get('copy_gb_s'), '.0f')} GB/s (read + written); elapsed "
+        f"{fmt(meta.get('elapsed_s'), '.0f')} s. How each number is made: the docstring of benchmarks/decode_step.py.",
+        "",
+        "## Decode step, ms",
+        "",
+        "| model | batch x context | graph | compiled | floor | compiled / floor | vs llama_gqa | vs deepseek_v3 "
+        "| compiled vs eager logits | kernels | kernel ms | decode kernel ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    compiled = {(r["model"], r["batch"], r["context"]): r.get("compiled_ms") for r in steps}
+    for r in steps:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {shape_label(r['batch'], r['context'])} | {r['error']} |" + " |" * 10)
+            continue
+        key = (r["batch"], r["context"])
+        lines.append(
+            f"| {r['model']} | {shape_label(*key)} | {fmt(r.get('graph_ms'), '.2f')} | {fmt(r.get('compiled_ms'), '.2f')} "
+            f"| {fmt(r.get('floor_ms'), '.2f')} | {fmt(ratio(r.get('compiled_ms'), r.get('floor_ms')), '.2f')} "
+            f"| {fmt(ratio(r.get('compiled_ms'), compiled.get(('llama_gqa', *key))), '.2f')} "
+            f"| {fmt(ratio(r.get('compiled_ms'), compiled.get(('deepseek_v3', *key))), '.2f')} "
+            f"| {fmt(r.get('compiled_vs_eager'), '.1e')} | {fmt(r.get('kernels'), 'd')} "
+            f"| {fmt(r.get('kernel_us') and r['kernel_us'] / 1e3, '.2f')} "
+            f"| {fmt(r.get('decode_kernel_us') and r['decode_kernel_us'] / 1e3, '.2f')} |"
+        )
+    lines += [
+        "",
+        "## generate(cache_implementation=\"static\"), batch 1, automatic compile",
+        "",
+        "| model | first call s | recompiles after it | ms/token (256 new, total) | tokens/s | streamed interval ms "
+        "| compiled step ms | total / step | streamed / step | greedy tokens as eager |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in gens:
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['error']} |" + " |" * 8)
+            continue
+        step = compiled.get((r["model"], 1, r["context"]))
+        same = f"{r['tokens_equal_to_eager']} / {r['tokens_compared']}" if "tokens_compared" in r else "-"
+        lines.append(
+            f"| {r['model']} | {r['first_call_s']:.1f} | {r['recompiles_after_first_call']} | {r['ms_per_token']:.2f} "
+            f"| {r['tokens_per_s']:.0f} | {r['streamed_ms']:.2f} | {fmt(step, '.2f')} "
+            f"| {fmt(ratio(r['ms_per_token'], step), '.2f')} | {fmt(ratio(r['streamed_ms'], step), '.2f')} | {same} |"
+        )
+    profiled = [r for r in steps if r.get("top")]
+    if profiled:
+        lines += ["", "## Top kernels of one compiled step (torch.profiler, outside a CUDA graph)", ""]
+        for r in profiled:
+            lines.append(f"- {r['model']}, {shape_label(r['batch'], r['context'])}: {r['kernels']} kernels, "
+                         f"{r['kernel_us'] / 1e3:.2f} ms: " + "; ".join(
+                             f"{t['name']} x{t['count']} {t['us']:.0f} us" for t in r["top"]))  # fmt: skip
+    others = [r for r in rows if r["part"] not in ("step", "generate")]
+    if others:
+        lines += ["", "## Other", "", *[f"- {json.dumps(r)}" for r in others]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r for r in rows if r["part"] == "step" and "graph_ms" in r]
+    shapes = list(dict.fromkeys((r["batch"], r["context"]) for r in steps))
+    models = list(dict.fromkeys(r["model"] for r in steps))
+    figure, axes = plt.subplots(1, len(shapes), figsize=(3.2 * len(shapes), 4), squeeze=False)
+    for axis, shape in zip(axes[0], shapes):
+        for i, name in enumerate(models):
+            r = next((r for r in steps if r["model"] == name and (r["batch"], r["context"]) == shape), None)
+            if r is None:
+                continue
+            axis.bar(i - 0.2, r["graph_ms"], 0.4, color=f"C{i}", alpha=0.4)
+            axis.bar(i + 0.2, r.get("compiled_ms") or 0, 0.4, color=f"C{i}")
+            if r.get("floor_ms"):
+                axis.hlines(r["floor_ms"], i - 0.4, i + 0.4, color="black")
+        axis.set_xticks(range(len(models)), models, rotation=60, fontsize=7)
+        axis.set(yscale="log", title=shape_label(*shape), ylabel="ms per step")
+    figure.suptitle("decode step: graph (light), compiled (dark), floor (line)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+# ----------------------------------------------------------------------------------------------- run
+
+
+def error_text(error: BaseException) -> str:
+    if isinstance(error, torch.OutOfMemoryError):
+        return "out of memory"
+    return f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}"
+
+
+def release(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, float32, on the CPU: checks the script")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), help="batch x context, e.g. 1x16 16x32768")
+    parser.add_argument("--compiled-shapes", nargs="*", default=["1x16", "1x32768", "16x32768"])
+    parser.add_argument("--small-compiled-shapes", nargs="*", default=["1x16"], help="compiled shapes of mla, gla_2")
+    parser.add_argument("--profile-shapes", nargs="*", default=["1x16", "16x32768", "1x32768"])
+    parser.add_argument("--generate-models", nargs="*", default=["mlra_4", "llama_gqa", "deepseek_v3"])
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--prompt", type=int, default=16)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--check-tokens", type=int, default=64)
+    parser.add_argument("--reserve", type=int, default=64, help="static cache capacity beyond the context")
+    parser.add_argument("--replays", type=int, default=30)
+    parser.add_argument("--replay-budget-s", type=float, default=1.0)
+    parser.add_argument("--backend", default="inductor")
+    parser.add_argument("--stop-after-s", type=float, default=470.0)
+    parser.add_argument("--warm-child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    parse = lambda shapes: [tuple(int(x) for x in s.split("x")) for s in shapes]  # noqa: E731
+    if args.quick:
+        args.layers, args.shapes, args.new_tokens, args.check_tokens = 2, ["1x16", "1x64", "2x64"], 24, 8
+        args.backend, args.replays, args.profile_shapes = "eager", 3, []
+        args.compiled_shapes, args.small_compiled_shapes = ["1x16", "2x64"], ["1x16"]
+    args.shapes, args.profile_shapes = parse(args.shapes), parse(args.profile_shapes)
+    args.compiled_shapes, args.small_compiled_shapes = parse(args.compiled_shapes), parse(args.small_compiled_shapes)
+    args.max_positions = max(c for _, c in args.shapes) + args.reserve + args.new_tokens + 64
+    if args.warm_child:
+        print(json.dumps(warm_compile_child(args)))
+        return
+    out = args.out or Path("/tmp/decode_step_quick" if args.quick else "benchmarks/results/decode_step_h200")
+    args.out = out
+    started = time.perf_counter()
+    dtype = torch.float32 if args.quick else torch.bfloat16
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
+    if device.type != "cuda" and not args.quick:
+        parser.error("no CUDA device: the measurement needs a GPU (--quick checks the script on the CPU)")
+    if args.quick:
+        torch.set_num_threads(1)
+    meta = dict(
+        command="python benchmarks/decode_step.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+        dtype=str(dtype).removeprefix("torch."), layers=args.layers, torch=torch.__version__,
+        transformers=transformers.__version__, python=platform.python_version(), machine=platform.node(),
+    )  # fmt: skip
+    report = Report(out, meta)
+    meta["copy_gb_s"] = copy_bandwidth(device) if device.type == "cuda" else None
+    release(device)
+
+    def out_of_time() -> bool:
+        return time.perf_counter() - started > args.stop_after_s
+
+    def skipped(row):
+        report.record(dict(row, error=f"skipped: past --stop-after-s {args.stop_after_s:.0f}"))
+
+    for name in args.models:
+        if out_of_time():
+            skipped(dict(part="step", model=name, batch=0, context=0))
+            continue
+        try:
+            model = build_model(name, args, device, dtype)
+            check_cache_layout(model, static=True)
+            weights = parameter_bytes(model)
+            copy = meta["copy_gb_s"]
+            floor_of = lambda cache, context: (weights + cache_bytes_read(cache, context)) / (copy * GB) * 1e3 if copy else None  # noqa: E731,E501
+            compiled = compiled_step(model, args)
+            for batch, context in args.shapes:
+                if out_of_time():
+                    skipped(dict(part="step", model=name, batch=batch, context=context))
+                    continue
+                small = name in ("mla", "gla_2")
+                with_compile = (batch, context) in (args.small_compiled_shapes if small else args.compiled_shapes)
+                try:
+                    measure_shape(model, compiled if with_compile else None, name, batch, context, args, device,
+                                  report, floor_of)  # fmt: skip
+                except Exception as error:  # noqa: BLE001 - one shape's failure must not lose the rest
+                    report.record(dict(part="step", model=name, batch=batch, context=context, error=error_text(error)))
+                release(device)
+            if name in args.generate_models:
+                if out_of_time():
+                    skipped(dict(part="generate", model=name))
+                else:
+                    try:
+                        measure_generate(model, name, args, device, report)
+                    except Exception as error:  # noqa: BLE001
+                        report.record(dict(part="generate", model=name, error=error_text(error)))
+            if name == "mlra_4" and device.type == "cuda" and not out_of_time():
+                child = [sys.executable, __file__, "--warm-child", "--layers", str(args.layers), "--prompt",
+                         str(args.prompt), "--shapes", *[f"{b}x{c}" for b, c in args.shapes]]  # fmt: skip
+                result = subprocess.run(child, capture_output=True, text=True, timeout=240)
+                lines = result.stdout.strip().splitlines()
+                row = dict(part="compile", model=name)
+                row.update(json.loads(lines[-1]) if result.returncode == 0 and lines else
+                           dict(error=result.stderr.strip().splitlines()[-1][:200] if result.stderr.strip() else "?"))
+                first = next((r.get("first_compiled_call_s") for r in report.rows if r["part"] == "step"
+                              and r["model"] == name and "first_compiled_call_s" in r), None)  # fmt: skip
+                row["first_process_compile_s"] = first
+                report.record(row)
+        except Exception as error:  # noqa: BLE001 - a model that fails to build must not lose the others
+            report.record(dict(part="error", model=name, error=error_text(error)))
+        model = compiled = None
+        torch._dynamo.reset()
+        release(device)
+    meta["elapsed_s"] = time.perf_counter() - started
+    report.write()
+    try:
+        plot(report.rows, out.with_suffix(".png"))
+    except Exception as error:  # noqa: BLE001
+        print(f"no plot: {error_text(error)}", flush=True)
+    print("\n" + out.with_suffix(".md").read_text(), flush=True)
+
+
+if __name__ == "__main__":
+    main()
