@@ -28,7 +28,6 @@ started by --stop-after-s are recorded as skipped.
 
 import argparse
 import cProfile
-import gc
 import io
 import json
 import platform
@@ -40,23 +39,29 @@ import time
 from pathlib import Path
 
 import torch
-import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     IntervalStreamer,
+    Panel,
     cache_tensors,
     check_cache_layout,
+    command_line,
     copy_bandwidth,
     deepseek_v3_config,
     llama_gqa_config,
+    plot_panels,
     published_model,
     random_cache,
+    release,
     set_cache_length,
+    software_versions,
+    synchronize,
+    timed_ms,
     transformers_model,
+    write_results,
 )
 from transformers import CompileConfig  # noqa: E402
-from transformers.generation.streamers import BaseStreamer  # noqa: E402
 
 from modeling_mlra import MLRAConfig, MLRAForCausalLM  # noqa: E402  (common puts the repository first)
 from modeling_mlra.modeling_mlra import CACHE_FIELD  # noqa: E402
@@ -82,24 +87,6 @@ def build_model(name: str, args, device, dtype):
     if name == "deepseek_v3":
         return transformers_model(deepseek_v3_config(reference), device, dtype)
     return transformers_model(llama_gqa_config(reference, kv_heads=2 if args.quick else 8), device, dtype)
-
-
-def synchronize(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed_ms(fn, device) -> float:
-    if device.type != "cuda":
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
 
 
 def parameter_bytes(model) -> int:
@@ -152,9 +139,9 @@ class Step:
         return replay, out
 
     def time_replays(self, replay, args) -> float:
-        first = min(timed_ms(replay, self.device) for _ in range(2))
+        first = min(timed_ms(replay, self.device)[1] for _ in range(2))
         replays = max(3, min(args.replays, int(args.replay_budget_s * 1e3 / max(first, 1e-3))))
-        return statistics.median(timed_ms(replay, self.device) for _ in range(replays))
+        return statistics.median(timed_ms(replay, self.device)[1] for _ in range(replays))
 
 
 def kernel_profile(fn, device, top: int = 8) -> dict:
@@ -302,11 +289,11 @@ class Report:
         self.write()
 
     def write(self) -> None:
-        self.out.with_suffix(".json").write_text(json.dumps(dict(meta=self.meta, rows=self.rows), indent=1))
         try:
-            self.out.with_suffix(".md").write_text(markdown(self.meta, self.rows))
+            text = markdown(self.meta, self.rows)
         except Exception as error:  # noqa: BLE001 - the .json holds every row
-            print(f"could not write the .md: {error!r}", flush=True)
+            text = f"# decode_step: could not write the table ({error!r}); see the .json\n"
+        write_results(self.out, dict(meta=self.meta, rows=self.rows), text, command=self.meta["command"])
 
 
 def fmt(value, spec: str) -> str:
@@ -327,8 +314,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     lines = [
         f"# Decode step and generate(): {meta['device']}, {meta['dtype']}, {meta['layers']} layers, random weights",
         "",
-        f"Command: `{meta['command']}`  ",
-        f"Versions: torch {meta['torch']}, transformers {meta['transformers']}, Python {meta['python']}  ",
+        f"Versions: torch {meta['torch']}, transformers {meta['transformers']}, triton {meta['triton']}, "
+        f"CUDA {meta['cuda']}, Python {meta['python']}  ",
         f"Copy rate in this run: {fmt(meta.get('copy_gb_s'), '.0f')} GB/s (read + written); elapsed "
         f"{fmt(meta.get('elapsed_s'), '.0f')} s. How each number is made: the docstring of benchmarks/decode_step.py.",
         "",
@@ -385,31 +372,20 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(meta: dict, rows: list[dict], path: Path) -> None:
+    """Per batch: every model's compiled step (graph step where not compiled) and our floor against the context."""
     steps = [r for r in rows if r["part"] == "step" and "graph_ms" in r]
-    shapes = list(dict.fromkeys((r["batch"], r["context"]) for r in steps))
-    models = list(dict.fromkeys(r["model"] for r in steps))
-    figure, axes = plt.subplots(1, len(shapes), figsize=(3.2 * len(shapes), 4), squeeze=False)
-    for axis, shape in zip(axes[0], shapes):
-        for i, name in enumerate(models):
-            r = next((r for r in steps if r["model"] == name and (r["batch"], r["context"]) == shape), None)
-            if r is None:
-                continue
-            axis.bar(i - 0.2, r["graph_ms"], 0.4, color=f"C{i}", alpha=0.4)
-            axis.bar(i + 0.2, r.get("compiled_ms") or 0, 0.4, color=f"C{i}")
-            if r.get("floor_ms"):
-                axis.hlines(r["floor_ms"], i - 0.4, i + 0.4, color="black")
-        axis.set_xticks(range(len(models)), models, rotation=60, fontsize=7)
-        axis.set(yscale="log", title=shape_label(*shape), ylabel="ms per step")
-    figure.suptitle("decode step: graph (light), compiled (dark), floor (line)")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    panels = []
+    for batch in sorted({r["batch"] for r in steps}):
+        lines = {}
+        for r in steps:
+            if r["batch"] == batch:
+                kind = "compiled" if r.get("compiled_ms") else "graph"
+                lines.setdefault(f"{r['model']} {kind}", []).append((r["context"], r.get("compiled_ms") or r["graph_ms"]))
+                if r["model"] == "mlra_4" and r.get("floor_ms"):
+                    lines.setdefault("mlra_4 floor", []).append((r["context"], r["floor_ms"]))
+        panels.append(Panel(f"decode step, batch {batch}", "context tokens", "ms per step", lines, yscale="log"))
+    plot_panels(path, panels, title=f"{meta['device']}, {meta['dtype']}, {meta['layers']} layers")
 
 
 # ----------------------------------------------------------------------------------------------- run
@@ -419,12 +395,6 @@ def error_text(error: BaseException) -> str:
     if isinstance(error, torch.OutOfMemoryError):
         return "out of memory"
     return f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}"
-
-
-def release(device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def main(argv=None):
@@ -469,10 +439,8 @@ def main(argv=None):
     if args.quick:
         torch.set_num_threads(1)
     meta = dict(
-        command="python benchmarks/decode_step.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        device=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
-        dtype=str(dtype).removeprefix("torch."), layers=args.layers, torch=torch.__version__,
-        transformers=transformers.__version__, python=platform.python_version(), machine=platform.node(),
+        command=command_line(argv), device=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+        dtype=str(dtype).removeprefix("torch."), layers=args.layers, machine=platform.node(), **software_versions(),
     )  # fmt: skip
     report = Report(out, meta)
     meta["copy_gb_s"] = copy_bandwidth(device) if device.type == "cuda" else None
@@ -535,7 +503,7 @@ def main(argv=None):
     meta["elapsed_s"] = time.perf_counter() - started
     report.write()
     try:
-        plot(report.rows, out.with_suffix(".png"))
+        plot(meta, report.rows, out.with_suffix(".png"))
     except Exception as error:  # noqa: BLE001
         print(f"no plot: {error_text(error)}", flush=True)
     print("\n" + out.with_suffix(".md").read_text(), flush=True)
