@@ -15,11 +15,13 @@ from torch import nn
 from transformers import CompileConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.masking_utils import find_packed_sequence_indices
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import logging
+from transformers.utils import can_return_tuple, logging
+from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_mlra import MLRAConfig
 from .mlra_decode_kernel import kernel_supports, mlra_decode_attention, triton_available
@@ -351,6 +353,18 @@ def attention_mask_for_slots(
     )
 
 
+def packed_sequence_mask(sequence_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [bsz, 1, T, T] for rows that pack several sequences (padding-free batches): a token sees the
+    earlier tokens of its own sequence only. sequence_ids [bsz, T] numbers each token's sequence (transformers'
+    `find_packed_sequence_indices`, from where position_ids restart)."""
+    q_len = sequence_ids.shape[1]
+    causal = torch.ones(q_len, q_len, dtype=torch.bool, device=sequence_ids.device).tril()
+    allowed = (causal & (sequence_ids[:, :, None] == sequence_ids[:, None, :]))[:, None]
+    return torch.zeros(allowed.shape, dtype=dtype, device=sequence_ids.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
+
+
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, is_causal=None, **kwargs):
     """Plain softmax attention, softmax in float32: query [bsz, heads, T, d], key [bsz, heads, S, d], value
     [bsz, heads, S, d_v], additive attention_mask [bsz|1, 1, T, S] or None (causal when T > 1) -> [bsz, T, heads, d_v]
@@ -462,10 +476,15 @@ class MLRAAttention(nn.Module):
         cache: MLRACache | None = None,
         decode_kernel_inputs: tuple[torch.Tensor, torch.Tensor | None] | None = None,
         **kwargs,
-    ) -> torch.Tensor:
-        """hidden_states [bsz, T, d] -> [bsz, T, d]. attention_mask: additive [bsz|1, 1, T, S] or None (causal).
-        decode_kernel_inputs: (seq_lens [bsz], key_mask [bsz, S] or None) when the absorbed decode runs the fused
-        kernel (see `MLRAModel.forward`)."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """hidden_states [bsz, T, d] -> (output [bsz, T, d], attention weights or None). attention_mask: additive
+        [bsz|1, 1, T, S] or None (causal). decode_kernel_inputs: (seq_lens [bsz], key_mask [bsz, S] or None) when
+        the absorbed decode runs the fused kernel (see `MLRAModel.forward`). kwargs go to the attention function
+        (position_ids, FlashAttention's varlen arguments, ...).
+
+        The weights, returned by the eager implementation only (as transformers' models do), are the softmax
+        probabilities of every branch: [bsz, B, h, T, S], branch b of head i attending over latent block
+        `latent_block(b, i // hpg)`."""
         bsz, q_len, _ = hidden_states.shape
         if self.config.q_lora_rank is None:
             query = self.q_proj(hidden_states)
@@ -488,23 +507,28 @@ class MLRAAttention(nn.Module):
         if cache is not None:
             kv_states = cache.update(kv_states, self.layer_idx)
         if decode_kernel_inputs is not None or (cache is not None and q_len <= self.config.absorbed_max_query_len):
-            attn_output = self.absorbed_attention(q_nope, q_rope, kv_states, attention_mask, decode_kernel_inputs)
+            attn_output, attn_weights = self.absorbed_attention(
+                q_nope, q_rope, kv_states, attention_mask, decode_kernel_inputs
+            )
         else:
-            attn_output = self.expanded_attention(q_nope, q_rope, kv_states, attention_mask)
+            attn_output, attn_weights = self.expanded_attention(q_nope, q_rope, kv_states, attention_mask, **kwargs)
 
         attn_output = attn_output.reshape(bsz, q_len, self.num_heads * self.v_head_dim)
         if self.config.attention_output_gate:
             attn_output = attn_output * torch.sigmoid(self.o_gate_proj(hidden_states))
-        return self.o_proj(attn_output)
+        return self.o_proj(attn_output), attn_weights
 
-    def expanded_attention(self, q_nope, q_rope, kv_states, attention_mask) -> torch.Tensor:
+    def expanded_attention(
+        self, q_nope, q_rope, kv_states, attention_mask, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Attention with the latent expanded to per-head keys and values (training, prefill), one softmax branch at
         a time: every branch attends with the same query (no per-branch copies), and only one branch's keys and
         values exist at once, so the transient memory is that of an MLA (DeepSeek) layer of the same size.
 
         q_nope [bsz, T, h, d_n], q_rope [bsz, T, h, d_r], kv_states [bsz, S, d_c + d_r], attention_mask additive
-        [bsz|1, 1, T, S] or None (causal over T == S tokens) -> [bsz, T, h, d_v]. The attention itself runs through
-        transformers' attention interface (`config._attn_implementation`: sdpa, eager, flex_attention, ...).
+        [bsz|1, 1, T, S] or None (causal over T == S tokens) -> ([bsz, T, h, d_v], weights [bsz, B, h, T, S] from
+        eager, else None). The attention itself runs through transformers' attention interface
+        (`config._attn_implementation`: sdpa, eager, flex_attention, ...; switchable with `set_attn_implementation`).
         """
         bsz, q_len = q_nope.shape[:2]
         kv_len = kv_states.shape[1]
@@ -521,12 +545,10 @@ class MLRAAttention(nn.Module):
         if implementation not in ("sdpa", "eager") and not flash and attention_mask is None:
             # other implementations (flex_attention, registered ones) take the causal rule as a mask
             attention_mask = attention_mask_for_slots(None, torch.arange(q_len, device=query.device), kv_len, query.dtype)
-        attention = (
-            eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
-        )
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         pad_value = flash and self.v_head_dim != query.shape[-1]
 
-        output = None
+        output, branch_probs = None, []
         for branch in range(self.num_branches):
             kv = torch.einsum("bsgd,god->bsgo", blocks[:, :, branch], weights[branch])  # [bsz, S, G, hpg*(d_n+d_v)]
             k_nope, value = kv.reshape(bsz, kv_len, self.num_heads, -1).split(
@@ -536,7 +558,7 @@ class MLRAAttention(nn.Module):
             value = value.transpose(1, 2)
             if pad_value:  # FlashAttention needs one head size for q, k and v (as transformers' DeepseekV3 does)
                 value = F.pad(value, [0, query.shape[-1] - self.v_head_dim])
-            branch_output, _ = attention(
+            branch_output, branch_weights = attention(
                 self,
                 query,
                 key,
@@ -545,10 +567,13 @@ class MLRAAttention(nn.Module):
                 scaling=self.scaling,
                 dropout=0.0,
                 is_causal=attention_mask is None and q_len > 1,
+                **kwargs,
             )
             branch_output = branch_output[..., : self.v_head_dim]
             output = branch_output if output is None else output + branch_output
-        return output * self.config.attn_output_scale
+            branch_probs.append(branch_weights)
+        probs = torch.stack(branch_probs, dim=1) if branch_probs[0] is not None else None
+        return output * self.config.attn_output_scale, probs
 
     def absorbed_attention(
         self, q_nope, q_rope, kv_states, attention_mask, decode_kernel_inputs=None
@@ -558,24 +583,28 @@ class MLRAAttention(nn.Module):
 
         q_nope [bsz, T, h, d_n], q_rope [bsz, T, h, d_r], kv_states [bsz, S, d_c + d_r] -> [bsz, T, h, d_v].
         With decode_kernel_inputs (seq_lens [bsz], key_mask [bsz, S] or None) the softmax part runs in the fused
-        Triton kernel (`mlra_decode_kernel.py`), else in PyTorch with the additive attention_mask.
+        Triton kernel (`mlra_decode_kernel.py`), else in PyTorch with the additive attention_mask. Also returns the
+        softmax probabilities [bsz, B, h, T, S] with the eager implementation (PyTorch path), else None.
         """
         w_uk, w_uv = self.up_projection_per_branch()
         # matmul (not einsum) reads the weight views as they are, without a per-step copy of W_UK / W_UV
         q_absorbed = torch.matmul(q_nope.transpose(1, 2).unsqueeze(1), w_uk)  # [bsz, B, h, T, d_l]
+        probs = None
         if decode_kernel_inputs is not None:
             mixed = mlra_decode_attention(
                 q_absorbed.permute(0, 3, 1, 2, 4), q_rope, kv_states, *decode_kernel_inputs, self.num_groups,
                 self.scaling,
             ).permute(0, 2, 3, 1, 4)
         else:
-            mixed = self.absorbed_softmax(q_absorbed, q_rope, kv_states, attention_mask)
+            mixed, probs = self.absorbed_softmax(q_absorbed, q_rope, kv_states, attention_mask)
         output = torch.matmul(mixed, w_uv.transpose(-1, -2)).sum(dim=1)  # [bsz, h, T, d_v]
-        return output.transpose(1, 2) * self.config.attn_output_scale
+        weights = probs if self.config._attn_implementation == "eager" else None
+        return output.transpose(1, 2) * self.config.attn_output_scale, weights
 
     def absorbed_softmax(self, q_absorbed, q_rope, kv_states, attention_mask) -> torch.Tensor:
-        """The PyTorch softmax part of `absorbed_attention`: q_absorbed [bsz, B, h, T, d_l] -> the softmax-weighted
-        latent blocks [bsz, B, h, T, d_l], a handful of batched GEMMs over the [B, G] view of the cache."""
+        """The PyTorch softmax part of `absorbed_attention`: q_absorbed [bsz, B, h, T, d_l] -> (the softmax-weighted
+        latent blocks [bsz, B, h, T, d_l], the probabilities [bsz, B, h, T, S]), a handful of batched GEMMs over the
+        [B, G] view of the cache."""
         bsz, _, _, q_len, _ = q_absorbed.shape
         kv_len = kv_states.shape[1]
         B, G, hpg = self.num_branches, self.num_groups, self.heads_per_group
@@ -594,7 +623,10 @@ class MLRAAttention(nn.Module):
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(latent.dtype)
 
         mixed = torch.matmul(probs.view(bsz, B, G, hpg * q_len, kv_len), blocks)  # [bsz, B, G, hpg*T, d_l]
-        return mixed.view(bsz, B, self.num_heads, q_len, self.latent_block_dim)
+        return (
+            mixed.view(bsz, B, self.num_heads, q_len, self.latent_block_dim),
+            probs.view(bsz, B, self.num_heads, q_len, kv_len),
+        )
 
 
 class MLRAMLP(nn.Module):
@@ -618,9 +650,10 @@ class MLRADecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = MLRARMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, **kwargs):
-        hidden_states = hidden_states + self.self_attn(
+        attn_output, _ = self.self_attn(
             self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache=cache, **kwargs
         )
+        hidden_states = hidden_states + attn_output
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
@@ -635,6 +668,8 @@ class MLRAPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = True
+    # output_hidden_states / output_attentions (argument or config) are recorded by transformers' hooks
+    _can_record_outputs = {"hidden_states": MLRADecoderLayer, "attentions": MLRAAttention}
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -662,6 +697,12 @@ def _take_cache_argument(cache, kwargs: dict):
     return cache
 
 
+def past_length_is_zero(cache: MLRACache | None) -> bool:
+    """Whether no token precedes the new ones: no cache, or an empty growing one (a static cache's length is a device
+    tensor, not read here)."""
+    return cache is None or (not cache.is_compileable and cache.get_seq_length() == 0)
+
+
 class MLRAModel(MLRAPreTrainedModel):
     def __init__(self, config: MLRAConfig):
         super().__init__(config)
@@ -673,6 +714,7 @@ class MLRAModel(MLRAPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    @capture_outputs
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -681,11 +723,12 @@ class MLRAModel(MLRAPreTrainedModel):
         cache: MLRACache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
         """input_ids [bsz, T] (or inputs_embeds [bsz, T, d]); attention_mask [bsz, past + T] with 0 for padding;
-        position_ids [bsz, T] (default: from attention_mask, so left padding gets the right positions)."""
+        position_ids [bsz, T] (default: from attention_mask, so left padding gets the right positions; restarts at 0
+        within a row mark packed sequences). `output_hidden_states`, `output_attentions` and `return_dict` default
+        to the config's; attentions come from the eager implementation (see `MLRAAttention.forward`)."""
         cache = _take_cache_argument(cache, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -715,15 +758,28 @@ class MLRAModel(MLRAPreTrainedModel):
                 f"attention_mask covers {attention_mask.shape[1]} tokens but the cache holds {int(past_length)} and "
                 f"{q_len} are new: pass the mask of the whole sequence, cached tokens included"
             )
+        # Padding-free packed rows (several sequences per row, position_ids restarting at 0, no mask; what
+        # DataCollatorWithFlattening gives): each sequence attends only to itself, as in transformers' models. Found
+        # only when nothing is cached before these tokens (packed tokens are not a context to decode from).
+        packed_sequences = None
+        if attention_mask is None and position_ids is not None and past_length_is_zero(cache):
+            packed_sequences = find_packed_sequence_indices(position_ids.expand(bsz, -1))
         if position_ids is None:
             if attention_mask is not None and attention_mask.dim() == 2:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -q_len:]
             else:
                 position_ids = query_slots.unsqueeze(0)
         decode_kernel_inputs = None
-        if (
-            cache is not None
-            and q_len <= self.config.absorbed_max_query_len
+        expanded = cache is None or q_len > self.config.absorbed_max_query_len
+        # the fused kernel returns no attention weights
+        output_attentions = kwargs.get("output_attentions", getattr(self.config, "output_attentions", False))
+        if packed_sequences is not None:
+            # FlashAttention finds the sequences in position_ids itself (its varlen path), for a single row
+            flash_varlen = expanded and bsz == 1 and (self.config._attn_implementation or "").startswith("flash")
+            mask = None if flash_varlen else packed_sequence_mask(packed_sequences, inputs_embeds.dtype)
+        elif (
+            not expanded
+            and not output_attentions
             and use_decode_kernel(self.config, q_len, inputs_embeds.dtype, inputs_embeds.device)
         ):
             # The kernel takes per-row lengths and the key mask as they are: no additive mask, no host sync.
@@ -739,19 +795,18 @@ class MLRAModel(MLRAPreTrainedModel):
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
-        all_hidden_states = () if output_hidden_states else None
         for decoder_layer in self.layers:
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
             hidden_states = decoder_layer(
-                hidden_states, position_embeddings, mask, cache=cache, decode_kernel_inputs=decode_kernel_inputs
+                hidden_states,
+                position_embeddings,
+                mask,
+                cache=cache,
+                decode_kernel_inputs=decode_kernel_inputs,
+                position_ids=position_ids,
+                **kwargs,
             )
         hidden_states = self.norm(hidden_states)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
-        return BaseModelOutputWithPast(
-            last_hidden_state=hidden_states, hidden_states=all_hidden_states, **{CACHE_FIELD: cache}
-        )
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_FIELD: cache})
 
     def _attention_mask(self, attention_mask, query_slots, cache, dtype) -> torch.Tensor | None:
         """None where plain causal attention over the given tokens is exact, else an additive mask. A 4D mask was
@@ -783,6 +838,7 @@ class MLRAForCausalLM(MLRAPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -792,12 +848,12 @@ class MLRAForCausalLM(MLRAPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """labels [bsz, T]: next-token cross-entropy (shifted inside; -100 ignored). logits_to_keep: only the
-        last n positions' logits (0: all)."""
+        last n positions' logits (0: all). `return_dict=False` (argument or config) gives a tuple of the fields that
+        are not None."""
         cache = _take_cache_argument(cache, kwargs)
         outputs = self.model(
             input_ids=input_ids,
@@ -806,7 +862,8 @@ class MLRAForCausalLM(MLRAPreTrainedModel, GenerationMixin):
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
+            return_dict=True,  # whatever config.return_dict says: the fields are read below
+            **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -818,6 +875,7 @@ class MLRAForCausalLM(MLRAPreTrainedModel, GenerationMixin):
             loss=loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
             **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
         )
 

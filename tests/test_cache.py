@@ -137,8 +137,8 @@ def test_absorbed_and_expanded_attention_agree_on_random_inputs(member, attn_imp
     padding[1, :2] = 0
     mask = attention_mask_for_slots(padding, torch.arange(kv_len - q_len, kv_len), kv_len, torch.float32)
 
-    absorbed = attention.absorbed_attention(q_nope, q_rope, kv_states, mask)
-    expanded = attention.expanded_attention(q_nope, q_rope, kv_states, mask)
+    absorbed, _ = attention.absorbed_attention(q_nope, q_rope, kv_states, mask)
+    expanded, _ = attention.expanded_attention(q_nope, q_rope, kv_states, mask)
     assert absorbed.shape == (bsz, q_len, heads, config.v_head_dim)
     torch.testing.assert_close(absorbed, expanded, atol=1e-5, rtol=1e-5)
 
