@@ -15,6 +15,7 @@ VARIANT_STRUCTURE = {
     "mlra_4": dict(num_latent_blocks=4, num_softmax_branches=4, q_lora_rank=1024, intermediate_size=9880),
 }
 VARIANT_SUFFIXES = ("", "_gated", "_no_scale")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
 VARIANTS = tuple(base + suffix for base in VARIANT_STRUCTURE for suffix in VARIANT_SUFFIXES)
 
 # The published dimensions shared by every variant (paper): GPT-2 BPE vocabulary padded to 50304.
@@ -61,11 +62,12 @@ class MLRAConfig(PreTrainedConfig):
         q_latent_scale, kv_latent_scale, attn_output_scale (`float`, *optional*): the variance-scaling factors
             s_q, s_kv, s_o. Derived when `None`: sqrt(d / d_cq), sqrt(d / d_l), 1 / sqrt(B).
         attention_output_gate (`bool`): sigmoid output gate `sigmoid(W_G x) * o` before `o_proj`.
-        rope_theta (`float`), rope_interleave (`bool`): RoPE base and convention (rotate-half when `False`,
-            DeepSeek's interleaved pairs when `True`).
-        rope_parameters (`dict`, *optional*): transformers' RoPE parameters; `{"rope_type": "yarn", "factor": ...,
-            "original_max_position_embeddings": ..., "mscale": ..., "mscale_all_dim": ...}` for DeepSeek's YaRN
-            scaling, whose `mscale_all_dim` also multiplies the softmax scale by mscale^2. Its `rope_theta` wins.
+        rope_parameters (`dict`, *optional*): transformers' RoPE parameters, the one source of RoPE settings (read
+            when the model is built): `rope_theta` (default 10000; a `rope_theta=` argument lands here) and
+            `rope_type`: `"default"`, `"linear"` (`factor`), `"dynamic"` (`factor`: NTK scaling past
+            max_position_embeddings) or `"yarn"` (`factor`, `original_max_position_embeddings`, `mscale`,
+            `mscale_all_dim`: DeepSeek's YaRN, whose `mscale_all_dim` also multiplies the softmax scale by mscale^2).
+        rope_interleave (`bool`): RoPE convention (rotate-half when `False`, DeepSeek's interleaved pairs when `True`).
         absorbed_max_query_len (`int`): with a cache, queries of at most this many tokens attend through the
             compressed cache in absorbed form; longer ones (prefill chunks) expand the latent per head.
         decode_kernel (`str`): the absorbed decode's implementation: `"auto"` (the fused Triton kernel on CUDA when
@@ -94,7 +96,6 @@ class MLRAConfig(PreTrainedConfig):
     kv_latent_scale: float | None = None
     attn_output_scale: float | None = None
     attention_output_gate: bool = False
-    rope_theta: float = 10000.0
     rope_interleave: bool = False
     rope_parameters: dict | None = None
     max_position_embeddings: int = 2048
@@ -118,10 +119,16 @@ class MLRAConfig(PreTrainedConfig):
         if self.attn_output_scale is None:
             self.attn_output_scale = self.num_softmax_branches**-0.5
         super().__post_init__(**kwargs)
-        self.rope_theta = self.rope_parameters["rope_theta"]
-        if self.rope_parameters["rope_type"] not in ("default", "yarn"):
-            raise ValueError(f"MLRAConfig.rope_parameters: rope_type {self.rope_parameters['rope_type']!r} is not "
-                             "supported (use 'default' or 'yarn')")
+        self.check_rope_parameters()
+
+    def check_rope_parameters(self):
+        """The RoPE types the model implements (the config's, and again when a model is built from it, as
+        `rope_parameters` may have been replaced since)."""
+        if self.rope_parameters["rope_type"] not in ROPE_TYPES:
+            raise ValueError(
+                f"MLRAConfig.rope_parameters: rope_type {self.rope_parameters['rope_type']!r} is not supported (use "
+                f"one of {', '.join(map(repr, ROPE_TYPES))})"
+            )
 
     @property
     def head_dim(self) -> int:

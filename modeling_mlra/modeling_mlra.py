@@ -18,7 +18,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import find_packed_sequence_indices
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import can_return_tuple, logging
 from transformers.utils.output_capturing import capture_outputs
@@ -57,22 +57,35 @@ class MLRARMSNorm(nn.Module):
 
 
 class MLRARotaryEmbedding(nn.Module):
-    """cos/sin tables [bsz, T, d_r] for absolute positions, in the rotate-half layout. YaRN (`rope_parameters`
-    rope_type "yarn") takes its frequencies and cos/sin factor from transformers' own implementation."""
+    """cos/sin tables [bsz, T, d_r] for absolute positions, in the rotate-half layout, from `config.rope_parameters`
+    alone (as transformers' Llama): "default", or transformers' own "linear", "dynamic" (frequencies recomputed past
+    max_position_embeddings by `dynamic_rope_update`) and "yarn" (with its cos/sin factor)."""
 
     inv_freq: torch.Tensor
 
     def __init__(self, config: MLRAConfig):
         super().__init__()
-        dim = config.qk_rope_head_dim
-        self.attention_scaling = 1.0
-        if config.rope_parameters["rope_type"] == "yarn":
-            inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS["yarn"](config)
-        else:
-            inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        config.check_rope_parameters()
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.config = config
+        self.rope_type = config.rope_parameters["rope_type"]
+        self.rope_init_fn = (
+            self.compute_default_rope_parameters if self.rope_type == "default" else ROPE_INIT_FUNCTIONS[self.rope_type]
+        )
+        inv_freq, self.attention_scaling = self.rope_init_fn(config)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: MLRAConfig, device=None, **kwargs) -> tuple[torch.Tensor, float]:
+        """Plain RoPE: inverse frequencies [d_r / 2] from `rope_parameters["rope_theta"]`, cos/sin factor 1."""
+        dim = config.qk_rope_head_dim
+        inv_freq = 1.0 / (config.rope_parameters["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        return inv_freq.to(device), 1.0
 
     @torch.no_grad()
+    @dynamic_rope_update
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[..., None].float() * self.inv_freq.to(x.device)
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -681,8 +694,9 @@ class MLRAPreTrainedModel(PreTrainedModel):
         elif isinstance(module, MLRARMSNorm):
             init.ones_(module.weight)
         elif isinstance(module, MLRARotaryEmbedding):
-            fresh = MLRARotaryEmbedding(self.config).inv_freq
-            init.copy_(module.inv_freq, fresh.to(module.inv_freq.device))
+            inv_freq, _ = module.rope_init_fn(module.config)
+            init.copy_(module.inv_freq, inv_freq.to(module.inv_freq.device))
+            init.copy_(module.original_inv_freq, inv_freq.to(module.inv_freq.device))
 
 
 def _take_cache_argument(cache, kwargs: dict):

@@ -44,7 +44,7 @@ def design_attention(attn, x, positions):
         ]
     blocks = [block * c.kv_latent_scale for block in blocks]
 
-    inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, d_r, 2).float() / d_r))
+    inv_freq = 1.0 / (c.rope_parameters["rope_theta"] ** (torch.arange(0, d_r, 2).float() / d_r))
     angles = positions[:, None].float() * inv_freq
 
     def rope(v):  # v [T, d_r]

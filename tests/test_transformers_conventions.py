@@ -1,13 +1,14 @@
 """What transformers expects of every architecture it ships: padding-free packed batches, the output flags, switching
-the attention implementation at run time. Every model here has random (non-zero) output projections: with the
+the attention implementation at run time, RoPE settings from `rope_parameters`. Every model here has random (non-zero) output projections: with the
 paper's zero-initialised o_proj and down_proj, a model's output ignores attention and these tests could not fail."""
 
 import pytest
 import torch
-from conftest import FAMILY, random_tokens, tiny_model
+from conftest import FAMILY, random_tokens, tiny_config, tiny_model
 from transformers import AttentionInterface
 
 import modeling_mlra.modeling_mlra as modeling
+from modeling_mlra import MLRAForCausalLM
 
 SEQUENCE_LENGTHS = (5, 7, 3)  # packed into one row of 15 tokens
 
@@ -241,3 +242,58 @@ def test_set_attn_implementation_reaches_flex_attention():
     model = tiny_model()
     model.set_attn_implementation("flex_attention")
     assert model.config._attn_implementation == "flex_attention"
+
+
+# --- RoPE: config.rope_parameters is the one source ------------------------------------------------------------------
+
+
+def cos_sin(model, positions):
+    """The model's cos/sin tables [1, T, d_r] for `positions`."""
+    hidden = torch.zeros(1, len(positions), model.config.hidden_size)
+    return model.model.rotary_emb(hidden, torch.tensor(positions)[None])
+
+
+def test_a_rope_theta_argument_lands_in_rope_parameters():
+    assert tiny_config(rope_theta=500.0).rope_parameters == {"rope_type": "default", "rope_theta": 500.0}
+
+
+def test_rope_parameters_replaced_after_the_config_is_built_are_what_the_model_uses():
+    config = tiny_config()
+    config.rope_parameters = {"rope_type": "default", "rope_theta": 500.0}
+    model = MLRAForCausalLM(config)
+    d_r = config.qk_rope_head_dim
+    expected = 1.0 / 500.0 ** (torch.arange(0, d_r, 2).float() / d_r)
+    torch.testing.assert_close(model.model.rotary_emb.inv_freq, expected)
+
+
+def test_linear_scaling_divides_the_positions_by_its_factor():
+    plain = tiny_model()
+    linear = tiny_model(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0})
+    for ours, expected in zip(cos_sin(linear, [0, 4, 8, 12]), cos_sin(plain, [0, 1, 2, 3])):
+        torch.testing.assert_close(ours, expected)
+
+
+def test_dynamic_scaling_raises_the_base_only_past_max_position_embeddings():
+    """NTK-aware dynamic scaling: base * (factor * T / max_position_embeddings - (factor - 1)) ** (d / (d - 2)) for
+    a sequence of T tokens longer than max_position_embeddings (16 here); the plain frequencies within it."""
+    rope = {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}
+    dynamic = tiny_model(max_position_embeddings=16, rope_parameters=rope)
+    plain = tiny_model(max_position_embeddings=16)
+    within = list(range(16))
+    for ours, expected in zip(cos_sin(dynamic, within), cos_sin(plain, within)):
+        torch.testing.assert_close(ours, expected)
+
+    d_r, length = dynamic.config.qk_rope_head_dim, 24
+    base = 10000.0 * (2.0 * length / 16 - 1.0) ** (d_r / (d_r - 2))
+    inv_freq = 1.0 / base ** (torch.arange(0, d_r, 2).float() / d_r)
+    angles = torch.arange(length)[:, None].float() * inv_freq
+    cos, sin = cos_sin(dynamic, list(range(length)))
+    torch.testing.assert_close(cos[0], torch.cat([angles, angles], -1).cos())
+    torch.testing.assert_close(sin[0], torch.cat([angles, angles], -1).sin())
+
+
+def test_an_unsupported_rope_type_set_after_the_config_is_built_is_refused_when_the_model_is_built():
+    config = tiny_config()
+    config.rope_parameters = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0}
+    with pytest.raises(ValueError, match="rope_type 'llama3' is not supported"):
+        MLRAForCausalLM(config)
