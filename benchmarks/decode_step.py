@@ -21,7 +21,10 @@ bfloat16, random weights, 24 layers, a static cache of each model's own kind hol
   256 new tokens (16-token prompt) and the median streamed interval (IntervalStreamer, which synchronises per
   token as a streamer must), and ours' greedy tokens against eager generate()'s;
 - a cProfile of one compiled generate() call of ours (the host's work per token) and the compile time again in a
-  second process with the compile caches warm.
+  second process with the compile caches warm;
+- last, MLRA-4's compiled step at 1 x 16 under other inductor settings (--inductor-variants): `freezing` (weights
+  as constants: inductor then concatenates the projections that read the same input, q_a_proj with
+  kv_a_proj_with_mqa and gate_proj with up_proj, into one GEMM each) and `coordinate_descent_tuning`.
 Every part is in its own try/except, rows are written as they come (.json, .md), the plot at the end; parts not
 started by --stop-after-s are recorded as skipped.
 """
@@ -416,6 +419,7 @@ def main(argv=None):
     parser.add_argument("--replay-budget-s", type=float, default=1.0)
     parser.add_argument("--backend", default="inductor")
     parser.add_argument("--stop-after-s", type=float, default=470.0)
+    parser.add_argument("--inductor-variants", nargs="*", default=["freezing", "coordinate_descent_tuning"])
     parser.add_argument("--warm-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     parse = lambda shapes: [tuple(int(x) for x in s.split("x")) for s in shapes]  # noqa: E731
@@ -423,6 +427,7 @@ def main(argv=None):
         args.layers, args.shapes, args.new_tokens, args.check_tokens = 2, ["1x16", "1x64", "2x64"], 24, 8
         args.backend, args.replays, args.profile_shapes = "eager", 3, []
         args.compiled_shapes, args.small_compiled_shapes = ["1x16", "2x64"], ["1x16"]
+        args.inductor_variants = args.inductor_variants[:1]
     args.shapes, args.profile_shapes = parse(args.shapes), parse(args.profile_shapes)
     args.compiled_shapes, args.small_compiled_shapes = parse(args.compiled_shapes), parse(args.small_compiled_shapes)
     args.max_positions = max(c for _, c in args.shapes) + args.reserve + args.new_tokens + 64
@@ -499,6 +504,25 @@ def main(argv=None):
             report.record(dict(part="error", model=name, error=error_text(error)))
         model = compiled = None
         torch._dynamo.reset()
+        release(device)
+    if args.inductor_variants and "mlra_4" in args.models:
+        model = build_model("mlra_4", args, device, dtype)
+        weights, copy = parameter_bytes(model), meta["copy_gb_s"]
+        floor_of = lambda cache, context: (weights + cache_bytes_read(cache, context)) / (copy * GB) * 1e3 if copy else None  # noqa: E731,E501
+        batch, context = args.shapes[0]
+        for variant in args.inductor_variants:
+            name = f"mlra_4 [{variant}]"
+            if out_of_time():
+                skipped(dict(part="step", model=name, batch=batch, context=context))
+                continue
+            torch._dynamo.reset()
+            try:
+                with torch._inductor.config.patch({variant: True}):
+                    measure_shape(model, compiled_step(model, args), name, batch, context, args, device, report, floor_of)
+            except Exception as error:  # noqa: BLE001
+                report.record(dict(part="step", model=name, batch=batch, context=context, error=error_text(error)))
+            release(device)
+        model = None
         release(device)
     meta["elapsed_s"] = time.perf_counter() - started
     report.write()
