@@ -41,12 +41,16 @@ from common import (  # noqa: E402
 )
 
 from modeling_mlra import MLRAConfig  # noqa: E402  (common puts the repository first)
+from modeling_mlra.cli import DTYPE_NAMES  # noqa: E402
 from modeling_mlra.modeling_mlra import CACHE_FIELD  # noqa: E402
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-# The published shapes (paper): d=3072, 24 heads, d_n=128, d_r=64, d_v=128, d_c=512, d_cq=1024, MLP 9880 (MLRA-4).
-D, HEADS, D_N, D_R, D_V, D_C, D_CQ, MLP, VOCAB = 3072, 24, 128, 64, 128, 512, 1024, 9880, 50304
+# The published shapes (MLRA-4): 24 heads, d_n = 128, d_r = 64, d_v = 128, d_c = 512; for the memory estimates.
+PUBLISHED = MLRAConfig.from_variant("mlra_4")
+HEADS, D_N, D_R, D_V, D_C = (
+    PUBLISHED.num_attention_heads, PUBLISHED.qk_nope_head_dim, PUBLISHED.qk_rope_head_dim, PUBLISHED.v_head_dim,
+    PUBLISHED.kv_lora_rank,
+)  # fmt: skip
 EXPANDED_MLA_VALUES = HEADS * (D_N + D_R + D_V)  # 7680 values per token per layer in an expanded MLA K/V cache
 MAX_POSITIONS = 1 << 17  # 128K: every context fits
 
@@ -139,7 +143,7 @@ def decode_step(model, cache, attention_log: list[float]) -> tuple[float, float]
     """The timing helper: one token through the whole model with `cache` (which it appends to, as in generation).
     Returns the step's ms and the attention modules' ms per layer within it."""
     attention_log.clear()
-    token = torch.randint(0, VOCAB, (1, 1))
+    token = torch.randint(0, model.config.vocab_size, (1, 1))
     with torch.no_grad():
         start = time.perf_counter()
         model(input_ids=token, use_cache=True, logits_to_keep=1, **{CACHE_FIELD: cache})
@@ -346,7 +350,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="fp32")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: see README, shared CPU)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5, help="timed decode steps per configuration (median)")
@@ -364,7 +368,7 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    dtype = DTYPES[args.dtype]
+    dtype = DTYPE_NAMES[args.dtype]
     elem = torch.empty((), dtype=dtype).element_size()
     machine = machine_description()
     load_before = uptime()

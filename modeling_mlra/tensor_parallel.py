@@ -27,9 +27,6 @@ from torch import nn
 
 from .configuration_mlra import MLRAConfig
 
-TENSOR_PARALLEL_ARGUMENTS = ("tp_plan", "tp_size", "distributed_config", "device_mesh")
-
-
 @dataclass(frozen=True)
 class LatentShard:
     """What rank `rank` of a tensor-parallel group of `size` ranks holds of each attention layer.
