@@ -83,6 +83,10 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=50)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, default=True,
+        help="on CUDA, decode on a static cache with the compiled decode step (the first call compiles it)",
+    )  # fmt: skip
     add_device_arguments(parser)
 
 
@@ -133,6 +137,14 @@ def check_prompt_fits(num_prompt_tokens: int, max_new_tokens: int, context: int)
         )
 
 
+def decoding_options(device: str, compile: bool, tensor_parallel: bool) -> dict:
+    """generate()'s cache options: on one CUDA device, a static cache, on which generate() compiles the decode step
+    (MLRAForCausalLM._default_compile_config); elsewhere, or with --no-compile, the growing cache, eager."""
+    if compile and device.startswith("cuda") and not tensor_parallel:
+        return dict(cache_implementation="static")
+    return {}
+
+
 def generate(options) -> None:
     """The `mlra generate` command: stream a continuation of the prompt, then report the decoding speed."""
     check_generate_options(options)
@@ -168,6 +180,7 @@ def generate(options) -> None:
         streamer=streamer,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         **(sampling if options.do_sample else {}),
+        **decoding_options(device, options.compile, bool(tensor_parallel)),
     )
     elapsed = time.perf_counter() - start
     new_tokens = output.shape[1] - inputs["input_ids"].shape[1]
