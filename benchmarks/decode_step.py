@@ -10,8 +10,9 @@ bfloat16, random weights, 24 layers, a static cache of each model's own kind hol
   rewound to `context` before every replay (outside the timed events); median of replays;
 - compiled step: `torch.compile(step, fullgraph=True, dynamic=False)` (inductor, default mode; one compiled
   function per model, recompiled per shape: a static cache's capacity is a constant of the graph, ours and
-  transformers' alike), captured the same way, at --compiled-shapes (mla and gla_2: --small-compiled-shapes; the
-  compiles dominate the run); its logits against the eager step's (bfloat16);
+  transformers' alike), captured the same way, at --compiled-shapes (Llama and DeepseekV3:
+  --reference-compiled-shapes, MLA and GLA-2: --small-compiled-shapes; the compiles dominate the run); its
+  logits against the eager step's (bfloat16);
 - floor: (parameter bytes + cached bytes read) / device-to-device copy rate measured in this run;
 - kernels of one compiled step (torch.profiler, outside a graph): how many, their summed time, the top ones, and
   for ours the fused decode kernel's share (`mlra_decode_kernel.py`);
@@ -408,6 +409,8 @@ def main(argv=None):
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), help="batch x context, e.g. 1x16 16x32768")
     parser.add_argument("--compiled-shapes", nargs="*", default=["1x16", "1x32768", "16x32768"])
     parser.add_argument("--small-compiled-shapes", nargs="*", default=["1x16"], help="compiled shapes of mla, gla_2")
+    parser.add_argument("--reference-compiled-shapes", nargs="*", default=["1x16", "16x32768"],
+                        help="compiled shapes of llama_gqa and deepseek_v3")  # fmt: skip
     parser.add_argument("--profile-shapes", nargs="*", default=["1x16", "16x32768", "1x32768"])
     parser.add_argument("--generate-models", nargs="*", default=["mlra_4", "llama_gqa", "deepseek_v3"])
     parser.add_argument("--layers", type=int, default=24)
@@ -427,9 +430,11 @@ def main(argv=None):
         args.layers, args.shapes, args.new_tokens, args.check_tokens = 2, ["1x16", "1x64", "2x64"], 24, 8
         args.backend, args.replays, args.profile_shapes = "eager", 3, []
         args.compiled_shapes, args.small_compiled_shapes = ["1x16", "2x64"], ["1x16"]
+        args.reference_compiled_shapes = ["1x16"]
         args.inductor_variants = args.inductor_variants[:1]
     args.shapes, args.profile_shapes = parse(args.shapes), parse(args.profile_shapes)
     args.compiled_shapes, args.small_compiled_shapes = parse(args.compiled_shapes), parse(args.small_compiled_shapes)
+    args.reference_compiled_shapes = parse(args.reference_compiled_shapes)
     args.max_positions = max(c for _, c in args.shapes) + args.reserve + args.new_tokens + 64
     if args.warm_child:
         print(json.dumps(warm_compile_child(args)))
@@ -472,8 +477,10 @@ def main(argv=None):
                 if out_of_time():
                     skipped(dict(part="step", model=name, batch=batch, context=context))
                     continue
-                small = name in ("mla", "gla_2")
-                with_compile = (batch, context) in (args.small_compiled_shapes if small else args.compiled_shapes)
+                compiled_shapes = dict(mla=args.small_compiled_shapes, gla_2=args.small_compiled_shapes,
+                                       llama_gqa=args.reference_compiled_shapes,
+                                       deepseek_v3=args.reference_compiled_shapes).get(name, args.compiled_shapes)  # fmt: skip
+                with_compile = (batch, context) in compiled_shapes
                 try:
                     measure_shape(model, compiled if with_compile else None, name, batch, context, args, device,
                                   report, floor_of)  # fmt: skip
