@@ -21,6 +21,7 @@ from modeling_mlra import MLRAConfig, MLRAForCausalLM
 from modeling_mlra.configuration_mlra import split_variant_name
 from modeling_mlra.original_checkpoint import (
     check_finite,
+    check_tied,
     check_zip_checksums,
     converted_tensors,
     find_original_checkpoint,
@@ -161,8 +162,9 @@ def renamed_tensors(files: CheckpointFiles, config: MLRAConfig, dtype: torch.dty
     for key in planned_tensors(config, dtype):
         tensor = files.take(key)
         yield key, (tensor.unsqueeze(0) if key.endswith("kv_b_proj.weight") and tensor.dim() == 2 else tensor)
-    if config.tie_word_embeddings and files.has("lm_head.weight"):
-        files.take("lm_head.weight")
+        if key == "model.embed_tokens.weight" and config.tie_word_embeddings and files.has("lm_head.weight"):
+            file = files.file_of["lm_head.weight"]
+            check_tied("lm_head.weight", files.take("lm_head.weight"), key, tensor, file)
     files.check_all_taken()
 
 

@@ -5,12 +5,23 @@ import os
 from pathlib import Path
 
 import torch
+from transformers.utils import logging
 
+from modeling_mlra import VARIANTS
 from modeling_mlra.original_checkpoint import converted_tensors, find_original_checkpoint, open_original_checkpoint
 
 from .hub_card import CardInfo, render_hub_card
-from .source import GPT2_TOKENIZER, card_source_name, check_source, find_tokenizer, missing_config_error
+from .source import (
+    GPT2_TOKENIZER,
+    card_source_name,
+    check_source,
+    describe_source,
+    find_tokenizer,
+    missing_config_error,
+)
 from .writer import ConversionError, check_output_folder, planned_tensors, write_model_folder
+
+logger = logging.get_logger(__name__)
 
 
 def convert_original(
@@ -36,6 +47,12 @@ def convert_original(
         raise missing_config_error(src, subfolder)
     config, tensors = open_original_checkpoint(checkpoint, variant)
     tensors.check_file_checksums()
+    if variant is None and checkpoint.name not in VARIANTS:
+        logger.warning(
+            f"{describe_source(src, subfolder)}: variant {config.variant} inferred from the weight shapes (the folder "
+            "name is no variant). The *_no_scale ablations cannot be told from their weights: if this is one, "
+            f"convert again with --variant {config.variant}_no_scale"
+        )
     config.dtype = dtype
     found_tokenizer = find_tokenizer(src, subfolder, tokenizer)
     expected_shapes = {key: tuple(t.shape) for key, t in planned_tensors(config, dtype).items()}

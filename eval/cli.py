@@ -10,7 +10,14 @@ import json
 import time
 from pathlib import Path
 
-from modeling_mlra.arguments import CommandLineError, check_at_least, check_files, check_model_location, reported_as
+from modeling_mlra.arguments import (
+    CommandLineError,
+    check_at_least,
+    check_files,
+    check_model_location,
+    check_vocabulary_fits,
+    reported_as,
+)
 
 from .perplexity import DEFAULT_MAX_TOKENS
 
@@ -83,6 +90,12 @@ def load_model(options):
     return model
 
 
+def check_tokenizer_fits(options, tokenizer, model) -> None:
+    """Every id the tokenizer produces must index the model's embedding (as `mlra generate` checks)."""
+    name = f"--tokenizer {options.tokenizer}" if options.tokenizer else f"the tokenizer of --model {options.model}"
+    check_vocabulary_fits(name, len(tokenizer), model.config.vocab_size)
+
+
 def model_label(options) -> str:
     return str(Path(options.model, options.subfolder).name)
 
@@ -109,9 +122,11 @@ def run_perplexity(options) -> None:
     model = load_model(options)
     needs_tokenizer = any(path.suffix != ".bin" for path in options.data)
     tokenizer = load_tokenizer(options.model, options.subfolder, options.tokenizer) if needs_tokenizer else None
+    if tokenizer is not None:
+        check_tokenizer_fits(options, tokenizer, model)
     tokens = {}
     for path in options.data:
-        with reported_as("--data"):
+        with reported_as(f"--data {path}"):
             tokens[path.name] = load_eval_tokens(path, model.config.vocab_size, tokenizer)
             num_batches(len(tokens[path.name]), options.block_size, options.batch_size, options.max_tokens, str(path))
     results = {}
@@ -173,6 +188,7 @@ def run_tasks(options) -> None:
         raise CommandLineError(f"--tasks: unknown lm-eval task(s) {', '.join(unknown)} (see `lm_eval ls tasks`)")
     model = load_model(options)
     tokenizer = load_tokenizer(options.model, options.subfolder, options.tokenizer)
+    check_tokenizer_fits(options, tokenizer, model)
     lm = MLRALM(pretrained=model, tokenizer=tokenizer, batch_size=options.batch_size)
     start = time.perf_counter()
     results = lm_eval.simple_evaluate(

@@ -42,6 +42,24 @@ def check_model_location(option: str, location: str, subfolder: str = "") -> Non
         validate_repo_id(location)
     except HFValidationError:
         raise CommandLineError(f"{option} {location}: the folder does not exist") from None
+    check_hub_reachable(option, location)
+
+
+def check_hub_reachable(option: str, repo_id: str) -> None:
+    """A Hub repo id needs the Hub unless HF_HUB_OFFLINE is set: one request without retries tells, where the loaders
+    would retry every file for about a minute and then report a missing file."""
+    from huggingface_hub import constants, get_session, is_offline_mode
+
+    if is_offline_mode():
+        return
+    try:
+        get_session().head(constants.ENDPOINT, timeout=10)
+    except Exception as error:  # the HTTP client's connection, proxy and timeout errors
+        raise CommandLineError(
+            f"{option} {repo_id}: the Hugging Face Hub ({constants.ENDPOINT}) is unreachable ({type(error).__name__}: "
+            f"{error}); connect to it, pass a local folder, or set HF_HUB_OFFLINE=1 to use the local Hugging Face "
+            "cache only"
+        ) from None
 
 
 def check_files(option: str, paths: list[str]) -> None:
@@ -50,6 +68,16 @@ def check_files(option: str, paths: list[str]) -> None:
         if not Path(path).is_file():
             state = "is a folder, not a file" if Path(path).is_dir() else "does not exist"
             raise CommandLineError(f"{option} {path}: the file {state}")
+
+
+def check_text(option: str, text: str) -> None:
+    """Command-line text must be UTF-8 (Python keeps other bytes as lone surrogates, which no tokenizer encodes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        byte = ord(text[error.start]) - 0xDC00
+        shown = f"byte 0x{byte:02x}" if 0x80 <= byte <= 0xFF else f"character {text[error.start]!r}"
+        raise CommandLineError(f"{option}: {shown} at position {error.start} is not UTF-8: pass the text in UTF-8") from None
 
 
 def check_at_least(option: str, value: float | None, minimum: float) -> None:
@@ -66,4 +94,6 @@ def check_vocabulary_fits(tokenizer_name: str, tokenizer_size: int, vocab_size: 
         )
 
 
-__all__ = ["CommandLineError", "check_at_least", "check_files", "check_model_location", "check_vocabulary_fits"]
+__all__ = [
+    "CommandLineError", "check_at_least", "check_files", "check_model_location", "check_text", "check_vocabulary_fits"
+]

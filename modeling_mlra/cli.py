@@ -18,6 +18,7 @@ from .arguments import (
     CommandLineError,
     check_at_least,
     check_model_location,
+    check_text,
     check_vocabulary_fits,
     reported_as,
 )
@@ -118,7 +119,10 @@ def check_generate_options(options) -> None:
     check_model_location("--model", options.model, options.subfolder)
     if options.tokenizer is not None:
         check_model_location("--tokenizer", options.tokenizer)
+    check_text("--prompt", options.prompt)
     check_at_least("--max-new-tokens", options.max_new_tokens, 1)
+    if not 0 <= options.seed < 2**32:
+        raise CommandLineError(f"--seed {options.seed}: must be in [0, 2**32) (numpy's and torch's seed range)")
     check_at_least("--top-k", options.top_k, 0)
     if options.temperature <= 0:
         raise CommandLineError(f"--temperature {options.temperature}: must be above 0")

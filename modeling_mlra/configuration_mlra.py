@@ -3,6 +3,8 @@
 Design notes: docs/design.md, sections 2-3 (the family, its index map `MLRAConfig.latent_block`, the math).
 """
 
+import math
+
 from transformers import PreTrainedConfig
 
 # Structure of each family member: latent blocks L, softmax branches B, and the published
@@ -118,12 +120,16 @@ class MLRAConfig(PreTrainedConfig):
             self.kv_latent_scale = (self.hidden_size / self.latent_block_dim) ** 0.5
         if self.attn_output_scale is None:
             self.attn_output_scale = self.num_softmax_branches**-0.5
+        self._validate_variant()
         super().__post_init__(**kwargs)
         self.check_rope_parameters()
 
     def check_rope_parameters(self):
-        """The RoPE types the model implements (the config's, and again when a model is built from it, as
-        `rope_parameters` may have been replaced since)."""
+        """A positive base and a RoPE type the model implements (the config's, and again when a model is built from
+        it, as `rope_parameters` may have been replaced since)."""
+        theta = self.rope_parameters.get("rope_theta")
+        if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
+            raise ValueError(f"MLRAConfig.rope_parameters: rope_theta={theta!r} must be a number above 0 (the RoPE base)")
         if self.rope_parameters["rope_type"] not in ROPE_TYPES:
             raise ValueError(
                 f"MLRAConfig.rope_parameters: rope_type {self.rope_parameters['rope_type']!r} is not supported (use "
@@ -135,10 +141,52 @@ class MLRAConfig(PreTrainedConfig):
         """The rotary width d_r, which transformers' RoPE helpers read as `head_dim` (as DeepSeek's configs do)."""
         return self.qk_rope_head_dim
 
+    def _validate_sizes(self):
+        """Every size a positive integer (q_lora_rank may be None), checked before any arithmetic on them."""
+        positive = [
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "num_latent_blocks",
+            "num_softmax_branches", "max_position_embeddings",
+        ]  # fmt: skip
+        if self.q_lora_rank is not None:
+            positive.append("q_lora_rank")
+        for field in positive:
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"MLRAConfig.{field}={value!r} must be a positive integer")
+        eps = self.rms_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+            raise ValueError(f"MLRAConfig.rms_norm_eps={eps!r} must be a number above 0")
+        if self.pad_token_id is not None and not (
+            isinstance(self.pad_token_id, int) and 0 <= self.pad_token_id < self.vocab_size
+        ):
+            raise ValueError(f"MLRAConfig.pad_token_id={self.pad_token_id!r} must be a token id in [0, vocab_size="
+                             f"{self.vocab_size})")
+
+    def _validate_variant(self):
+        """A named variant must describe the structure it labels (eval picks the paper's row from the name)."""
+        if self.variant is None or self.variant not in VARIANTS:
+            return
+        base, gated, scaled = split_variant_name(self.variant)
+        structure = VARIANT_STRUCTURE[base]
+        derived_scales = (
+            (self.hidden_size / self.q_lora_rank) ** 0.5 if self.q_lora_rank else 1.0,
+            (self.hidden_size / self.latent_block_dim) ** 0.5,
+            self.num_softmax_branches**-0.5,
+        )
+        for field, expected in (
+            ("num_latent_blocks", structure["num_latent_blocks"]),
+            ("num_softmax_branches", structure["num_softmax_branches"]),
+            ("attention_output_gate", gated),
+            *zip(("q_latent_scale", "kv_latent_scale", "attn_output_scale"), derived_scales if scaled else (1.0,) * 3),
+        ):
+            if not math.isclose(getattr(self, field), expected, rel_tol=1e-6):
+                raise ValueError(f"MLRAConfig.variant={self.variant!r} needs {field}={expected!r}, but the config "
+                                 f"has {getattr(self, field)!r}")
+
     def _validate_structure(self):
+        self._validate_sizes()
         rules = [
-            ("num_latent_blocks", self.num_latent_blocks >= 1, "must be >= 1"),
-            ("num_softmax_branches", self.num_softmax_branches >= 1, "must be >= 1"),
             (
                 "kv_lora_rank",
                 self.kv_lora_rank % self.num_latent_blocks == 0,

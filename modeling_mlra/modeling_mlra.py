@@ -749,6 +749,8 @@ class MLRAModel(MLRAPreTrainedModel):
         if inputs_embeds is None:
             check_token_ids(input_ids, self.config.vocab_size)
             inputs_embeds = self.embed_tokens(input_ids)
+        if inputs_embeds.shape[1] == 0:
+            raise ValueError(f"the input holds no tokens (shape {list(inputs_embeds.shape[:2])}): give at least one")
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False

@@ -202,6 +202,13 @@ def check_finite_weights(model: torch.nn.Module, location: str) -> None:
         check_finite(parameter.detach(), f"{location}: {name}")
 
 
+def check_tied(key: str, tensor: torch.Tensor, tied_key: str, tied: torch.Tensor, file: str) -> None:
+    """A stored copy of a tied weight (dropped on loading) must equal the weight it is tied to."""
+    if tensor.shape != tied.shape or not torch.equal(tensor, tied):
+        raise ValueError(f"{file}: {key} differs from {tied_key}, but the model ties them (tie_word_embeddings): "
+                         "this checkpoint is not one the family can load")
+
+
 def check_zip_checksums(path: str) -> None:
     """`pytorch_model.bin` is a zip archive holding a CRC-32 of each tensor's bytes, which torch.load never checks:
     overwritten bytes would load as (finite) garbage weights."""
@@ -252,6 +259,10 @@ def _config_from_original(checkpoint: OriginalCheckpoint, tensors: OriginalTenso
     if checkpoint.config.get("bias"):
         raise ValueError(f"{checkpoint.config_file}: bias=true is not part of the published models")
     dims = {ours: checkpoint.config[theirs] for ours, theirs in NANOGPT_FIELDS.items()}
+    for ours, theirs in [*NANOGPT_FIELDS.items(), ("max_position_embeddings", "block_size")]:
+        value = checkpoint.config.get(theirs, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{checkpoint.config_file}: {theirs}={value!r} must be a positive integer")
     inferred = infer_variant(tensors, dims["num_attention_heads"], dims["qk_nope_head_dim"])
     if variant is None:
         if checkpoint.name in VARIANTS:
@@ -292,9 +303,11 @@ def converted_tensors(
 
     if not config.tie_word_embeddings:
         raise ValueError("the authors' models tie lm_head to the embedding")
-    yield put("model.embed_tokens.weight", tensors.take("transformer.wte.weight"), "transformer.wte.weight")
-    if tensors.has("lm_head.weight"):  # stored although tied to the embedding
-        tensors.take("lm_head.weight")
+    embedding = tensors.take("transformer.wte.weight")
+    if tensors.has("lm_head.weight"):  # stored although tied to the embedding: it must be the embedding
+        file = tensors.file_of["lm_head.weight"]
+        check_tied("lm_head.weight", tensors.take("lm_head.weight"), "transformer.wte.weight", embedding, file)
+    yield put("model.embed_tokens.weight", embedding, "transformer.wte.weight")
 
     base = split_variant_name(config.variant)[0]
     for i in range(config.num_hidden_layers):
