@@ -421,14 +421,25 @@ def key_mask_for_kernel(attention_mask: torch.Tensor | None) -> torch.Tensor | N
     return last_row if last_row.dtype == torch.bool else last_row == 0
 
 
-class MLRALatentUpProjection(nn.Module):
-    """The up-projection of the latent blocks: `weight` [L, hpg * (d_n + d_v), d_l], one nn.Linear weight per
-    latent block. Block l serves the heads of group l % G (in order; per head [k_nope | v]) for branch l // G."""
+class MLRALatentUpProjection(nn.Linear):
+    """The up-projection of the latent blocks: `weight` [L, hpg * (d_n + d_v), d_l], one linear map per latent
+    block. Block l serves the heads of group l % G (in order; per head [k_nope | v]) for branch l // G.
+
+    An nn.Linear from d_l to hpg * (d_n + d_v) features applied to each block, so that adapters of linear layers wrap
+    it (peft's LoRA with `target_modules=["kv_b_proj"]`: one low-rank update shared by the blocks); the attention
+    reads the weight through `MLRAAttention.latent_up_weight`, which sees such an adapter.
+    """
 
     def __init__(self, config: MLRAConfig):
-        super().__init__()
-        out_features = config.heads_per_group * (config.qk_nope_head_dim + config.v_head_dim)
-        self.weight = nn.Parameter(torch.empty(config.num_latent_blocks, out_features, config.latent_block_dim))
+        nn.Module.__init__(self)
+        self.in_features = config.latent_block_dim
+        self.out_features = config.heads_per_group * (config.qk_nope_head_dim + config.v_head_dim)
+        self.weight = nn.Parameter(torch.empty(config.num_latent_blocks, self.out_features, self.in_features))
+        self.register_parameter("bias", None)
+
+    def forward(self, blocks: torch.Tensor) -> torch.Tensor:
+        """blocks [..., L, d_l] -> [..., L, hpg * (d_n + d_v)]: block l through weight[l]."""
+        return torch.einsum("...ld,lod->...lo", blocks, self.weight)
 
 
 class MLRAAttention(nn.Module):
@@ -474,10 +485,21 @@ class MLRAAttention(nn.Module):
         through this view: block l sits at branch l // G, group l % G, i.e. l = MLRAConfig.latent_block(b, g)."""
         return tensor.unflatten(dim, (self.num_branches, self.num_groups))
 
+    def latent_up_weight(self) -> torch.Tensor:
+        """kv_b_proj's weight [L, hpg * (d_n + d_v), d_l] as the module applies it. An adapter wrapping the module
+        (peft's LoRA) acts through its forward, so a wrapped module's weight is read by applying it to the identity
+        (d_l columns per block): every path then sees the adapter. Merged adapters cost nothing."""
+        if isinstance(self.kv_b_proj, MLRALatentUpProjection):
+            return self.kv_b_proj.weight
+        weight = self.kv_b_proj.weight
+        identity = torch.eye(self.latent_block_dim, dtype=weight.dtype, device=weight.device)
+        columns = self.kv_b_proj(identity[:, None, :].expand(-1, self.num_latent_blocks, -1))  # [d_l, L, out]
+        return columns.permute(1, 2, 0)
+
     def up_projection_per_branch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [B, h, d_n, d_l] and W_UV [B, h, d_v, d_l]: for branch b and head i, the up-projection of the
         latent block the pair reads (group g's heads, in order, concatenate to all h heads)."""
-        weight = self.by_branch_and_group(self.kv_b_proj.weight, 0)  # [B, G, hpg * (d_n + d_v), d_l]
+        weight = self.by_branch_and_group(self.latent_up_weight(), 0)  # [B, G, hpg * (d_n + d_v), d_l]
         weight = weight.reshape(self.num_branches, self.num_heads, -1, self.latent_block_dim)
         return weight.split([self.qk_nope_head_dim, self.v_head_dim], dim=2)
 
@@ -547,7 +569,7 @@ class MLRAAttention(nn.Module):
         kv_len = kv_states.shape[1]
         latent, k_rope = kv_states.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         blocks = self.by_branch_and_group(latent.unflatten(-1, (self.num_latent_blocks, self.latent_block_dim)), 2)
-        weights = self.by_branch_and_group(self.kv_b_proj.weight, 0)  # [B, G, hpg * (d_n + d_v), d_l]
+        weights = self.by_branch_and_group(self.latent_up_weight(), 0)  # [B, G, hpg * (d_n + d_v), d_l]
         query = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # [bsz, h, T, d_n + d_r]
         k_rope = k_rope.unsqueeze(1).expand(bsz, self.num_heads, kv_len, self.qk_rope_head_dim)
         implementation = self.config._attn_implementation or "sdpa"
@@ -689,7 +711,7 @@ class MLRAPreTrainedModel(PreTrainedModel):
         """Normal(0, initializer_range) everywhere, norms at one, attention and MLP output projections at zero."""
         if getattr(module, "is_residual_output", False):
             init.zeros_(module.weight)
-        elif isinstance(module, (nn.Linear, nn.Embedding, MLRALatentUpProjection)):
+        elif isinstance(module, (nn.Linear, nn.Embedding)):
             init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
         elif isinstance(module, MLRARMSNorm):
             init.ones_(module.weight)

@@ -8,7 +8,7 @@ from conftest import FAMILY, random_tokens, tiny_config, tiny_model
 from transformers import AttentionInterface
 
 import modeling_mlra.modeling_mlra as modeling
-from modeling_mlra import MLRAForCausalLM
+from modeling_mlra import MLRACache, MLRAForCausalLM
 
 SEQUENCE_LENGTHS = (5, 7, 3)  # packed into one row of 15 tokens
 
@@ -297,3 +297,20 @@ def test_an_unsupported_rope_type_set_after_the_config_is_built_is_refused_when_
     config.rope_parameters = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0}
     with pytest.raises(ValueError, match="rope_type 'llama3' is not supported"):
         MLRAForCausalLM(config)
+
+
+# --- the cache argument ------------------------------------------------------------------------------------------------
+
+
+def test_generate_fills_a_cache_passed_as_cache_without_a_deprecation_warning(recwarn):
+    """`generate(..., cache=cache)`, the README's form: transformers' name on newer 5.x releases, taken by the model on
+    earlier ones, where `past_key_values=` is the name (it warns on newer ones)."""
+    model = tiny_model(seed=3)
+    input_ids = random_tokens((1, 6), vocab_size=63) + 1
+    cache = MLRACache(model.config)
+    with torch.no_grad():
+        continued = model.generate(input_ids, max_new_tokens=4, do_sample=False, pad_token_id=0, cache=cache)
+        plain = model.generate(input_ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(continued, plain)
+    assert cache.get_seq_length() == 6 + 3  # the last new token is never fed back
+    assert not [warning for warning in recwarn if issubclass(warning.category, FutureWarning)]
