@@ -622,8 +622,11 @@ class MLRAAttention(nn.Module):
         softmax probabilities [bsz, B, h, T, S] with the eager implementation (PyTorch path), else None.
         """
         w_uk, w_uv = self.up_projection_per_branch()
-        # matmul (not einsum) reads the weight views as they are, without a per-step copy of W_UK / W_UV
-        q_absorbed = torch.matmul(q_nope.transpose(1, 2).unsqueeze(1), w_uk)  # [bsz, B, h, T, d_l]
+        bsz, q_len = q_nope.shape[:2]
+        # One GEMM per (branch, head) whose rows are every sequence's new tokens, on the weight views as they are: a
+        # batch dimension in matmul would broadcast W_UK and W_UV to every sequence, a copy of both at each step.
+        rows = q_nope.permute(2, 0, 1, 3).reshape(self.num_heads, bsz * q_len, self.qk_nope_head_dim)
+        q_absorbed = torch.matmul(rows, w_uk).unflatten(2, (bsz, q_len)).permute(2, 0, 1, 3, 4)  # [bsz, B, h, T, d_l]
         probs = None
         if decode_kernel_inputs is not None:
             mixed = mlra_decode_attention(
@@ -632,9 +635,10 @@ class MLRAAttention(nn.Module):
             ).permute(0, 2, 3, 1, 4)
         else:
             mixed, probs = self.absorbed_softmax(q_absorbed, q_rope, kv_states, attention_mask)
-        output = torch.matmul(mixed, w_uv.transpose(-1, -2)).sum(dim=1)  # [bsz, h, T, d_v]
+        mixed = mixed.permute(1, 2, 0, 3, 4).reshape(self.num_branches, self.num_heads, bsz * q_len, -1)
+        output = torch.matmul(mixed, w_uv.transpose(-1, -2)).sum(dim=0)  # [h, bsz * T, d_v]
         weights = probs if self.config._attn_implementation == "eager" else None
-        return output.transpose(1, 2) * self.config.attn_output_scale, weights
+        return output.unflatten(1, (bsz, q_len)).permute(1, 2, 0, 3) * self.config.attn_output_scale, weights
 
     def absorbed_softmax(self, q_absorbed, q_rope, kv_states, attention_mask) -> torch.Tensor:
         """The PyTorch softmax part of `absorbed_attention`: q_absorbed [bsz, B, h, T, d_l] -> (the softmax-weighted

@@ -3,6 +3,7 @@ holds only d_c + d_r values per token and layer."""
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import FAMILY, REFERENCE_VARIANTS, cache_kwargs, output_cache, random_tokens, reference, tiny_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -141,6 +142,31 @@ def test_absorbed_and_expanded_attention_agree_on_random_inputs(member, attn_imp
     expanded, _ = attention.expanded_attention(q_nope, q_rope, kv_states, mask)
     assert absorbed.shape == (bsz, q_len, heads, config.v_head_dim)
     torch.testing.assert_close(absorbed, expanded, atol=1e-5, rtol=1e-5)
+
+
+class LargestNewTensor(TorchDispatchMode):
+    """Records the largest tensor any operation returns while active."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self.largest = max(self.largest, tensor.numel())
+        return out
+
+
+def test_absorbed_attention_never_copies_the_up_projection_per_sequence():
+    model = tiny_model(qk_nope_head_dim=32, v_head_dim=32)  # W_UK, W_UV much larger than a step's activations
+    attention, config = model.model.layers[0].self_attn, model.config
+    bsz, heads = 8, config.num_attention_heads
+    q_nope = torch.randn(bsz, 1, heads, config.qk_nope_head_dim)
+    q_rope = torch.randn(bsz, 1, heads, config.qk_rope_head_dim)
+    kv_states = torch.randn(bsz, 5, config.kv_lora_rank + config.qk_rope_head_dim)
+    with LargestNewTensor() as recorder:
+        attention.absorbed_attention(q_nope, q_rope, kv_states, None)
+    assert recorder.largest <= attention.kv_b_proj.weight.numel()
 
 
 @pytest.mark.parametrize("member", list(FAMILY))
