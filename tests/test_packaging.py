@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+REFERENCE = ROOT / "tests" / "fixtures" / "reference"
 SETUPTOOLS = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
 
 
@@ -30,7 +31,7 @@ def wheel(tmp_path_factory):
     return path
 
 
-def test_wheel_holds_eval_and_conversion_inside_the_package(wheel):
+def test_wheel_holds_eval_conversion_with_its_card_template_and_the_default_model(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     for package, folder in SETUPTOOLS["package-dir"].items():
         expected = {
@@ -39,6 +40,7 @@ def test_wheel_holds_eval_and_conversion_inside_the_package(wheel):
         }
         assert expected <= set(names), package
     assert "modeling_mlra/eval/paper_results.json" in names
+    assert zipfile.ZipFile(wheel).read("modeling_mlra/conversion/hub_card.md") == (ROOT / "hub_card.md").read_bytes()
     for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md"):
         assert f"modeling_mlra/default_model/{name}" in names
     assert not [name for name in names if name.startswith("modeling_mlra/default_model/") and name.endswith(".py")]
@@ -90,3 +92,16 @@ def test_mlra_generate_runs_the_embedded_model_from_the_installed_wheel(installe
     location, output = result.stdout.split("\n", 1)
     assert Path(location).is_relative_to(installed)
     assert output.startswith("def fibonacci(n):") and "[4 tokens in " in output
+
+
+def test_mlra_convert_runs_from_the_installed_wheel_without_the_repository(installed, tmp_path):
+    """The model card template comes from inside the installed package."""
+    environment = {**os.environ, "PYTHONPATH": str(installed), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    program = "import modeling_mlra.conversion.hub_card as h, sys; print(h.__file__); from modeling_mlra.cli import main; main(sys.argv[1:])"
+    result = subprocess.run(
+        [sys.executable, "-c", program, "convert", "original", str(REFERENCE / "mla"), str(tmp_path / "out")],
+        env=environment, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert Path(result.stdout.split("\n", 1)[0]).is_relative_to(installed)
+    assert "# out" in (tmp_path / "out" / "README.md").read_text()
