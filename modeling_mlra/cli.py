@@ -1,5 +1,5 @@
 """The `mlra` command line: `mlra generate` (demo, on the embedded tiny model by default), `mlra train`,
-`mlra convert`, `mlra eval tasks|ppl` and `mlra verify`.
+`mlra convert`, `mlra eval tasks|ppl`, `mlra verify` and `mlra serve` (transformers' server, continuous batching).
 
     mlra generate --prompt "def fibonacci(n):"
     mlra train --variant mlra_4 --hidden-size 256 ... --train-data a.txt --tokenizer tok/ --output-dir out/ --max-steps 1000
@@ -206,6 +206,23 @@ def verify_folder(folder: Path) -> None:
     print(summary)
 
 
+def serve(model: str, server_arguments: list[str]) -> None:
+    """`transformers serve MODEL --continuous-batching --trust-remote-code ...`, with the MLRA classes findable.
+
+    transformers' server (5.17 to 5.24) picks the model class as `getattr(transformers, config.architectures[0])`,
+    which finds only the classes shipped inside transformers: a `trust_remote_code` model fails to load there
+    ("module transformers has no attribute MLRAForCausalLM"). Everything else is transformers' own: its OpenAI-style
+    endpoints, its options (`--port`, `--device`, `--cb-num-blocks`, ...) and its continuous-batching manager,
+    whose paged cache holds the latent (modeling_mlra/paged_cache.py).
+    """
+    import transformers
+    from transformers.cli.transformers import main as transformers_main
+
+    setattr(transformers, MLRAForCausalLM.__name__, MLRAForCausalLM)
+    sys.argv = ["transformers", "serve", model, "--continuous-batching", "--trust-remote-code", *server_arguments]
+    transformers_main()
+
+
 def main(argv: list[str] | None = None) -> None:
     from .conversion.cli import add_convert_arguments, run_convert  # here: it imports DTYPE_NAMES from this module
     from .eval.cli import add_eval_arguments, run_eval
@@ -222,9 +239,18 @@ def main(argv: list[str] | None = None) -> None:
     add_eval_arguments(commands.add_parser("eval", help="lm-eval tasks and the authors' perplexity protocol"))
     verify = commands.add_parser("verify", help="check a model folder: files against SHA256SUMS, weights finite")
     verify.add_argument("folder", type=Path)
-    options = parser.parse_args(argv)
+    serve_parser = commands.add_parser(
+        "serve",
+        help="transformers serve with continuous batching on the latent pages; other options go to it (--port, ...)",
+    )
+    serve_parser.add_argument("model", nargs="?", default=str(DEFAULT_MODEL), help="local folder or Hub repo id")
+    options, server_arguments = parser.parse_known_args(argv)
+    if server_arguments and options.command != "serve":
+        parser.error(f"unrecognized arguments: {' '.join(server_arguments)}")
     try:
-        if options.command == "generate":
+        if options.command == "serve":
+            serve(options.model, server_arguments)
+        elif options.command == "generate":
             generate(options)
         elif options.command == "convert":
             run_convert(options)

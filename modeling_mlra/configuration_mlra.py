@@ -137,9 +137,16 @@ class MLRAConfig(PreTrainedConfig):
             )
 
     @property
+    def num_key_value_heads(self) -> int:
+        """1: the cache holds one shared row per token and layer, the latent and the rope key (no per-head keys)."""
+        return 1
+
+    @property
     def head_dim(self) -> int:
-        """The rotary width d_r, which transformers' RoPE helpers read as `head_dim` (as DeepSeek's configs do)."""
-        return self.qk_rope_head_dim
+        """(d_c + d_r) / 2: what transformers' caches that keep a key and a value per head (the paged cache of
+        continuous batching) read to size their pages, so that a key plus a value hold one latent row. The rotary
+        width is `qk_rope_head_dim`."""
+        return (self.kv_lora_rank + self.qk_rope_head_dim) // 2
 
     def _validate_sizes(self):
         """Every size a positive integer (q_lora_rank may be None), checked before any arithmetic on them."""

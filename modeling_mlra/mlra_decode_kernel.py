@@ -130,7 +130,7 @@ if triton is not None:
 
     @triton.jit
     def _mlra_decode_kernel(
-        q_ptr, q_rope_ptr, cache_ptr, seq_lens_ptr, key_mask_ptr, out_ptr, lse_ptr,
+        q_ptr, q_rope_ptr, cache_ptr, seq_lens_ptr, key_mask_ptr, row_starts_ptr, out_ptr, lse_ptr,
         stride_seq_lens, stride_qn, stride_qt, stride_qb, stride_qh,
         stride_rn, stride_rt, stride_rh,
         stride_cn, stride_cs,
@@ -141,7 +141,8 @@ if triton is not None:
         NUM_GROUPS: tl.constexpr, BRANCH_PARTS: tl.constexpr, BRANCHES_PER_PROGRAM: tl.constexpr,
         HEAD_TILES: tl.constexpr, NUM_SPLITS: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, HAS_KEY_MASK: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_ROW_STARTS: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         # program -> (batch row, head group, part of the branches, tile of heads), head tiles adjacent so that
         # programs re-reading the same tokens for other heads run together and hit L2
@@ -197,7 +198,10 @@ if triton is not None:
         # branch b of this group reads latent block b * G + group (MLRAConfig.latent_block)
         first_block = (branch0 * NUM_GROUPS + group) * latent_block_dim
         block_step = NUM_GROUPS * latent_block_dim
-        row_cache = cache_ptr + row * stride_cn
+        if HAS_ROW_STARTS:  # rows packed along the token axis (continuous batching): row n starts at token row_starts[n]
+            row_cache = cache_ptr + tl.load(row_starts_ptr + row).to(tl.int64) * stride_cs
+        else:
+            row_cache = cache_ptr + row * stride_cn
         for token_start in range(start, end, BLOCK_N):
             tokens = token_start + tl.arange(0, BLOCK_N)
             token_ok = tokens < end
@@ -290,7 +294,9 @@ if triton is not None:
         tl.store(out_ptr + program.to(tl.int64) * latent_block_dim + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
 
-def _decode_attention(q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_groups, scaling, num_splits, overrides=None):
+def _decode_attention(
+    q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_groups, scaling, num_splits, row_starts=None, overrides=None
+):
     """The two launches (split attention, merge); `overrides` replaces launch-config entries (benchmark sweeps)."""
     bsz, num_new_tokens, num_branches, num_heads, latent_block_dim = q_absorbed.shape
     rope_dim = q_rope.shape[-1]
@@ -317,10 +323,12 @@ def _decode_attention(q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_grou
         partial_strides = partial.stride()[:5]
         lse_strides = lse.stride()[:4]
     has_key_mask = key_mask is not None
+    has_row_starts = row_starts is not None
     branch_parts = num_branches // branches_per_program
     grid = (bsz * num_groups * branch_parts * config["head_tiles"], num_splits)
     _mlra_decode_kernel[grid](
-        q_absorbed, q_rope, kv_cache, seq_lens, key_mask if has_key_mask else seq_lens, partial, lse,
+        q_absorbed, q_rope, kv_cache, seq_lens, key_mask if has_key_mask else seq_lens,
+        row_starts if has_row_starts else seq_lens, partial, lse,
         seq_lens.stride(0), *q_absorbed.stride()[:4],
         *q_rope.stride()[:3],
         kv_cache.stride(0), kv_cache.stride(1),
@@ -333,7 +341,7 @@ def _decode_attention(q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_grou
         HEAD_TILES=config["head_tiles"], NUM_SPLITS=num_splits,
         BLOCK_H=config["BLOCK_H"], BLOCK_T=config["BLOCK_T"], BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
         BLOCK_D=config["BLOCK_D"], BLOCK_R=max(16, triton.next_power_of_2(rope_dim)), HAS_KEY_MASK=has_key_mask,
-        PRECISION="ieee" if q_absorbed.dtype == torch.float32 else "tf32",
+        HAS_ROW_STARTS=has_row_starts, PRECISION="ieee" if q_absorbed.dtype == torch.float32 else "tf32",
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     if num_splits > 1:
@@ -358,11 +366,14 @@ if triton is not None:
         num_groups: int,
         scaling: float,
         num_splits: int,
+        row_starts: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return _decode_attention(q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_groups, scaling, num_splits)
+        return _decode_attention(
+            q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_groups, scaling, num_splits, row_starts
+        )
 
     @_decode_attention_op.register_fake
-    def _(q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_groups, scaling, num_splits):
+    def _(q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_groups, scaling, num_splits, row_starts=None):
         return q_absorbed.new_empty(q_absorbed.shape)
 
 
@@ -375,6 +386,7 @@ def mlra_decode_attention(
     num_groups: int,
     scaling: float,
     num_splits: int = 0,
+    row_starts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Absorbed decode attention of one layer on the compressed cache, all heads and branches in one launch.
 
@@ -382,14 +394,19 @@ def mlra_decode_attention(
     kv_cache [bsz, capacity, L * d_l + d_r] with L = B * num_groups (a rank's share under tensor parallelism);
     seq_lens [bsz]: valid tokens per row, the T new ones included (they sit at seq_len - T ... seq_len - 1, and see
     keys up to their own slot); key_mask [bsz, >= max seq_len] (nonzero: the key may be attended) or None; a query
-    always sees its own slot. num_splits: sequence slices (0: from the shapes and the GPU's size). Returns
-    z [bsz, T, B, h, d_l], the softmax-weighted latent before W_UV.
+    always sees its own slot. num_splits: sequence slices (0: from the shapes and the GPU's size). row_starts [bsz]
+    (continuous batching): the rows are packed one after another along the token axis of kv_cache [1, total, width],
+    row n from token row_starts[n]. Returns z [bsz, T, B, h, d_l], the softmax-weighted latent before W_UV.
     """
     if q_absorbed.stride(-1) != 1:
         q_absorbed = q_absorbed.contiguous()
     if q_rope.stride(-1) != 1:
         q_rope = q_rope.contiguous()
     if torch.compiler.is_compiling():
-        return _decode_attention_op(q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_groups, scaling, num_splits)
+        return _decode_attention_op(
+            q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_groups, scaling, num_splits, row_starts
+        )
     # eager: straight to the launches, without the custom op's dispatch overhead (tens of microseconds per call)
-    return _decode_attention(q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_groups, scaling, num_splits)
+    return _decode_attention(
+        q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_groups, scaling, num_splits, row_starts
+    )

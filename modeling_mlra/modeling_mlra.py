@@ -26,6 +26,7 @@ from transformers.utils.output_capturing import capture_outputs
 from .configuration_mlra import MLRAConfig
 from .mlra_decode_kernel import kernel_supports, mlra_decode_attention, triton_available
 from .original_checkpoint import check_finite_weights, find_original_checkpoint, load_original_checkpoint
+from .paged_cache import MLRAPagedLatent, is_paged_cache
 from .tensor_parallel import pop_tensor_parallel_arguments, shard_model
 
 logger = logging.get_logger(__name__)
@@ -56,6 +57,18 @@ class MLRARMSNorm(nn.Module):
         return self.weight * normalized.to(input_dtype)
 
 
+class RotaryWidthView:
+    """The config as transformers' RoPE functions read it: their `head_dim` is the rotary width d_r (MLRAConfig's
+    `head_dim` sizes caches that keep a key and a value per head)."""
+
+    def __init__(self, config: MLRAConfig):
+        self.config = config
+        self.head_dim = config.qk_rope_head_dim
+
+    def __getattr__(self, name):
+        return getattr(self.config, name)
+
+
 class MLRARotaryEmbedding(nn.Module):
     """cos/sin tables [bsz, T, d_r] for absolute positions, in the rotate-half layout, from `config.rope_parameters`
     alone (as transformers' Llama): "default", or transformers' own "linear", "dynamic" (frequencies recomputed past
@@ -68,7 +81,7 @@ class MLRARotaryEmbedding(nn.Module):
         config.check_rope_parameters()
         self.max_seq_len_cached = config.max_position_embeddings
         self.original_max_seq_len = config.max_position_embeddings
-        self.config = config
+        self.config = config = RotaryWidthView(config)  # what the RoPE functions (and dynamic_rope_update) read
         self.rope_type = config.rope_parameters["rope_type"]
         self.rope_init_fn = (
             self.compute_default_rope_parameters if self.rope_type == "default" else ROPE_INIT_FUNCTIONS[self.rope_type]
@@ -378,6 +391,23 @@ def packed_sequence_mask(sequence_ids: torch.Tensor, dtype: torch.dtype) -> torc
     )
 
 
+def packed_causal_mask(
+    cu_seq_lens_q: torch.Tensor, cu_seq_lens_k: torch.Tensor, query_positions: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """Additive mask [1, 1, T, S] for sequences packed in one row with their cached tokens (continuous batching):
+    query t of sequence n, at position p, sees the keys of sequence n at positions <= p. cu_seq_lens_q [n + 1] and
+    cu_seq_lens_k [n + 1]: where each sequence's queries and keys (its whole sequence so far) start; query_positions
+    [T]."""
+    device = query_positions.device
+    query_sequence = torch.bucketize(torch.arange(len(query_positions), device=device), cu_seq_lens_q[1:], right=True)
+    keys = torch.arange(int(cu_seq_lens_k[-1]), device=device)
+    key_sequence = torch.bucketize(keys, cu_seq_lens_k[1:], right=True)
+    key_positions = keys - cu_seq_lens_k[key_sequence]
+    allowed = (query_sequence[:, None] == key_sequence[None, :]) & (key_positions[None, :] <= query_positions[:, None])
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return mask[None, None]
+
+
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, is_causal=None, **kwargs):
     """Plain softmax attention, softmax in float32: query [bsz, heads, T, d], key [bsz, heads, S, d], value
     [bsz, heads, S, d_v], additive attention_mask [bsz|1, 1, T, S] or None (causal when T > 1) -> [bsz, T, heads, d_v]
@@ -509,12 +539,12 @@ class MLRAAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
         cache: MLRACache | None = None,
-        decode_kernel_inputs: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+        decode_kernel_inputs: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden_states [bsz, T, d] -> (output [bsz, T, d], attention weights or None). attention_mask: additive
-        [bsz|1, 1, T, S] or None (causal). decode_kernel_inputs: (seq_lens [bsz], key_mask [bsz, S] or None) when
-        the absorbed decode runs the fused kernel (see `MLRAModel.forward`). kwargs go to the attention function
+        [bsz|1, 1, T, S] or None (causal). decode_kernel_inputs: (seq_lens [bsz], key_mask [bsz, S] or None,
+        row_starts or None) when the absorbed decode runs the fused kernel (see `MLRAModel.forward`). kwargs go to the attention function
         (position_ids, FlashAttention's varlen arguments, ...).
 
         The weights, returned by the eager implementation only (as transformers' models do), are the softmax
@@ -541,7 +571,9 @@ class MLRAAttention(nn.Module):
         kv_states = torch.cat([latent, k_rope], dim=-1)  # exactly what the cache keeps
         if cache is not None:
             kv_states = cache.update(kv_states, self.layer_idx)
-        if decode_kernel_inputs is not None or (cache is not None and q_len <= self.config.absorbed_max_query_len):
+        # continuous batching packs many sequences in one row: what counts is each one's new tokens
+        new_tokens = cache.max_new_tokens if isinstance(cache, MLRAPagedLatent) else q_len
+        if decode_kernel_inputs is not None or (cache is not None and new_tokens <= self.config.absorbed_max_query_len):
             attn_output, attn_weights = self.absorbed_attention(
                 q_nope, q_rope, kv_states, attention_mask, decode_kernel_inputs
             )
@@ -572,7 +604,8 @@ class MLRAAttention(nn.Module):
         weights = self.by_branch_and_group(self.latent_up_weight(), 0)  # [B, G, hpg * (d_n + d_v), d_l]
         query = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # [bsz, h, T, d_n + d_r]
         k_rope = k_rope.unsqueeze(1).expand(bsz, self.num_heads, kv_len, self.qk_rope_head_dim)
-        implementation = self.config._attn_implementation or "sdpa"
+        # continuous batching may name its implementations "paged|..."; the paged cache is read in `forward` here
+        implementation = (self.config._attn_implementation or "sdpa").removeprefix("paged|")
         flash = implementation.startswith("flash")
         if flash and attention_mask is not None:
             logger.warning_once(f"{implementation} takes no padding or cache masks here: such calls run sdpa")
@@ -617,9 +650,11 @@ class MLRAAttention(nn.Module):
         after the softmax, so the cached latent is read as it is and never expanded per head.
 
         q_nope [bsz, T, h, d_n], q_rope [bsz, T, h, d_r], kv_states [bsz, S, d_c + d_r] -> [bsz, T, h, d_v].
-        With decode_kernel_inputs (seq_lens [bsz], key_mask [bsz, S] or None) the softmax part runs in the fused
-        Triton kernel (`mlra_decode_kernel.py`), else in PyTorch with the additive attention_mask. Also returns the
-        softmax probabilities [bsz, B, h, T, S] with the eager implementation (PyTorch path), else None.
+        With decode_kernel_inputs (seq_lens [bsz], key_mask [bsz, S] or None, row_starts or None) the softmax part
+        runs in the fused Triton kernel (`mlra_decode_kernel.py`), else in PyTorch with the additive attention_mask.
+        row_starts [T] (continuous batching): the T queries of the one packed row are T sequences decoding one token
+        each, whose cached rows start at row_starts in kv_states. Also returns the softmax probabilities
+        [bsz, B, h, T, S] with the eager implementation (PyTorch path), else None.
         """
         w_uk, w_uv = self.up_projection_per_branch()
         bsz, q_len = q_nope.shape[:2]
@@ -629,10 +664,15 @@ class MLRAAttention(nn.Module):
         q_absorbed = torch.matmul(rows, w_uk).unflatten(2, (bsz, q_len)).permute(2, 0, 1, 3, 4)  # [bsz, B, h, T, d_l]
         probs = None
         if decode_kernel_inputs is not None:
+            seq_lens, key_mask, row_starts = decode_kernel_inputs
+            q_absorbed = q_absorbed.permute(0, 3, 1, 2, 4)  # [bsz, T, B, h, d_l]
+            packed = row_starts is not None  # the kernel's rows are the packed queries: swap the bsz and T axes
+            if packed:
+                q_absorbed, q_rope = q_absorbed.transpose(0, 1), q_rope.transpose(0, 1)
             mixed = mlra_decode_attention(
-                q_absorbed.permute(0, 3, 1, 2, 4), q_rope, kv_states, *decode_kernel_inputs, self.num_groups,
-                self.scaling,
-            ).permute(0, 2, 3, 1, 4)
+                q_absorbed, q_rope, kv_states, seq_lens, key_mask, self.num_groups, self.scaling, row_starts=row_starts
+            )
+            mixed = (mixed.transpose(0, 1) if packed else mixed).permute(0, 2, 3, 1, 4)
         else:
             mixed, probs = self.absorbed_softmax(q_absorbed, q_rope, kv_states, attention_mask)
         mixed = mixed.permute(1, 2, 0, 3, 4).reshape(self.num_branches, self.num_heads, bsz * q_len, -1)
@@ -726,10 +766,11 @@ class MLRAPreTrainedModel(PreTrainedModel):
 
 
 def _take_cache_argument(cache, kwargs: dict):
-    """The cache passed as `cache=` (transformers >= 5.2x) or `past_key_values=` (earlier 5.x)."""
+    """The cache passed as `cache=` (transformers >= 5.2x) or `past_key_values=` (earlier 5.x): an MLRACache, or the
+    PagedAttentionCache of continuous batching (whose pages the config sizes to hold the latent)."""
     legacy = kwargs.pop("past_key_values", None)
     cache = cache if cache is not None else legacy
-    if cache is not None and not isinstance(cache, MLRACache):
+    if cache is not None and not isinstance(cache, MLRACache) and not is_paged_cache(cache):
         raise TypeError(
             f"MLRA models cache only the compressed latent and need an MLRACache; got {type(cache).__name__} "
             "as the cache argument. Pass `MLRACache(model.config)` or leave the argument out."
@@ -768,7 +809,10 @@ class MLRAModel(MLRAPreTrainedModel):
         """input_ids [bsz, T] (or inputs_embeds [bsz, T, d]); attention_mask [bsz, past + T] with 0 for padding;
         position_ids [bsz, T] (default: from attention_mask, so left padding gets the right positions; restarts at 0
         within a row mark packed sequences). `output_hidden_states`, `output_attentions` and `return_dict` default
-        to the config's; attentions come from the eager implementation (see `MLRAAttention.forward`)."""
+        to the config's; attentions come from the eager implementation (see `MLRAAttention.forward`).
+
+        Continuous batching passes a PagedAttentionCache, its sequences packed in one row with their positions, their
+        block-diagonal causal mask [1, 1, T, S] and the cache's read/write indices (in kwargs)."""
         cache = _take_cache_argument(cache, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -777,6 +821,8 @@ class MLRAModel(MLRAPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         if inputs_embeds.shape[1] == 0:
             raise ValueError(f"the input holds no tokens (shape {list(inputs_embeds.shape[:2])}): give at least one")
+        if is_paged_cache(cache):
+            return self._forward_paged(inputs_embeds, attention_mask, position_ids, cache, kwargs)
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False
@@ -830,7 +876,7 @@ class MLRAModel(MLRAPreTrainedModel):
             else:
                 seq_lens = torch.full((1,), past_length + q_len, device=inputs_embeds.device)
             seq_lens = seq_lens.expand(bsz)
-            decode_kernel_inputs = (seq_lens, key_mask_for_kernel(attention_mask))
+            decode_kernel_inputs = (seq_lens, key_mask_for_kernel(attention_mask), None)
             mask = None
         else:
             mask = self._attention_mask(attention_mask, query_slots, cache, inputs_embeds.dtype)
@@ -846,6 +892,39 @@ class MLRAModel(MLRAPreTrainedModel):
                 decode_kernel_inputs=decode_kernel_inputs,
                 position_ids=position_ids,
                 **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_FIELD: cache})
+
+    def _forward_paged(self, inputs_embeds, attention_mask, position_ids, cache, batch_kwargs) -> BaseModelOutputWithPast:
+        """One step of continuous batching: the sequences packed in inputs_embeds [1, T, d] write their latent rows
+        into the paged cache and attend to their own rows only. Where every sequence decodes one token, the fused
+        kernel (on CUDA) reads each sequence's rows; otherwise the additive mask [1, 1, T, S] (built from
+        cu_seq_lens_q / cu_seq_lens_k when the batch comes without one, as for flash implementations)."""
+        paged = MLRAPagedLatent(cache, batch_kwargs)
+        key_offsets = paged.key_offsets()
+        decode_kernel_inputs = None
+        if (
+            paged.max_new_tokens == 1
+            and inputs_embeds.shape[1] == len(key_offsets) - 1
+            and not batch_kwargs.get("output_attentions", False)
+            and use_decode_kernel(self.config, 1, inputs_embeds.dtype, inputs_embeds.device)
+        ):
+            decode_kernel_inputs = (key_offsets.diff(), None, key_offsets[:-1])
+            attention_mask = None
+        else:
+            if isinstance(attention_mask, dict):  # one mask per attention type; MLRA has one
+                attention_mask = attention_mask["full_attention"]
+            if attention_mask is None:
+                attention_mask = packed_causal_mask(
+                    batch_kwargs["cu_seq_lens_q"], key_offsets, position_ids[0], inputs_embeds.dtype
+                )
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        for decoder_layer in self.layers:
+            hidden_states = decoder_layer(
+                hidden_states, position_embeddings, attention_mask, cache=paged,
+                decode_kernel_inputs=decode_kernel_inputs, position_ids=position_ids,
             )
         hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_FIELD: cache})

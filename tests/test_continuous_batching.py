@@ -1,0 +1,152 @@
+"""Continuous batching (transformers' `generate_batch` and `ContinuousBatchingManager`) on pages that hold the latent:
+each request's tokens equal generate()'s for that request alone."""
+
+import pytest
+import torch
+from conftest import FAMILY, tiny_model
+from transformers import GenerationConfig
+from transformers.generation.continuous_batching import ContinuousBatchingManager, RequestStatus
+
+import modeling_mlra.modeling_mlra
+from modeling_mlra import MLRACache
+from modeling_mlra.mlra_decode_kernel import mlra_decode_attention
+from modeling_mlra.modeling_mlra import packed_causal_mask
+from modeling_mlra.paged_cache import paged_cache_bytes_per_token
+
+try:  # the batch and page sizes are named differently across 5.x: `page_size` (>= 5.2x) or `block_size`
+    from transformers import ContinuousBatchingConfig
+except ImportError:
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+# very different lengths: a 2-token prompt, a short one, and one longer than the batch's token budget below (its
+# prefill runs in chunks, some short enough for the absorbed path, the others expanded)
+PROMPTS = [[5, 9], [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5], [(7 * i + 3) % 64 for i in range(70)]]
+
+
+def greedy_config(max_new_tokens: int = 12) -> GenerationConfig:
+    return GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
+
+
+def small_batches(**fields) -> ContinuousBatchingConfig:
+    """Room for a few requests at once and at most 32 tokens per step, so long prompts prefill in chunks."""
+    return ContinuousBatchingConfig(max_batch_tokens=32, num_blocks=64, **fields)
+
+
+def generate_alone(model, prompt: list[int], generation_config: GenerationConfig) -> list[int]:
+    input_ids = torch.tensor([prompt])  # an explicit mask: generate() would take pad_token_id tokens for padding
+    output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=generation_config)
+    return output[0, len(prompt) :].tolist()
+
+
+def finished_results(manager: ContinuousBatchingManager, request_ids) -> dict:
+    """The final output of each request, in whatever order they finish (the manager's queue is shared)."""
+    results = {}
+    while len(results) < len(request_ids):
+        output = manager.get_result(timeout=60)
+        assert output is not None, f"no result within a minute; finished: {sorted(results)}"
+        if output.request_id in request_ids and output.is_finished():
+            results[output.request_id] = output
+    return results
+
+
+@pytest.mark.parametrize("member", sorted(FAMILY))
+def test_generate_batch_equals_generate_for_each_request(member):
+    model = tiny_model(seed=3, **FAMILY[member])
+    config = greedy_config()
+    results = model.generate_batch(PROMPTS, generation_config=config, continuous_batching_config=small_batches())
+    assert len(results) == len(PROMPTS)
+    for result, prompt in zip(results.values(), PROMPTS):
+        assert result.error is None
+        assert result.generated_tokens == generate_alone(model, prompt, config), (member, prompt)
+
+
+def test_sampling_with_top_k_one_is_greedy_and_sampling_stays_in_the_vocabulary():
+    model = tiny_model(seed=4)
+    top_1 = GenerationConfig(max_new_tokens=12, do_sample=True, top_k=1, eos_token_id=-1, pad_token_id=0)
+    top_1 = model.generate_batch(PROMPTS, generation_config=top_1, continuous_batching_config=small_batches())
+    for result, prompt in zip(top_1.values(), PROMPTS):
+        assert result.generated_tokens == generate_alone(model, prompt, greedy_config())
+    torch.manual_seed(0)
+    sampled = model.generate_batch(
+        PROMPTS, generation_config=GenerationConfig(max_new_tokens=12, do_sample=True, temperature=1.5,
+                                                    eos_token_id=-1, pad_token_id=0),
+        continuous_batching_config=small_batches(),
+    )
+    for result in sampled.values():
+        assert result.error is None and len(result.generated_tokens) == 12
+        assert all(0 <= token < model.config.vocab_size for token in result.generated_tokens)
+
+
+@pytest.mark.parametrize("member", ["mla", "mlra_2"])
+def test_decode_kernel_reads_each_sequences_rows_of_the_packed_cache(member, monkeypatch):
+    """decode_kernel="triton" (Triton's interpreter on the CPU): decode steps run the fused kernel, one row per
+    sequence; the tokens equal the PyTorch path's, for each request alone."""
+    packed_calls = []
+
+    def counted(*args, row_starts=None, **kwargs):
+        packed_calls.append(row_starts is not None and len(row_starts) == 2)
+        return mlra_decode_attention(*args, row_starts=row_starts, **kwargs)
+
+    monkeypatch.setattr(modeling_mlra.modeling_mlra, "mlra_decode_attention", counted)
+    model = tiny_model(seed=7, decode_kernel="triton", **FAMILY[member])
+    config = greedy_config(max_new_tokens=6)
+    prompts = PROMPTS[:2]
+    results = model.generate_batch(prompts, generation_config=config, continuous_batching_config=small_batches())
+    assert any(packed_calls)  # both sequences decoding in one kernel launch
+    model.config.decode_kernel = "torch"
+    for result, prompt in zip(results.values(), prompts):
+        assert result.generated_tokens == generate_alone(model, prompt, config)
+
+
+def test_requests_streamed_while_others_run_equal_generate():
+    model = tiny_model(seed=5, num_latent_blocks=4, num_softmax_branches=2)
+    config = greedy_config(max_new_tokens=30)
+    manager: ContinuousBatchingManager = model.init_continuous_batching(
+        generation_config=config, continuous_batching_config=small_batches()
+    )
+    manager.start()
+    try:
+        first = manager.add_request(PROMPTS[1], max_new_tokens=30, streaming=True)
+        streamed = []
+        later = {}
+        for output in manager.request_id_iter(first):
+            streamed.append(list(output.generated_tokens))
+            if len(output.generated_tokens) == 3:  # the first request is decoding: add the others now
+                later = {manager.add_request(prompt, max_new_tokens=8): prompt for prompt in (PROMPTS[2], PROMPTS[0])}
+            if output.status == RequestStatus.FINISHED:
+                break
+        results = finished_results(manager, later)
+    finally:
+        manager.stop(block=True, timeout=30)
+    assert len(streamed) > 2 and streamed[-1] == generate_alone(model, PROMPTS[1], config)
+    assert all(len(earlier) <= len(after) for earlier, after in zip(streamed, streamed[1:]))
+    for request_id, prompt in later.items():
+        assert results[request_id].generated_tokens == generate_alone(model, prompt, greedy_config(max_new_tokens=8))
+
+
+def test_pages_hold_the_latent_row_of_mlra_cache():
+    model = tiny_model(seed=6)
+    manager = model.init_continuous_batching(generation_config=greedy_config(), continuous_batching_config=small_batches())
+    manager.start()
+    try:
+        finished_results(manager, [manager.add_request(PROMPTS[1], max_new_tokens=2)])
+        paged = manager.batch_processor.cache
+    finally:
+        manager.stop(block=True, timeout=30)
+    cache = MLRACache(model.config)
+    model(torch.tensor([PROMPTS[1]]), **{"past_key_values": cache})
+    config = model.config
+    assert cache.bytes_per_token == config.num_hidden_layers * (config.kv_lora_rank + config.qk_rope_head_dim) * 4
+    assert paged_cache_bytes_per_token(paged) == cache.bytes_per_token
+
+
+def test_packed_causal_mask_keeps_each_sequence_to_its_own_past():
+    # two sequences: 1 new token at position 3 (4 keys), then 2 new tokens at positions 0 and 1 (2 keys)
+    mask = packed_causal_mask(
+        torch.tensor([0, 1, 3]), torch.tensor([0, 4, 6]), torch.tensor([3, 0, 1]), torch.float32
+    )[0, 0]
+    allowed = mask == 0
+    expected = torch.tensor(
+        [[1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 1, 1]], dtype=torch.bool
+    )
+    assert torch.equal(allowed, expected)
