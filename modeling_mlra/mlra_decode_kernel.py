@@ -295,7 +295,7 @@ if triton is not None:
 
 
 def _decode_attention(
-    q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_groups, scaling, num_splits, row_starts=None, overrides=None
+    q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_groups, scaling, num_splits, overrides=None, row_starts=None
 ):
     """The two launches (split attention, merge); `overrides` replaces launch-config entries (benchmark sweeps)."""
     bsz, num_new_tokens, num_branches, num_heads, latent_block_dim = q_absorbed.shape
@@ -369,7 +369,7 @@ if triton is not None:
         row_starts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return _decode_attention(
-            q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_groups, scaling, num_splits, row_starts
+            q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_groups, scaling, num_splits, row_starts=row_starts
         )
 
     @_decode_attention_op.register_fake
@@ -408,5 +408,5 @@ def mlra_decode_attention(
         )
     # eager: straight to the launches, without the custom op's dispatch overhead (tens of microseconds per call)
     return _decode_attention(
-        q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_groups, scaling, num_splits, row_starts
+        q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_groups, scaling, num_splits, row_starts=row_starts
     )

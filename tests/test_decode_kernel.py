@@ -248,3 +248,17 @@ def test_static_generate_through_the_kernel_gives_the_pytorch_path_tokens_for_le
             cache_implementation="static",
         )
     assert torch.equal(outputs["triton"], outputs["torch"])
+
+
+@pytest.mark.parametrize("member", ["mla", "mlra_4"])
+def test_rows_packed_along_the_tokens_give_the_attention_of_separate_rows(member):
+    """row_starts (continuous batching): rows of different lengths packed one after another in one [1, total, width]
+    cache read the same tokens as when each has a row of its own."""
+    q_absorbed, q_rope, cache, groups = random_inputs(member, 3, 1, 4, 16, 8, 150, torch.float32, seed=9)
+    seq_lens = torch.tensor([150, 61, 5], device=DEVICE)
+    packed = torch.cat([cache[n, : int(length)] for n, length in enumerate(seq_lens)])[None]
+    row_starts = torch.cat([seq_lens.new_zeros(1), seq_lens.cumsum(0)[:-1]])
+    out = mlra_decode_attention(q_absorbed, q_rope, packed, seq_lens, None, groups, 0.25, num_splits=2,
+                                row_starts=row_starts)
+    reference = attention_by_the_equations(q_absorbed, q_rope, cache, seq_lens, None, groups, 0.25)
+    assert relative_error(out, reference) < TOLERANCE[torch.float32]
