@@ -187,7 +187,7 @@ class OriginalTensors:
 def check_finite(tensor: torch.Tensor, where: str) -> None:
     """A NaN or Inf in a weight means a corrupted file or diverged training, and a model that silently computes
     NaN logits. `aminmax` finds both in one pass without a temporary of the tensor's size (NaN propagates through
-    it); `isfinite().all()` is 50-100x slower on CPU (benchmarks/results/weight_checks.md)."""
+    it); `isfinite().all()` is 200x slower on CPU (benchmarks/results/weight_checks.md)."""
     if not tensor.is_floating_point() or tensor.numel() == 0 or tensor.device.type == "meta":
         return
     low, high = torch.aminmax(tensor)
