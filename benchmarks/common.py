@@ -280,6 +280,52 @@ def write_results(out: Path, data: dict, markdown: str, command: str | None = No
     out.with_suffix(".md").write_text(f"{title}\n\nCommand: `{command}`\n{body}")
 
 
+def error_text(error: BaseException) -> str:
+    """One line for a configuration that failed: "out of memory", or the exception's type and first line."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return "out of memory"
+    message = str(error).strip()
+    return f"{type(error).__name__}: {message.splitlines()[0][:200] if message else ''}"
+
+
+def fmt(value, spec: str) -> str:
+    """A table cell: `value` formatted, "-" for None (not measured)."""
+    return "-" if value is None else format(value, spec)
+
+
+class Report:
+    """Rows as they complete: every `record` rewrites OUT.json and OUT.md (`markdown(meta, rows)`), so a run cut short
+    keeps what it measured, and a table that fails to render does not stop the run (the .json holds every row).
+    `finish` writes them once more and draws OUT.png (`plot(meta, rows, path)`)."""
+
+    def __init__(self, out: Path, meta: dict, markdown, plot=None):
+        self.out, self.meta, self.rows = Path(out), meta, []
+        self.markdown, self.plot = markdown, plot
+
+    def record(self, row: dict) -> None:
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+        self.write()
+
+    def write(self) -> None:
+        try:
+            text = self.markdown(self.meta, self.rows)
+        except Exception as error:  # noqa: BLE001 - the .json holds every row
+            text = f"# {self.out.name}: the table could not be written ({error_text(error)}); see the .json\n"
+        write_results(self.out, dict(meta=self.meta, rows=self.rows), text, command=self.meta.get("command"))
+
+    def finish(self) -> None:
+        self.write()
+        if self.plot is None:
+            return
+        try:
+            self.plot(self.meta, self.rows, self.out.with_suffix(".png"))
+        except ImportError:
+            print("matplotlib is not installed: no PNG", flush=True)
+        except Exception as error:  # noqa: BLE001 - the table and the .json are written
+            print(f"could not draw the .png: {error_text(error)}", flush=True)
+
+
 @dataclass
 class Panel:
     """One plot: lines (label -> (x, y) points) and horizontal reference lines (label -> y)."""

@@ -48,11 +48,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     IntervalStreamer,
     Panel,
+    Report,
     cache_tensors,
     check_cache_layout,
     command_line,
     copy_bandwidth,
     deepseek_v3_config,
+    error_text,
+    fmt,
     llama_gqa_config,
     plot_panels,
     published_model,
@@ -63,7 +66,6 @@ from common import (  # noqa: E402
     synchronize,
     timed_ms,
     transformers_model,
-    write_results,
 )
 from transformers import CompileConfig  # noqa: E402
 
@@ -282,28 +284,6 @@ def warm_compile_child(args) -> dict:
 # ----------------------------------------------------------------------------------------------- report
 
 
-class Report:
-    def __init__(self, out: Path, meta: dict):
-        self.out, self.meta, self.rows = out, meta, []
-        out.parent.mkdir(parents=True, exist_ok=True)
-
-    def record(self, row: dict) -> None:
-        self.rows.append(row)
-        print(json.dumps(row), flush=True)
-        self.write()
-
-    def write(self) -> None:
-        try:
-            text = markdown(self.meta, self.rows)
-        except Exception as error:  # noqa: BLE001 - the .json holds every row
-            text = f"# decode_step: could not write the table ({error!r}); see the .json\n"
-        write_results(self.out, dict(meta=self.meta, rows=self.rows), text, command=self.meta["command"])
-
-
-def fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def shape_label(batch: int, context: int) -> str:
     return f"{batch} x " + (f"{context // 1024}K" if context >= 1024 and context % 1024 == 0 else str(context))
 
@@ -396,12 +376,6 @@ def plot(meta: dict, rows: list[dict], path: Path) -> None:
 # ----------------------------------------------------------------------------------------------- run
 
 
-def error_text(error: BaseException) -> str:
-    if isinstance(error, torch.OutOfMemoryError):
-        return "out of memory"
-    return f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}"
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path)
@@ -453,7 +427,7 @@ def main(argv=None):
         command=command_line(argv), device=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
         dtype=str(dtype).removeprefix("torch."), layers=args.layers, machine=platform.node(), **software_versions(),
     )  # fmt: skip
-    report = Report(out, meta)
+    report = Report(out, meta, markdown, plot)
     meta["copy_gb_s"] = copy_bandwidth(device) if device.type == "cuda" else None
     release(device)
 
@@ -533,11 +507,7 @@ def main(argv=None):
         model = None
         release(device)
     meta["elapsed_s"] = time.perf_counter() - started
-    report.write()
-    try:
-        plot(meta, report.rows, out.with_suffix(".png"))
-    except Exception as error:  # noqa: BLE001
-        print(f"no plot: {error_text(error)}", flush=True)
+    report.finish()
     print("\n" + out.with_suffix(".md").read_text(), flush=True)
 
 

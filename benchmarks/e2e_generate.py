@@ -36,10 +36,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     IntervalStreamer,
+    Report,
     check_cache_layout,
     command_line,
     copy_bandwidth,
     deepseek_v3_config,
+    error_text,
+    fmt,
     llama_gqa_config,
     published_model,
     random_cache,
@@ -293,39 +296,6 @@ def estimate_seconds(args, counts: dict[str, tuple]) -> dict:
 # ----------------------------------------------------------------------------------------------- report
 
 
-class Report:
-    """Rows as they complete; every `record` rewrites the .json and .md (the .png at `finish`)."""
-
-    def __init__(self, out: Path, meta: dict):
-        self.out, self.meta, self.rows = out, meta, []
-        out.parent.mkdir(parents=True, exist_ok=True)
-
-    def record(self, row: dict) -> None:
-        self.rows.append(row)
-        print(json.dumps(row), flush=True)
-        self.write()
-
-    def write(self) -> None:
-        self.out.with_suffix(".json").write_text(json.dumps(dict(meta=self.meta, rows=self.rows), indent=1))
-        try:
-            self.out.with_suffix(".md").write_text(markdown(self.meta, self.rows))
-        except Exception as error:  # noqa: BLE001 - the .json holds every row; a report bug must not stop the run
-            print(f"could not write the .md: {error_text(error)}", flush=True)
-
-    def finish(self) -> None:
-        self.write()
-        try:
-            plot(self.meta, self.rows, self.out.with_suffix(".png"))
-        except ImportError:
-            print("matplotlib is not installed: no PNG", flush=True)
-        except Exception as error:  # noqa: BLE001
-            print(f"could not draw the .png: {error_text(error)}", flush=True)
-
-
-def fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def count_label(count: int) -> str:
     return f"{count / 1e9:.3f}B" if count >= 1e8 else f"{count / 1e6:.3f}M"
 
@@ -344,7 +314,6 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         + ("tiny shapes (--quick)" if meta["quick"] else "published ~2.9B shape")
         + f", {meta['layers']} layers, random weights",
         "",
-        f"Command: `{meta['command']}`  ",
         f"Machine: {meta['machine']}  ",
         f"Versions: torch {meta['torch']}, transformers {meta['transformers']}, triton {meta['triton']}, "
         f"CUDA {meta['cuda']}, Python {meta['python']}  ",
@@ -562,12 +531,6 @@ def plot(meta: dict, rows: list[dict], path: Path) -> None:
 # ----------------------------------------------------------------------------------------------- run
 
 
-def error_text(error: BaseException) -> str:
-    if isinstance(error, torch.OutOfMemoryError):
-        return "out of memory"
-    return f"{type(error).__name__}: {str(error).strip().splitlines()[0][:160] if str(error).strip() else ''}"
-
-
 def run_model(name: str, args, device, dtype, report: Report, started: float) -> None:
     """Everything for one model: build, layout checks, prefill, eager and CUDA-graph decode."""
 
@@ -690,7 +653,7 @@ def main(argv=None):
         prompts=args.prompts, prefill=args.prefill, compiled_prompt=args.compiled_prompt,
         compiled_new_tokens=args.compiled_new_tokens, estimate_s=estimate,
     )  # fmt: skip
-    report = Report(out, meta)
+    report = Report(out, meta, markdown, plot)
     if device.type == "cuda":
         meta["copy_gb_s"] = copy_bandwidth(device)
         release(device)
