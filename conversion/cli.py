@@ -5,6 +5,10 @@ import signal
 import sys
 from pathlib import Path
 
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+from modeling_mlra.arguments import check_hub_reachable
 from modeling_mlra.cli import DTYPE_NAMES
 
 from .writer import DEFAULT_MAX_SHARD_SIZE, ConversionError, check_shard_size
@@ -55,6 +59,14 @@ def push_to_hub(folder: Path, repo_id: str) -> str:
     return str(commit)
 
 
+def is_repo_id(location: str) -> bool:
+    try:
+        validate_repo_id(location)
+    except HFValidationError:
+        return False
+    return True
+
+
 def check_convert_options(options) -> None:
     """Options that cannot apply, checked before any work."""
     from huggingface_hub import is_offline_mode
@@ -62,6 +74,9 @@ def check_convert_options(options) -> None:
     check_shard_size(options.max_shard_size)
     if options.push_to_hub and is_offline_mode():
         raise ConversionError(f"--push-to-hub {options.push_to_hub}: HF_HUB_OFFLINE is set; unset it to upload")
+    for option, location in (("SRC", options.src), ("--tokenizer", options.tokenizer)):
+        if location is not None and not Path(location).is_dir() and is_repo_id(location):
+            check_hub_reachable(option, location)
     if options.source != "mla":
         return
     if options.mode == "exact":

@@ -104,6 +104,16 @@ def test_push_to_hub_to_an_unreachable_hub_is_one_line_and_keeps_the_folder(tmp_
     assert (tmp_path / "out" / "config.json").exists()
 
 
+def test_convert_from_a_hub_repo_with_the_hub_unreachable_says_so_at_once(tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    line = error_line(capsys, "convert", "original", "Soughing/MLRA", tmp_path / "out", "--subfolder", "main/mlra_4")
+    assert "SRC Soughing/MLRA: the Hugging Face Hub (http://127.0.0.1:9) is unreachable" in line
+    assert not (tmp_path / "out").exists()
+
+
 # --- mlra generate and mlra eval ---------------------------------------------------------------------------------
 
 
