@@ -216,13 +216,20 @@ def timed_ms(fn, device):
     return result, start.elapsed_time(end)
 
 
-def gpu_time_ms(fn) -> float:
+def gpu_time_ms(fn, rep: int = 50) -> float:
     """Median milliseconds of GPU time of fn(), replayed from a CUDA graph: host launch overhead is left out, as it
-    is in a captured decode step. fn runs once eagerly first (kernel compilation, autotuning)."""
+    is in a captured decode step. fn runs once eagerly first (kernel compilation, autotuning).
+
+    `triton.testing.do_bench_cudagraph` runs fn on a new side stream that does not wait for the current one, so the
+    device is synchronised first: inputs made just before on the current stream (a cache of gigabytes still being
+    filled with random values, the per-row lengths) must be complete before fn reads them. Without this the decode
+    kernel read its per-row lengths from memory not yet written (an old allocation's bytes) and streamed far past
+    the cache: the illegal-address fault of the earlier H200 runs, absent under CUDA_LAUNCH_BLOCKING=1."""
     import triton.testing
 
     fn()
-    return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median")
+    torch.cuda.synchronize()
+    return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median")
 
 
 def median_ms(fn, device, warmup: int = 1, iterations: int = 5) -> float:
