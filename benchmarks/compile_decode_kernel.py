@@ -38,9 +38,9 @@ SHAPES = [
     ("MLRA-4 TP-4 share", 64, 1, 1, 128, 1, 1024 * K, torch.bfloat16),
     ("MLA", 64, 1, 1, 512, 1, 512 * K, torch.bfloat16),
     ("2.9B MLRA-4 layer", 24, 4, 4, 128, 16, 32 * K, torch.bfloat16),
-    # ("MLRA-4 TP-4 share fp8", 64, 1, 1, 128, 1, 1024 * K, torch.float8_e4m3fn),
-    # ("MLA fp8", 64, 1, 1, 512, 1, 512 * K, torch.float8_e4m3fn),
-    # ("2.9B MLRA-4 layer fp8", 24, 4, 4, 128, 16, 32 * K, torch.float8_e4m3fn),
+    ("MLRA-4 TP-4 share fp8", 64, 1, 1, 128, 1, 1024 * K, torch.float8_e4m3fn),
+    ("MLA fp8", 64, 1, 1, 512, 1, 512 * K, torch.float8_e4m3fn),
+    ("2.9B MLRA-4 layer fp8", 24, 4, 4, 128, 16, 32 * K, torch.float8_e4m3fn),
 ]
 
 
@@ -54,7 +54,7 @@ class _Recorder:
         return lambda *args, **kwargs: self.calls.append((self.kernel, grid, args, kwargs))
 
 
-def record_launches(heads, blocks, branches, block_dim, bsz, context, cache_dtype, overrides=None):
+def record_launches(heads, blocks, branches, block_dim, bsz, context, cache_dtype, choices=None):
     """The launches of one `_decode_attention` call on meta tensors: [(kernel, grid, args, kwargs)]."""
     recorders = {}
     for name in ("_mlra_decode_kernel", "_merge_splits_kernel"):
@@ -73,7 +73,7 @@ def record_launches(heads, blocks, branches, block_dim, bsz, context, cache_dtyp
         q_rope = torch.empty(bsz, 1, heads, 64, **meta)
         seq_lens = torch.empty(bsz, device="meta", dtype=torch.long)
         mlra_decode_kernel._decode_attention(
-            q_absorbed, q_rope, cache, seq_lens, None, blocks // branches, 0.07, 0, overrides
+            q_absorbed, q_rope, cache, seq_lens, None, blocks // branches, 0.07, 0, choices
         )
     finally:
         for name, recorder in recorders.items():
@@ -116,8 +116,13 @@ def resources_and_sass(compiled, sass_path=None) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sass", type=Path, help="write each kernel's SASS into this folder")
-    parser.add_argument("--stages", type=int, nargs="*", default=[], help="also compile with these num_stages")
+    parser.add_argument("--choices", nargs="*", default=[],
+                        help="also compile these launch choices, e.g. num_stages=4,BLOCK_N=32 (launch_config)")
+    parser.add_argument("--shapes", nargs="*", help="only the shapes whose name contains one of these")
     options = parser.parse_args()
+    variants = [None] + [
+        {key: int(value) for key, value in (item.split("=") for item in text.split(","))} for text in options.choices
+    ]
     if options.sass:
         options.sass.mkdir(parents=True, exist_ok=True)
     print(f"triton {triton.__version__}, target sm_90 (H200: {H200_SMS} multiprocessors)")
@@ -125,19 +130,25 @@ def main():
           "| LDG | LDL/STL | HGMMA | HMMA |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, *shape in SHAPES:
-        for stages in [None, *options.stages]:
-            overrides = None if stages is None else {"num_stages": stages}
-            for kernel, grid, args, kwargs in record_launches(*shape, overrides=overrides):
-                if stages is not None and kernel is not mlra_decode_kernel._mlra_decode_kernel:
+        if options.shapes and not any(part in name for part in options.shapes):
+            continue
+        for choices in variants:
+            for kernel, grid, args, kwargs in record_launches(*shape, choices=choices):
+                if choices is not None and kernel is not mlra_decode_kernel._mlra_decode_kernel:
                     continue
-                compiled = compile_for_hopper(kernel, args, kwargs)
+                try:
+                    compiled = compile_for_hopper(kernel, args, kwargs)
+                except Exception as error:  # e.g. out of shared memory: reported, the others go on
+                    print(f"| {name} | {kernel.__name__} | {choices} | failed: {str(error)[:100]} |")
+                    continue
                 sass_path = None
                 if options.sass:
-                    sass_path = options.sass / f"{name.replace(' ', '_')}_{kernel.__name__}_s{kwargs.get('num_stages')}.sass"
+                    label = "default" if choices is None else "_".join(f"{k}{v}" for k, v in choices.items())
+                    sass_path = options.sass / f"{name.replace(' ', '_')}_{kernel.__name__}_{label}.sass"
                 counts = resources_and_sass(compiled, sass_path)
                 tile = "x".join(str(kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D") if k in kwargs)
                 print(
-                    f"| {name} | {kernel.__name__} | {grid} | {tile} | {kwargs.get('num_warps')} | "
+                    f"| {name} {choices or ''} | {kernel.__name__} | {grid} | {tile} | {kwargs.get('num_warps')} | "
                     f"{kwargs.get('num_stages')} | " + " | ".join(str(v) for v in counts.values()) + " |",
                     flush=True,
                 )

@@ -75,6 +75,10 @@ class MLRAConfig(PreTrainedConfig):
         decode_kernel (`str`): the absorbed decode's implementation: `"auto"` (the fused Triton kernel on CUDA when
             Triton imports and the shapes are supported, else PyTorch), `"triton"` (always the kernel; an error if
             it cannot run) or `"torch"` (always the PyTorch path).
+        cache_dtype (`str`, *optional*): `"float8_e4m3fn"` for an fp8 latent cache (latent blocks in e4m3 with a
+            float32 scale per token and block, the rope key in the model's dtype); `None` keeps
+            the cache in the model's dtype. `MLRACache(config, dtype=...)` and `generate(..., cache_dtype=...)` choose
+            it per cache.
         variant (`str`, *optional*): the family member's name when built from a preset, for information.
     """
 
@@ -105,6 +109,7 @@ class MLRAConfig(PreTrainedConfig):
     initializer_range: float = 0.02
     absorbed_max_query_len: int = 16
     decode_kernel: str = "auto"
+    cache_dtype: str | None = None
     use_cache: bool = True
     tie_word_embeddings: bool = True
     pad_token_id: int | None = None
@@ -209,6 +214,7 @@ class MLRAConfig(PreTrainedConfig):
             ("qk_rope_head_dim", self.qk_rope_head_dim % 2 == 0, "must be even (RoPE rotates pairs)"),
             ("variant", self.variant is None or self.variant in VARIANTS, f"must be one of {VARIANTS}"),
             ("decode_kernel", self.decode_kernel in ("auto", "triton", "torch"), "must be 'auto', 'triton' or 'torch'"),
+            ("cache_dtype", self.cache_dtype in (None, "float8_e4m3fn"), "must be None or 'float8_e4m3fn'"),
         ]
         for field, holds, rule in rules:
             if not holds:

@@ -16,6 +16,7 @@ torch.compile(fullgraph=True) and CUDA graphs capture it without a graph break. 
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -33,10 +34,30 @@ def triton_available() -> bool:
     return triton is not None
 
 
+class Fp8CacheLayout(NamedTuple):
+    """Byte layout of one token's row in the fp8 latent cache: [L * d_l e4m3 values | L float32 scales, one per
+    latent block | d_r rope key in the model's dtype | padding to a multiple of 16 bytes]. 656 bytes for the published
+    4 x 128 + 64 and for MLA's 512 + 64 with a bf16 rope key (FlashMLA's row size), against 1152 in bf16."""
+
+    scales_offset: int
+    rope_offset: int
+    row_bytes: int
+
+
+def fp8_cache_layout(num_blocks: int, latent_block_dim: int, rope_dim: int, rope_dtype: torch.dtype) -> Fp8CacheLayout:
+    scales_offset = -(-num_blocks * latent_block_dim // 4) * 4
+    rope_offset = scales_offset + 4 * num_blocks
+    row_bytes = -(-(rope_offset + rope_dim * rope_dtype.itemsize) // 16) * 16
+    return Fp8CacheLayout(scales_offset, rope_offset, row_bytes)
+
+
 def kernel_supports(
-    num_branches: int, latent_block_dim: int, rope_dim: int, num_new_tokens: int, dtype: torch.dtype
+    num_branches: int, latent_block_dim: int, rope_dim: int, num_new_tokens: int, dtype: torch.dtype,
+    cache_dtype: torch.dtype | None = None,
 ) -> bool:
-    """Whether `mlra_decode_attention` handles this shape and dtype (else the PyTorch absorbed path runs)."""
+    """Whether `mlra_decode_attention` handles this shape and dtype (else the PyTorch absorbed path runs).
+    cache_dtype: torch.float8_e4m3fn for the fp8 cache (bf16 or fp32 models: the kernel scales probabilities by the
+    cache's scales, which fp16's range would cut), else None (the model's dtype)."""
     return (
         triton is not None
         and 1 <= num_branches <= MAX_BRANCHES
@@ -44,6 +65,8 @@ def kernel_supports(
         and latent_block_dim <= 512
         and rope_dim <= 128
         and dtype in (torch.float16, torch.bfloat16, torch.float32)
+        and cache_dtype in (None, dtype, torch.float8_e4m3fn)
+        and not (cache_dtype == torch.float8_e4m3fn and dtype == torch.float16)
     )
 
 
@@ -54,48 +77,58 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-# fp32 accumulator values per program ([query rows, d_l] per branch it runs); beyond these ptxas spills registers
-# on sm_90 (compiled offline and read with cuobjdump --dump-resource-usage; see docs/design.md)
-ACCUMULATOR_BUDGET = 16384  # one branch per program
-MULTI_BRANCH_BUDGET = 8192  # several branches per program: one query tile and one online softmax state each
+# fp32 accumulator values per thread ([query rows, d_l] per branch a program runs); beyond these ptxas spills
+# registers on sm_90 (compiled offline: benchmarks/compile_decode_kernel.py)
+ACCUMULATOR_VALUES_PER_THREAD = 128  # one branch per program
+MULTI_BRANCH_VALUES_PER_THREAD = 64  # several branches per program: one query tile and one online softmax state each
 
 
 @functools.cache
 def launch_config(
     bsz: int, num_groups: int, heads_per_group: int, num_branches: int, latent_block_dim: int, rope_dim: int,
-    num_new_tokens: int, capacity: int, element_size: int, num_sms: int,
+    num_new_tokens: int, capacity: int, token_bytes: int, num_sms: int, **choices,
 ) -> dict:
-    """Tiles, branches per program and sequence splits, from shapes only (no tensor values: CUDA-graph safe).
+    """Tiles, warps, branches per program and sequence splits, from shapes only (no tensor values: CUDA-graph safe).
+
+    `choices` overrides a default (benchmark sweeps): num_warps, num_stages, BLOCK_N, BRANCHES_PER_PROGRAM, MIN_ROWS
+    (query rows padded up to this; 64 lets Hopper's wgmma run the dots), num_splits, programs_per_sm.
 
     A program runs all branches of its head group when their accumulators fit the register budget, else half of
-    them (the rope key is then read twice instead of once; still less than one launch per block). The sequence is
-    split until there are about two programs per multiprocessor, while each split reads several times more cache
+    them (the rope key is then read twice instead of once; still less than one launch per block). A 512-wide latent
+    (MLA) runs 8 warps, so that all 64 heads fit one program and the cache is read once. The sequence is split until
+    there are about `programs_per_sm` programs per multiprocessor, while each split reads several times more cache
     bytes than it writes partial results.
     """
     block_d = max(16, triton.next_power_of_2(latent_block_dim))
     block_t = triton.next_power_of_2(num_new_tokens)
     heads = triton.next_power_of_2(heads_per_group)
-    branches_per_program = num_branches
-    while branches_per_program > 1 and branches_per_program * max(16, heads * block_t) * block_d > MULTI_BRANCH_BUDGET:
+    num_warps = choices.get("num_warps", 8 if block_d >= 256 else 4)
+    threads = 32 * num_warps
+    branches_per_program = choices.get("BRANCHES_PER_PROGRAM", num_branches)
+    while (
+        branches_per_program > 1
+        and branches_per_program * max(16, heads * block_t) * block_d > MULTI_BRANCH_VALUES_PER_THREAD * threads
+    ):
         branches_per_program //= 2
     if num_branches % branches_per_program:
         branches_per_program = 1
-    max_rows = max(16, ACCUMULATOR_BUDGET // (branches_per_program * block_d))
+    max_rows = max(16, ACCUMULATOR_VALUES_PER_THREAD * threads // (branches_per_program * block_d))
     block_h = min(heads, max(1, max_rows // block_t))
-    block_m = max(16, block_h * block_t)
+    block_m = max(choices.get("MIN_ROWS", 16), block_h * block_t)
     head_tiles = triton.cdiv(heads_per_group, block_h)
     programs = bsz * num_groups * head_tiles * (num_branches // branches_per_program)
-    token_bytes = (num_branches * num_groups * latent_block_dim + rope_dim) * element_size
     partial_bytes = num_new_tokens * num_branches * num_groups * heads_per_group * latent_block_dim * 4
     min_tokens = max(256, 4 * partial_bytes // token_bytes)
-    num_splits = max(1, min(triton.cdiv(2 * num_sms, programs), triton.cdiv(capacity, min_tokens), 512))
-    # 4 warps: several programs fit on a multiprocessor, whose loads in flight are what keeps the HBM busy (H200
-    # sweep at 1M tokens: 2x faster than 8 warps for the TP-4 share and for MLA; 64-token blocks 13% faster than 32
-    # where the latent block is <= 128 wide; docs/decode_kernel.md)
+    num_splits = choices.get("num_splits") or max(
+        1, min(triton.cdiv(choices.get("programs_per_sm", 2) * num_sms, programs), triton.cdiv(capacity, min_tokens), 512)
+    )
+    # 4 warps for latent blocks up to 128 wide: several programs fit on a multiprocessor, whose loads in flight keep
+    # the HBM busy (H200 sweeps, docs/decode_kernel.md); 64-token blocks where one branch of <= 128 runs per program
     return dict(
         BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_M=block_m, BLOCK_D=block_d,
-        BLOCK_N=64 if block_d <= 128 and branches_per_program == 1 else 32, BRANCHES_PER_PROGRAM=branches_per_program, head_tiles=head_tiles,
-        num_splits=num_splits, num_warps=4, num_stages=3,
+        BLOCK_N=choices.get("BLOCK_N", 64 if block_d <= 128 and branches_per_program == 1 else 32),
+        BRANCHES_PER_PROGRAM=branches_per_program, head_tiles=head_tiles, num_splits=num_splits,
+        num_warps=num_warps, num_stages=choices.get("num_stages", 3),
     )
 
 
@@ -103,17 +136,26 @@ if triton is not None:
 
     @triton.jit
     def _branch_step(
-        q, cache_ptrs, token_ok, d_ok, rope_scores, allowed, scale_log2, m_i, l_i, acc, PRECISION: tl.constexpr
+        q, cache_ptrs, scale_ptrs, token_ok, d_ok, rope_scores, allowed, scale_log2, m_i, l_i, acc,
+        IS_FP8: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        """One branch's online-softmax update over a block of tokens (scores in log2 units)."""
-        latent = tl.load(cache_ptrs, mask=token_ok[:, None] & d_ok[None, :], other=0.0)  # [N, D]
-        scores = (tl.dot(q, tl.trans(latent), input_precision=PRECISION) + rope_scores) * scale_log2
+        """One branch's online-softmax update over a block of tokens (scores in log2 units). fp8 cache: the e4m3
+        values convert exactly to the query's dtype (bf16 or fp32) and each token's float32 scale multiplies its
+        score and its probability."""
+        latent = tl.load(cache_ptrs, mask=token_ok[:, None] & d_ok[None, :], other=0.0).to(q.dtype)  # [N, D]
+        scores = tl.dot(q, tl.trans(latent), input_precision=PRECISION)
+        if IS_FP8:
+            scales = tl.load(scale_ptrs, mask=token_ok, other=0.0)
+            scores = scores * scales[None, :]
+        scores = (scores + rope_scores) * scale_log2
         scores = tl.where(allowed, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(scores - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
+        if IS_FP8:
+            p = p * scales[None, :]
         acc = acc * alpha[:, None] + tl.dot(p.to(latent.dtype), latent, input_precision=PRECISION)
         return m_new, l_i, acc
 
@@ -130,18 +172,20 @@ if triton is not None:
 
     @triton.jit
     def _mlra_decode_kernel(
-        q_ptr, q_rope_ptr, cache_ptr, seq_lens_ptr, key_mask_ptr, row_starts_ptr, out_ptr, lse_ptr,
+        q_ptr, q_rope_ptr, cache_ptr, scale_ptr, rope_key_ptr, seq_lens_ptr, key_mask_ptr, row_starts_ptr, out_ptr,
+        lse_ptr,
         stride_seq_lens, stride_qn, stride_qt, stride_qb, stride_qh,
         stride_rn, stride_rt, stride_rh,
-        stride_cn, stride_cs,
+        stride_cn, stride_cs, stride_sn, stride_ss, stride_kn, stride_ks,
         stride_mn,
         stride_on, stride_os, stride_ot, stride_ob, stride_oh,
         stride_ln, stride_ls, stride_lt, stride_lb,
-        scale_log2, num_new_tokens, heads_per_group, latent_block_dim, rope_dim, rope_offset,
+        scale_log2, num_new_tokens, heads_per_group, latent_block_dim, rope_dim, rope_offset, scales_offset,
         NUM_GROUPS: tl.constexpr, BRANCH_PARTS: tl.constexpr, BRANCHES_PER_PROGRAM: tl.constexpr,
         HEAD_TILES: tl.constexpr, NUM_SPLITS: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_ROW_STARTS: tl.constexpr,
+        IS_FP8: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
         # program -> (batch row, head group, part of the branches, tile of heads), head tiles adjacent so that
@@ -196,12 +240,19 @@ if triton is not None:
         m3, l3, acc3 = m0, l0, acc0
 
         # branch b of this group reads latent block b * G + group (MLRAConfig.latent_block)
-        first_block = (branch0 * NUM_GROUPS + group) * latent_block_dim
+        first_block = branch0 * NUM_GROUPS + group
         block_step = NUM_GROUPS * latent_block_dim
         if HAS_ROW_STARTS:  # rows packed along the token axis (continuous batching): row n starts at token row_starts[n]
-            row_cache = cache_ptr + tl.load(row_starts_ptr + row).to(tl.int64) * stride_cs
+            first_token = tl.load(row_starts_ptr + row).to(tl.int64)
+            row_cache = cache_ptr + first_token * stride_cs
+            row_scales = scale_ptr + first_token * stride_ss
+            row_rope_key = rope_key_ptr + first_token * stride_ks
         else:
             row_cache = cache_ptr + row * stride_cn
+            row_scales = scale_ptr + row * stride_sn
+            row_rope_key = rope_key_ptr + row * stride_kn
+        row_scales += scales_offset + first_block
+        row_rope_key += rope_offset
         for token_start in range(start, end, BLOCK_N):
             tokens = token_start + tl.arange(0, BLOCK_N)
             token_ok = tokens < end
@@ -209,29 +260,32 @@ if triton is not None:
             if HAS_KEY_MASK:
                 key_valid = tl.load(key_mask_ptr + row * stride_mn + tokens, mask=token_ok, other=0) != 0
                 allowed = allowed & (key_valid[None, :] | (tokens[None, :] == query_slot[:, None]))
-            token_rows = row_cache + tokens.to(tl.int64) * stride_cs
+            tokens64 = tokens.to(tl.int64)
             rope_key = tl.load(
-                token_rows[:, None] + rope_offset + r[None, :], mask=token_ok[:, None] & r_ok[None, :], other=0.0
+                row_rope_key + tokens64[:, None] * stride_ks + r[None, :], mask=token_ok[:, None] & r_ok[None, :],
+                other=0.0,
             )
             rope_scores = tl.dot(q_rope, tl.trans(rope_key), input_precision=PRECISION)  # once for all branches
-            block_ptrs = token_rows[:, None] + first_block + d[None, :]
+            block_ptrs = row_cache + tokens64[:, None] * stride_cs + first_block * latent_block_dim + d[None, :]
+            scale_ptrs = row_scales + tokens64 * stride_ss
             m0, l0, acc0 = _branch_step(
-                q0, block_ptrs, token_ok, d_ok, rope_scores, allowed, scale_log2, m0, l0, acc0, PRECISION
+                q0, block_ptrs, scale_ptrs, token_ok, d_ok, rope_scores, allowed, scale_log2, m0, l0, acc0, IS_FP8,
+                PRECISION,
             )
             if BRANCHES_PER_PROGRAM > 1:
                 m1, l1, acc1 = _branch_step(
-                    q1, block_ptrs + block_step, token_ok, d_ok, rope_scores, allowed, scale_log2, m1, l1, acc1,
-                    PRECISION,
+                    q1, block_ptrs + block_step, scale_ptrs + NUM_GROUPS, token_ok, d_ok, rope_scores, allowed,
+                    scale_log2, m1, l1, acc1, IS_FP8, PRECISION,
                 )
             if BRANCHES_PER_PROGRAM > 2:
                 m2, l2, acc2 = _branch_step(
-                    q2, block_ptrs + 2 * block_step, token_ok, d_ok, rope_scores, allowed, scale_log2, m2, l2, acc2,
-                    PRECISION,
+                    q2, block_ptrs + 2 * block_step, scale_ptrs + 2 * NUM_GROUPS, token_ok, d_ok, rope_scores, allowed,
+                    scale_log2, m2, l2, acc2, IS_FP8, PRECISION,
                 )
             if BRANCHES_PER_PROGRAM > 3:
                 m3, l3, acc3 = _branch_step(
-                    q3, block_ptrs + 3 * block_step, token_ok, d_ok, rope_scores, allowed, scale_log2, m3, l3, acc3,
-                    PRECISION,
+                    q3, block_ptrs + 3 * block_step, scale_ptrs + 3 * NUM_GROUPS, token_ok, d_ok, rope_scores, allowed,
+                    scale_log2, m3, l3, acc3, IS_FP8, PRECISION,
                 )
 
         final = NUM_SPLITS == 1
@@ -295,21 +349,34 @@ if triton is not None:
 
 
 def _decode_attention(
-    q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_groups, scaling, num_splits, overrides=None, row_starts=None
+    q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_groups, scaling, num_splits, choices=None, row_starts=None
 ):
-    """The two launches (split attention, merge); `overrides` replaces launch-config entries (benchmark sweeps)."""
+    """The two launches (split attention, merge); `choices` overrides launch-config defaults (benchmark sweeps)."""
     bsz, num_new_tokens, num_branches, num_heads, latent_block_dim = q_absorbed.shape
     rope_dim = q_rope.shape[-1]
     heads_per_group = num_heads // num_groups
+    num_blocks = num_branches * num_groups
     device = kv_cache.device
+    choices = {**(choices or {}), **({"num_splits": num_splits} if num_splits else {})}
     config = launch_config(
         bsz, num_groups, heads_per_group, num_branches, latent_block_dim, rope_dim, num_new_tokens,
-        kv_cache.shape[1], kv_cache.element_size(), _num_sms(device.index or 0),
+        kv_cache.shape[1], kv_cache.shape[2] * kv_cache.element_size(), _num_sms(device.index or 0), **choices,
     )
-    if overrides or num_splits:  # a copy: the cached configuration stays as computed
-        config = {**config, **(overrides or {}), **({"num_splits": num_splits} if num_splits else {})}
     num_splits = config["num_splits"]
     branches_per_program = config["BRANCHES_PER_PROGRAM"]
+    is_fp8 = kv_cache.dtype == torch.uint8
+    if is_fp8:  # packed rows of the fp8 cache (`fp8_cache_layout`): three views of the same bytes
+        layout = fp8_cache_layout(num_blocks, latent_block_dim, rope_dim, q_rope.dtype)
+        if kv_cache.shape[-1] != layout.row_bytes:
+            raise ValueError(
+                f"fp8 latent cache rows of {kv_cache.shape[-1]} bytes, expected {layout.row_bytes} for {num_blocks} "
+                f"blocks of {latent_block_dim}, rope {rope_dim} in {q_rope.dtype}"
+            )
+        latent, scales, rope_key = (kv_cache.view(dtype) for dtype in (torch.float8_e4m3fn, torch.float32, q_rope.dtype))
+        scales_offset, rope_offset = layout.scales_offset // 4, layout.rope_offset // q_rope.element_size()
+    else:
+        latent = scales = rope_key = kv_cache
+        scales_offset, rope_offset = 0, num_blocks * latent_block_dim
     out = q_absorbed.new_empty(q_absorbed.shape)
     if num_splits == 1:
         partial, lse = out, out  # written directly, normalized; lse unused
@@ -327,21 +394,22 @@ def _decode_attention(
     branch_parts = num_branches // branches_per_program
     grid = (bsz * num_groups * branch_parts * config["head_tiles"], num_splits)
     _mlra_decode_kernel[grid](
-        q_absorbed, q_rope, kv_cache, seq_lens, key_mask if has_key_mask else seq_lens,
+        q_absorbed, q_rope, latent, scales, rope_key, seq_lens, key_mask if has_key_mask else seq_lens,
         row_starts if has_row_starts else seq_lens, partial, lse,
         seq_lens.stride(0), *q_absorbed.stride()[:4],
         *q_rope.stride()[:3],
-        kv_cache.stride(0), kv_cache.stride(1),
+        *latent.stride()[:2], *scales.stride()[:2], *rope_key.stride()[:2],
         key_mask.stride(0) if has_key_mask else 0,
         *partial_strides,
         *lse_strides,
-        scaling * math.log2(math.e), num_new_tokens, heads_per_group, latent_block_dim, rope_dim,
-        num_branches * num_groups * latent_block_dim,
+        scaling * math.log2(math.e), num_new_tokens, heads_per_group, latent_block_dim, rope_dim, rope_offset,
+        scales_offset,
         NUM_GROUPS=num_groups, BRANCH_PARTS=branch_parts, BRANCHES_PER_PROGRAM=branches_per_program,
         HEAD_TILES=config["head_tiles"], NUM_SPLITS=num_splits,
         BLOCK_H=config["BLOCK_H"], BLOCK_T=config["BLOCK_T"], BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
         BLOCK_D=config["BLOCK_D"], BLOCK_R=max(16, triton.next_power_of_2(rope_dim)), HAS_KEY_MASK=has_key_mask,
-        HAS_ROW_STARTS=has_row_starts, PRECISION="ieee" if q_absorbed.dtype == torch.float32 else "tf32",
+        HAS_ROW_STARTS=has_row_starts, IS_FP8=is_fp8,
+        PRECISION="ieee" if q_absorbed.dtype == torch.float32 else "tf32",
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     if num_splits > 1:

@@ -24,7 +24,7 @@ from transformers.utils import can_return_tuple, logging
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_mlra import MLRAConfig
-from .mlra_decode_kernel import kernel_supports, mlra_decode_attention, triton_available
+from .mlra_decode_kernel import fp8_cache_layout, kernel_supports, mlra_decode_attention, triton_available
 from .original_checkpoint import check_finite_weights, find_original_checkpoint, load_original_checkpoint
 from .paged_cache import MLRAPagedLatent, is_paged_cache
 from .tensor_parallel import pop_tensor_parallel_arguments, shard_model
@@ -163,6 +163,52 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
         assert_on_device(within, f"input_ids holds a token id outside [0, {vocab_size}) (config.vocab_size): {fix}")
 
 
+FP8_E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
+
+
+def cache_dtype_of(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """The latent cache's storage dtype from `MLRACache(dtype=...)` or `MLRAConfig.cache_dtype`: None (the model's
+    dtype) or torch.float8_e4m3fn."""
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    if dtype not in (None, torch.float8_e4m3fn):
+        raise ValueError(f"latent cache dtype {dtype!r} is not supported: use None (the model's dtype) or float8_e4m3fn")
+    return dtype
+
+
+def quantize_latent_rows(states: torch.Tensor, latent_block_dim: int, rope_dim: int) -> torch.Tensor:
+    """[bsz, T, d_c + d_r] in the model's dtype -> the fp8 cache's packed rows [bsz, T, row_bytes] (uint8,
+    `fp8_cache_layout`): each latent block of each token as e4m3 values and one float32 scale (its largest magnitude
+    / 448), the rope key as it is. e4m3 is a floating-point format, so the scale only sets the range: values keep
+    about 2^-4 relative precision down to 2^-9 of the block's largest one."""
+    latent, rope_key = states.split([states.shape[-1] - rope_dim, rope_dim], dim=-1)
+    layout = fp8_cache_layout(latent.shape[-1] // latent_block_dim, latent_block_dim, rope_dim, states.dtype)
+    blocks = latent.float().unflatten(-1, (-1, latent_block_dim))
+    scales = blocks.abs().amax(dim=-1, keepdim=True) / FP8_E4M3_MAX
+    scales = torch.where(scales > 0, scales, 1.0)
+    values = (blocks / scales).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    rows = states.new_zeros(*states.shape[:-1], layout.row_bytes, dtype=torch.uint8)
+    rows[..., : latent.shape[-1]] = values.flatten(-2).view(torch.uint8)
+    rows[..., layout.scales_offset : layout.rope_offset] = scales.squeeze(-1).view(torch.uint8)
+    rows[..., layout.rope_offset : layout.rope_offset + rope_dim * states.element_size()] = (
+        rope_key.contiguous().view(torch.uint8)
+    )
+    return rows
+
+
+def dequantize_latent_rows(
+    rows: torch.Tensor, num_latent_blocks: int, latent_block_dim: int, rope_dim: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """The fp8 cache's packed rows [bsz, S, row_bytes] -> [bsz, S, d_c + d_r] in `dtype`: values times their block's
+    scale, rounded to `dtype` (what the decode kernel computes in registers)."""
+    layout = fp8_cache_layout(num_latent_blocks, latent_block_dim, rope_dim, dtype)
+    values = rows[..., : num_latent_blocks * latent_block_dim].view(torch.float8_e4m3fn).float()
+    scales = rows[..., layout.scales_offset : layout.rope_offset].view(torch.float32)
+    latent = (values.unflatten(-1, (num_latent_blocks, latent_block_dim)) * scales[..., None]).flatten(-2).to(dtype)
+    rope_key = rows[..., layout.rope_offset : layout.rope_offset + rope_dim * dtype.itemsize].view(dtype)
+    return torch.cat([latent, rope_key], dim=-1)
+
+
 class MLRALatentCacheLayer(CacheLayerMixin):
     """One layer's compressed cache: a buffer [bsz, capacity, d_c + d_r] holding, per token, the scaled normalized
     latent (all L blocks) followed by the rotated rope key. Nothing per head is cached.
@@ -173,15 +219,30 @@ class MLRALatentCacheLayer(CacheLayerMixin):
     first `batch_size` rows are the batch: after a batch reduction the spare rows stay allocated, and only a batch
     larger than any before re-allocates it (once per new maximum). The first update after allocation or `reset`
     sets the batch (`starts_batch`).
+
+    fp8 (`cache_dtype=torch.float8_e4m3fn`): each token's row is packed bytes (uint8, `fp8_cache_layout`): the latent
+    blocks in e4m3 with a float32 scale per block, the rope key in the model's dtype. `update` returns these rows;
+    the decode kernel reads them as they are, the PyTorch paths through `dequantize_latent_rows`.
     """
 
     is_sliding = False
     is_croppable = True
 
-    def __init__(self, max_cache_len: int | None = None, min_capacity: int = 256):
+    def __init__(
+        self,
+        max_cache_len: int | None = None,
+        min_capacity: int = 256,
+        cache_dtype: torch.dtype | None = None,
+        latent_block_dim: int | None = None,
+        rope_dim: int | None = None,
+    ):
         super().__init__()
         self.max_cache_len = max_cache_len
         self.min_capacity = min_capacity
+        self.cache_dtype = cache_dtype
+        self.latent_block_dim, self.rope_dim = latent_block_dim, rope_dim
+        if cache_dtype is not None and (latent_block_dim is None or rope_dim is None):
+            raise ValueError("an fp8 MLRALatentCacheLayer needs latent_block_dim and rope_dim")
         self.is_compileable = max_cache_len is not None
         self.buffer: torch.Tensor | None = None
         self.batch_size = 0
@@ -194,8 +255,12 @@ class MLRALatentCacheLayer(CacheLayerMixin):
         self.initialize(bsz, capacity, width, states.dtype, states.device)
 
     def initialize(self, rows: int, capacity: int, width: int, dtype: torch.dtype, device: torch.device) -> None:
-        """Allocate the buffer [rows, capacity, width] (empty; the first update sets the batch)."""
-        self.dtype, self.device = dtype, device
+        """Allocate the buffer [rows, capacity, width] (empty; the first update sets the batch). width: d_c + d_r
+        values in the model's `dtype`; an fp8 cache's packed rows take `fp8_cache_layout(...).row_bytes` bytes."""
+        self.dtype, self.device = dtype, device  # the model's dtype (an fp8 cache's rope key)
+        if self.cache_dtype is not None:
+            num_blocks = (width - self.rope_dim) // self.latent_block_dim
+            width = fp8_cache_layout(num_blocks, self.latent_block_dim, self.rope_dim, dtype).row_bytes
         if self.is_compileable:
             self.cumulative_length = self.cumulative_length.to(device)
             if not torch.compiler.is_compiling():
@@ -206,7 +271,8 @@ class MLRALatentCacheLayer(CacheLayerMixin):
 
     def _allocate(self, rows: int, capacity: int, width: int) -> None:
         """A zeroed buffer [rows, capacity, width]; a static one is marked as such for torch.compile."""
-        self.buffer = torch.zeros(rows, capacity, width, dtype=self.dtype, device=self.device)
+        buffer_dtype = self.dtype if self.cache_dtype is None else torch.uint8
+        self.buffer = torch.zeros(rows, capacity, width, dtype=buffer_dtype, device=self.device)
         self.batch_size = rows
         if self.is_compileable and not torch.compiler.is_compiling():
             torch._dynamo.mark_static_address(self.buffer)
@@ -219,6 +285,8 @@ class MLRALatentCacheLayer(CacheLayerMixin):
         """Append states [bsz, T, d_c + d_r]; return every cached token [bsz, S, d_c + d_r] (static: the whole buffer)."""
         if not self.is_initialized:
             self.lazy_initialization(states)
+        if self.cache_dtype is not None:
+            states = quantize_latent_rows(states, self.latent_block_dim, self.rope_dim)
         new_tokens = states.shape[1]
         if self.is_compileable and self.starts_batch:
             self._resize_batch(states.shape[0])
@@ -306,7 +374,7 @@ class MLRALatentCacheLayer(CacheLayerMixin):
 
     @property
     def bytes_per_token(self) -> int:
-        """Bytes one cached token takes in this layer: (d_c + d_r) x dtype size."""
+        """Bytes one cached token takes in this layer: (d_c + d_r) x dtype size, or an fp8 cache's packed row."""
         return 0 if self.buffer is None else self.buffer.shape[-1] * self.buffer.element_size()
 
 
@@ -317,10 +385,21 @@ class MLRACache(Cache):
     Args:
         config: the model's config.
         max_cache_len: `None` for a growing cache; an int for a static, pre-allocated one (torch.compile).
+        dtype: `torch.float8_e4m3fn` (or its name) for the fp8 latent cache (656 bytes per token and layer for the
+            published shapes against 1152 in bf16); default `config.cache_dtype`, else the model's dtype.
     """
 
-    def __init__(self, config: MLRAConfig, max_cache_len: int | None = None):
-        super().__init__(layers=[MLRALatentCacheLayer(max_cache_len) for _ in range(config.num_hidden_layers)])
+    def __init__(self, config: MLRAConfig, max_cache_len: int | None = None, dtype: torch.dtype | str | None = None):
+        self.cache_dtype = cache_dtype_of(dtype if dtype is not None else config.cache_dtype)
+        super().__init__(
+            layers=[
+                MLRALatentCacheLayer(
+                    max_cache_len, cache_dtype=self.cache_dtype, latent_block_dim=config.latent_block_dim,
+                    rope_dim=config.qk_rope_head_dim,
+                )
+                for _ in range(config.num_hidden_layers)
+            ]
+        )
 
     def update(self, states: torch.Tensor, layer_idx: int, *args, **kwargs) -> torch.Tensor:
         """Append a layer's new states [bsz, T, d_c + d_r] and return all of its cached states."""
@@ -423,12 +502,16 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
 
 
-def use_decode_kernel(config: MLRAConfig, num_new_tokens: int, dtype: torch.dtype, device: torch.device) -> bool:
+def use_decode_kernel(
+    config: MLRAConfig, num_new_tokens: int, dtype: torch.dtype, device: torch.device,
+    cache_dtype: torch.dtype | None = None,
+) -> bool:
     """Whether the absorbed decode runs the fused Triton kernel (`config.decode_kernel`; "auto": on CUDA only)."""
     if config.decode_kernel == "torch":
         return False
     supported = kernel_supports(
-        config.num_softmax_branches, config.latent_block_dim, config.qk_rope_head_dim, num_new_tokens, dtype
+        config.num_softmax_branches, config.latent_block_dim, config.qk_rope_head_dim, num_new_tokens, dtype,
+        cache_dtype,
     )
     if config.decode_kernel == "auto":
         return supported and device.type == "cuda"
@@ -437,7 +520,7 @@ def use_decode_kernel(config: MLRAConfig, num_new_tokens: int, dtype: torch.dtyp
         raise ValueError(
             f"MLRAConfig.decode_kernel='triton' but the fused decode kernel cannot run: {reason} (branches "
             f"{config.num_softmax_branches}, latent block {config.latent_block_dim}, rope {config.qk_rope_head_dim}, "
-            f"{num_new_tokens} new tokens, {dtype}); use decode_kernel='auto' or 'torch'"
+            f"{num_new_tokens} new tokens, {dtype}, cache {cache_dtype or dtype}); use decode_kernel='auto' or 'torch'"
         )
     return True
 
@@ -571,6 +654,10 @@ class MLRAAttention(nn.Module):
         kv_states = torch.cat([latent, k_rope], dim=-1)  # exactly what the cache keeps
         if cache is not None:
             kv_states = cache.update(kv_states, self.layer_idx)
+        if kv_states.dtype == torch.uint8 and decode_kernel_inputs is None:  # the fp8 cache's packed rows
+            kv_states = dequantize_latent_rows(
+                kv_states, self.num_latent_blocks, self.latent_block_dim, self.qk_rope_head_dim, hidden_states.dtype
+            )
         # continuous batching packs many sequences in one row: what counts is each one's new tokens
         new_tokens = cache.max_new_tokens if isinstance(cache, MLRAPagedLatent) else q_len
         if decode_kernel_inputs is not None or (cache is not None and new_tokens <= self.config.absorbed_max_query_len):
@@ -868,7 +955,9 @@ class MLRAModel(MLRAPreTrainedModel):
         elif (
             not expanded
             and not output_attentions
-            and use_decode_kernel(self.config, q_len, inputs_embeds.dtype, inputs_embeds.device)
+            and use_decode_kernel(
+                self.config, q_len, inputs_embeds.dtype, inputs_embeds.device, getattr(cache, "cache_dtype", None)
+            )
         ):
             # The kernel takes per-row lengths and the key mask as they are: no additive mask, no host sync.
             if cache.is_compileable:
@@ -1004,14 +1093,18 @@ class MLRAForCausalLM(MLRAPreTrainedModel, GenerationMixin):
         self, generation_config, model_kwargs, generation_mode=None, batch_size=None, max_cache_length=None, *args,
         **kwargs,
     ):
-        """generate() gets an MLRACache: growing by default, static for `cache_implementation="static"`.
+        """generate() gets an MLRACache: growing by default, static for `cache_implementation="static"`; fp8 with
+        `generate(..., cache_dtype=torch.float8_e4m3fn)` (else `config.cache_dtype`).
 
         A static cache is sized as transformers sizes its own: generate()'s `max_cache_length` (prompt or
         `inputs_embeds` plus new tokens), or `max_cache_len` when larger, or the largest size of an earlier call.
         Unlike a fresh cache per call, one static cache is kept on the model and reset for every call that fits in
         it with the same batch, so a compiled forward sees the same buffers (and never recompiles) call after call.
         """
+        cache_dtype = model_kwargs.pop("cache_dtype", None)
         implementation = generation_config.cache_implementation
+        if cache_dtype is not None and model_kwargs.get(CACHE_FIELD) is not None:
+            raise ValueError(f"generate() got both cache_dtype and {CACHE_FIELD}: choose the dtype when building the cache")
         if model_kwargs.get(CACHE_FIELD) is not None or generation_config.use_cache is False:
             return super()._prepare_cache_for_generation(
                 generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, *args, **kwargs
@@ -1022,18 +1115,19 @@ class MLRAForCausalLM(MLRAPreTrainedModel, GenerationMixin):
                 "compressed latent: use 'dynamic' (default) or 'static'"
             )
         if implementation not in STATIC_CACHE_IMPLEMENTATIONS:
-            model_kwargs[CACHE_FIELD] = MLRACache(self.config)
+            model_kwargs[CACHE_FIELD] = MLRACache(self.config, dtype=cache_dtype)
             return
         if max_cache_length is None:
             max_cache_length = generation_config.max_length - 1
         rows = max(generation_config.num_beams, generation_config.num_return_sequences or 1) * (batch_size or 1)
         needed = max(max_cache_length, generation_config.max_cache_len or 0)
         cache = getattr(self, "_static_generation_cache", None)
-        if cache is not None and cache.fits(rows, needed, self.dtype, self.device):
+        cache_dtype = cache_dtype_of(cache_dtype if cache_dtype is not None else self.config.cache_dtype)
+        if cache is not None and cache.cache_dtype == cache_dtype and cache.fits(rows, needed, self.dtype, self.device):
             cache.reset()
         else:
             previous = cache.max_cache_len if cache is not None else 0
-            cache = MLRACache(self.config, max_cache_len=max(needed, previous))
+            cache = MLRACache(self.config, max_cache_len=max(needed, previous), dtype=cache_dtype)
             widths = [layer.self_attn.kv_lora_rank + layer.self_attn.qk_rope_head_dim for layer in self.model.layers]
             cache.initialize(rows, widths, self.dtype, self.device)
             self._static_generation_cache = cache

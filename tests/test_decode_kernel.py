@@ -9,7 +9,8 @@ import torch
 
 from conftest import FAMILY, MLRACache, cache_kwargs, random_tokens, tiny_model
 from modeling_mlra import MLRAConfig
-from modeling_mlra.mlra_decode_kernel import _decode_attention, mlra_decode_attention, triton_available
+from modeling_mlra.mlra_decode_kernel import _decode_attention, kernel_supports, mlra_decode_attention, triton_available
+from modeling_mlra.modeling_mlra import dequantize_latent_rows, quantize_latent_rows
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -134,8 +135,37 @@ def test_kernel_handles_the_published_head_and_latent_sizes():
     assert relative_error(out, reference) < TOLERANCE[torch.float16]
 
 
-def _decode_step_by_step(model, input_ids, attention_mask, prefill, static):
-    cache = MLRACache(model.config, max_cache_len=input_ids.shape[1] if static else None)
+FP8_DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+@pytest.mark.parametrize("member", STRUCTURES)
+@pytest.mark.parametrize("dtype", FP8_DTYPES)
+@pytest.mark.parametrize("new_tokens", [1, 5])
+def test_kernel_on_an_fp8_cache_matches_the_equations_on_its_dequantized_values(member, dtype, new_tokens):
+    """The kernel reads the packed fp8 rows (e4m3 latent, a float32 scale per token and block, the rope key in the
+    model's dtype) and gives the attention of the values they hold: ragged rows, left padding, several new tokens."""
+    q_absorbed, q_rope, cache, groups = random_inputs(member, 3, new_tokens, 4, 16, 8, 200, dtype, seed=21)
+    cache = cache * torch.linspace(0.05, 20, cache.shape[-1], device=DEVICE, dtype=dtype)  # blocks of unlike ranges
+    blocks, _ = STRUCTURES[member]
+    rows = quantize_latent_rows(cache, 16, 8)
+    seq_lens = torch.tensor([200, 131, 9], device=DEVICE)
+    key_mask = torch.ones(3, 200, dtype=torch.long, device=DEVICE)
+    key_mask[1, :20] = 0
+    key_mask[2, :3] = 0
+    out = mlra_decode_attention(q_absorbed, q_rope, rows, seq_lens, key_mask, groups, 0.1, num_splits=3)
+    held = dequantize_latent_rows(rows, blocks, 16, 8, torch.float32)
+    reference = attention_by_the_equations(q_absorbed, q_rope, held, seq_lens, key_mask, groups, 0.1)
+    assert relative_error(out, reference) < TOLERANCE[dtype]
+
+
+def test_the_kernel_leaves_fp16_models_on_an_fp8_cache_to_the_pytorch_path():
+    """fp8 probabilities times the cache's scales would leave fp16's range on long contexts: no kernel for that pair."""
+    assert kernel_supports(4, 128, 64, 1, torch.bfloat16, torch.float8_e4m3fn)
+    assert not kernel_supports(4, 128, 64, 1, torch.float16, torch.float8_e4m3fn)
+
+
+def _decode_step_by_step(model, input_ids, attention_mask, prefill, static, cache_dtype=None):
+    cache = MLRACache(model.config, max_cache_len=input_ids.shape[1] if static else None, dtype=cache_dtype)
     logits = [model(input_ids[:, :prefill], attention_mask=attention_mask[:, :prefill], **cache_kwargs(cache)).logits]
     for end in range(prefill + 1, input_ids.shape[1] + 1):
         step = model(input_ids[:, end - 1 : end], attention_mask=attention_mask[:, :end], **cache_kwargs(cache))
@@ -155,6 +185,21 @@ def test_model_decoding_through_the_kernel_matches_the_pytorch_absorbed_path(mem
     for decode_kernel in ("triton", "torch"):
         model = tiny_model(seed=7, **FAMILY[member], decode_kernel=decode_kernel).to(DEVICE)
         logits[decode_kernel] = _decode_step_by_step(model, input_ids, attention_mask, prefill=5, static=static)
+    real = attention_mask.bool()
+    torch.testing.assert_close(logits["triton"][real], logits["torch"][real], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("member, static", [("mla", False), ("gla_2", True), ("mlra_2", False), ("mlra_4", True)])
+def test_model_decoding_on_an_fp8_cache_through_the_kernel_matches_the_pytorch_path(member, static):
+    input_ids = random_tokens((2, 8), seed=22).to(DEVICE)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :3] = 0
+    logits = {}
+    for decode_kernel in ("triton", "torch"):
+        model = tiny_model(seed=23, **FAMILY[member], decode_kernel=decode_kernel).to(DEVICE)
+        logits[decode_kernel] = _decode_step_by_step(
+            model, input_ids, attention_mask, prefill=5, static=static, cache_dtype=torch.float8_e4m3fn
+        )
     real = attention_mask.bool()
     torch.testing.assert_close(logits["triton"][real], logits["torch"][real], rtol=1e-4, atol=1e-4)
 
