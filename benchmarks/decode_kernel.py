@@ -1,17 +1,18 @@
-"""The fused decode kernel on a CUDA GPU: correctness in bfloat16, latency and achieved bandwidth against a copy.
+"""The fused decode kernel on a CUDA GPU: correctness, latency and achieved bandwidth against a copy, bf16 and fp8 caches.
 
-    python benchmarks/decode_kernel.py --out benchmarks/results/decode_kernel_h200
+    python benchmarks/decode_kernel.py --out benchmarks/results/decode_kernel_h200 [--sweep]
+    TRITON_INTERPRET=1 python benchmarks/decode_kernel.py --tiny --out /tmp/dk   # the harness itself, on the CPU
 
-Shapes (bfloat16, cache filled with random values):
+Shapes (bfloat16 model, cache filled with random values; fp8: the same values through the fp8 cache's quantization):
   (a) the per-GPU share of MLRA-4 under 4-way TP: 64 query heads, one latent block of 128 + rope 64, batch 1,
-      128K-2M cached tokens;
+      128K-1M cached tokens;
   (b) MLA on the same GPU: 64 heads on 512 + 64;
-  (c) one layer of the 2.9B MLRA-4 on one GPU: 24 heads, 4 x 128 + 64, batch 1-64, 4K-128K tokens.
-Times are GPU time (CUDA-graph replays, median); the eager call time (host launch overhead included) is a column of
-its own. Each is timed as the kernel alone (bandwidth = cache bytes / time against a device-to-device copy timed in the same
-run), as the model's whole absorbed attention (W_UK and W_UV included) through the kernel and through the PyTorch
-path, and, for (c), against one launch per latent block on per-block caches [block | rope key] (the authors'
-structure, which reads the rope key once per block).
+  (c) one layer of the 2.9B MLRA-4 on one GPU: 24 heads, 4 x 128 + 64, batch 1-64 x 4K-1M tokens.
+Times are GPU time (CUDA-graph replays after a device synchronisation, median); the eager call time (host launch
+overhead included) is a column of its own. Bandwidth = cache bytes read / kernel time, against a device-to-device copy
+timed in the same run. Also timed: the model's whole absorbed attention (W_UK and W_UV included) through the kernel
+and, up to 512K cached tokens, through the PyTorch path; for (c) one launch per latent block on per-block caches
+[block | rope key] (the authors' structure). --sweep times other launch choices at the large shapes first.
 """
 
 import argparse
@@ -21,21 +22,45 @@ from pathlib import Path
 
 import torch
 import triton
-import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from modeling_mlra import MLRAConfig  # noqa: E402
-from modeling_mlra.mlra_decode_kernel import _decode_attention, mlra_decode_attention  # noqa: E402
-from modeling_mlra.modeling_mlra import MLRAAttention  # noqa: E402
+from modeling_mlra.mlra_decode_kernel import _decode_attention, _num_sms, launch_config, mlra_decode_attention  # noqa: E402
+from modeling_mlra.modeling_mlra import MLRAAttention, dequantize_latent_rows, quantize_latent_rows  # noqa: E402
 
 from common import Panel, copy_bandwidth, gpu_time_ms, plot_panels, write_results  # noqa: E402
 
 K = 1024
+FP8 = torch.float8_e4m3fn
+SHARE = ("a: MLRA-4 TP-4 share", 64, 1, 1, 128)  # name, heads, latent blocks, branches, block width
+MLA = ("b: MLA", 64, 1, 1, 512)
+LAYER = ("c: MLRA-4 2.9B layer", 24, 4, 4, 128)
+ROPE = 64
+
+# launch choices timed by --sweep (modeling_mlra.mlra_decode_kernel.launch_config), per latent block width
+SWEEP = {
+    128: [dict(BLOCK_N=n, num_stages=s) for n, s in ((64, 2), (64, 4), (128, 2), (32, 4))]
+    + [dict(programs_per_sm=p) for p in (1, 3, 4)]
+    + [dict(num_warps=8), dict(MIN_ROWS=64), dict(BRANCHES_PER_PROGRAM=1, BLOCK_N=64), dict(num_warps=8, MIN_ROWS=64)],
+    512: [dict(num_stages=2), dict(BLOCK_N=16, num_stages=4), dict(BLOCK_N=64, num_stages=2), dict(programs_per_sm=2),
+          dict(programs_per_sm=1, num_stages=4), dict(num_warps=4, MIN_ROWS=32)],
+}
 
 
-def eager_call_us(fn, calls: int = 50) -> float:
+def time_ms(fn, device) -> float:
+    """GPU time per call from CUDA-graph replays; on the CPU (the interpreter, --tiny) the wall time of one call."""
+    if device.type == "cuda":
+        return gpu_time_ms(fn, rep=20)
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def eager_call_us(fn, device, calls: int = 20) -> float:
     """Wall microseconds per eager call, back to back (host launch overhead included)."""
     fn()
+    if device.type != "cuda":
+        return float("nan")
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(calls):
@@ -44,24 +69,30 @@ def eager_call_us(fn, calls: int = 50) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
-SWEEP = [
-    dict(BLOCK_N=32, num_warps=4, num_stages=3),
-    dict(BLOCK_N=16, num_warps=4, num_stages=3),
-    dict(BLOCK_N=64, num_warps=4, num_stages=3),
-    dict(BLOCK_N=32, num_warps=8, num_stages=2),
-    dict(BLOCK_N=64, num_warps=8, num_stages=2),
-]
-
-
-def attention_module(heads, blocks, branches, block_dim, device):
+def attention_module(heads, blocks, branches, block_dim, device, dtype):
     config = MLRAConfig(
         hidden_size=3072, num_attention_heads=heads, kv_lora_rank=blocks * block_dim, num_latent_blocks=blocks,
-        num_softmax_branches=branches, q_lora_rank=1024, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+        num_softmax_branches=branches, q_lora_rank=1024, qk_nope_head_dim=128, qk_rope_head_dim=ROPE, v_head_dim=128,
     )
-    module = MLRAAttention(config, 0).to(device=device, dtype=torch.bfloat16)
+    module = MLRAAttention(config, 0).to(device=device, dtype=dtype)
     with torch.no_grad():
         module.kv_b_proj.weight.normal_(0, 0.05)
     return module
+
+
+def random_cache(bsz, context, blocks, block_dim, fp8, device, dtype, chunk_tokens=64 * K):
+    """A cache of random states [bsz, context, L * d_l + d_r], or their fp8 rows, filled in chunks (no full-size
+    float32 temporaries at 1M tokens)."""
+    width = blocks * block_dim + ROPE
+    if not fp8:
+        return torch.randn(bsz, context, width, device=device, dtype=dtype)
+    first = quantize_latent_rows(torch.randn(bsz, 1, width, device=device, dtype=dtype), block_dim, ROPE)
+    rows = torch.empty(bsz, context, first.shape[-1], device=device, dtype=torch.uint8)
+    for start in range(0, context, chunk_tokens):
+        end = min(context, start + chunk_tokens)
+        states = torch.randn(bsz, end - start, width, device=device, dtype=dtype)
+        rows[:, start:end] = quantize_latent_rows(states, block_dim, ROPE)
+    return rows
 
 
 def reference_attention(q_absorbed, q_rope, cache, num_groups, scaling):
@@ -72,52 +103,51 @@ def reference_attention(q_absorbed, q_rope, cache, num_groups, scaling):
     rope_key = cache[..., blocks * block_dim :].float()
     q = q_absorbed[:, 0].float().unflatten(2, (num_groups, heads // num_groups))  # [bsz, B, G, hpg, d_l]
     scores = torch.einsum("nbgid,nsbgd->nbgis", q, latent)
-    scores = scores + torch.einsum("nhr,nsr->nhs", q_rope[:, 0].float(), rope_key).view(bsz, 1, num_groups, -1, cache.shape[1])
+    rope_scores = torch.einsum("nhr,nsr->nhs", q_rope[:, 0].float(), rope_key)
+    scores = scores + rope_scores.view(bsz, 1, num_groups, -1, cache.shape[1])
     probs = torch.softmax(scores * scaling, dim=-1)
     return torch.einsum("nbgis,nsbgd->nbgid", probs, latent).reshape(bsz, 1, branches, heads, block_dim)
 
 
-def run_case(
-    name, heads, blocks, branches, block_dim, bsz, context, copy_gbs, device, per_block=False, module=None, sweep=False
-):
-    rope = 64
+def run_case(case, bsz, context, fp8, copy_gbs, device, dtype, module=None, per_block=False, sweep=False):
+    name, heads, blocks, branches, block_dim = case
     groups = blocks // branches
-    width = blocks * block_dim + rope
-    cache = torch.randn(bsz, context, width, device=device, dtype=torch.bfloat16)
-    q_absorbed = torch.randn(bsz, 1, branches, heads, block_dim, device=device, dtype=torch.bfloat16)
-    q_rope = torch.randn(bsz, 1, heads, rope, device=device, dtype=torch.bfloat16)
+    cache = random_cache(bsz, context, blocks, block_dim, fp8, device, dtype)
+    q_absorbed = torch.randn(bsz, 1, branches, heads, block_dim, device=device, dtype=dtype)
+    q_rope = torch.randn(bsz, 1, heads, ROPE, device=device, dtype=dtype)
     seq_lens = torch.full((bsz,), context, device=device)
     scaling = 192**-0.5
-    row = dict(case=name, heads=heads, blocks=blocks, branches=branches, block_dim=block_dim, batch=bsz, context=context)
+    row = dict(case=name, cache="fp8" if fp8 else "bf16", heads=heads, blocks=blocks, branches=branches,
+               block_dim=block_dim, batch=bsz, context=context, cache_bytes=cache.nbytes)
+    config = launch_config(bsz, groups, heads // groups, branches, block_dim, ROPE, 1, context,
+                           cache.shape[-1] * cache.element_size(), _num_sms(device.index or 0))
+    row["launch"] = {k: config[k] for k in ("BLOCK_M", "BLOCK_N", "BRANCHES_PER_PROGRAM", "num_splits", "num_warps",
+                                            "num_stages")}
 
-    out = mlra_decode_attention(q_absorbed, q_rope, cache, seq_lens, None, groups, scaling)
+    def kernel():
+        return mlra_decode_attention(q_absorbed, q_rope, cache, seq_lens, None, groups, scaling)
+
+    out = kernel()
     if bsz * context <= 256 * K:
-        ref = reference_attention(q_absorbed, q_rope, cache, groups, scaling)
+        held = dequantize_latent_rows(cache, blocks, block_dim, ROPE, dtype) if fp8 else cache
+        ref = reference_attention(q_absorbed, q_rope, held, groups, scaling)
         row["rel_err_vs_fp32"] = ((out.float() - ref).norm() / ref.norm()).item()
-    ms = gpu_time_ms(lambda: mlra_decode_attention(q_absorbed, q_rope, cache, seq_lens, None, groups, scaling))
+    if sweep:
+        row["sweep"] = []
+        for choices in SWEEP[block_dim]:
+            try:
+                us = time_ms(lambda: _decode_attention(
+                    q_absorbed, q_rope, cache, seq_lens, None, groups, scaling, 0, choices), device) * 1e3
+            except Exception as error:  # a choice that does not compile or fit: recorded, not fatal
+                us = f"{type(error).__name__}: {str(error)[:80]}"
+            row["sweep"].append(dict(choices, us=us))
+            print("  sweep", name, row["cache"], bsz, context, row["sweep"][-1], flush=True)
+    ms = time_ms(kernel, device)
     row["kernel_us"] = ms * 1e3
     row["kernel_gbs"] = cache.nbytes / ms / 1e6
     row["of_copy"] = row["kernel_gbs"] / copy_gbs
-    row["eager_call_us"] = eager_call_us(
-        lambda: mlra_decode_attention(q_absorbed, q_rope, cache, seq_lens, None, groups, scaling)
-    )
-    if sweep:
-        variants = [dict(v) for v in SWEEP] + [dict(v, BRANCHES_PER_PROGRAM=bpp) for v in SWEEP[:2] for bpp in (1, 4)
-                                               if bpp <= branches and bpp != 2 and branches > 1]
-        variants += [dict(SWEEP[0], num_splits=f) for f in (66, 132, 264)]
-        results = []
-        for overrides in variants:
-            splits = overrides.pop("num_splits", 0)
-            try:
-                us = gpu_time_ms(lambda: _decode_attention(
-                    q_absorbed, q_rope, cache, seq_lens, None, groups, scaling, splits, overrides)) * 1e3
-            except Exception as error:  # a config that does not compile or fit: recorded, not fatal
-                us = None
-                overrides["error"] = str(error)[:80]
-            results.append(dict(overrides, num_splits=splits, us=us))
-            print("  sweep", name, bsz, context, results[-1], flush=True)
-        row["sweep"] = results
-    if per_block:
+    row["eager_call_us"] = eager_call_us(kernel, device, calls=20 if ms < 5 else 3)
+    if per_block and cache.nbytes <= 4 * 2**30 and not fp8:
         block_caches = [
             torch.cat([cache[..., l * block_dim : (l + 1) * block_dim], cache[..., blocks * block_dim :]], -1)
             for l in range(blocks)
@@ -128,107 +158,143 @@ def run_case(
             for l in range(blocks):
                 mlra_decode_attention(q_blocks[l], q_rope, block_caches[l], seq_lens, None, 1, scaling)
 
-        row["per_block_us"] = gpu_time_ms(one_launch_per_block) * 1e3
+        row["per_block_us"] = time_ms(one_launch_per_block, device) * 1e3
         row["fused_speedup_vs_per_block"] = row["per_block_us"] / row["kernel_us"]
         del block_caches
     if module is not None:
-        q_nope = torch.randn(bsz, 1, heads, 128, device=device, dtype=torch.bfloat16)
+        q_nope = torch.randn(bsz, 1, heads, 128, device=device, dtype=dtype)
         with torch.no_grad():
-            row["attention_kernel_us"] = gpu_time_ms(
-                lambda: module.absorbed_attention(q_nope, q_rope, cache, None, (seq_lens, None))
+            row["attention_kernel_us"] = time_ms(
+                lambda: module.absorbed_attention(q_nope, q_rope, cache, None, (seq_lens, None)), device
             ) * 1e3
-            try:
-                if bsz * context > 512 * K:
-                    raise torch.OutOfMemoryError("not timed: the PyTorch path's fp32 scores at this size")
+            if bsz * context <= 512 * K and not fp8 and device.type == "cuda":
                 # plain event timing: capturing this path in a CUDA graph at >= 1M tokens left the process faulting
                 row["attention_torch_us"] = triton.testing.do_bench(
                     lambda: module.absorbed_attention(q_nope, q_rope, cache, None), return_mode="median"
                 ) * 1e3
                 row["kernel_speedup_vs_torch"] = row["attention_torch_us"] / row["attention_kernel_us"]
-            except torch.OutOfMemoryError:
-                row["attention_torch_us"] = None
     del cache
-    torch.cuda.empty_cache()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return row
+
+
+def plan(tiny: bool, quick: bool):
+    """(case, batch, context) in the order they run; --tiny: a few small shapes for the interpreter."""
+    if tiny:
+        return [(SHARE, 1, 512), (MLA, 1, 256), (LAYER, 2, 256)]
+    long_contexts = [128 * K, 512 * K, 1024 * K]
+    runs = [(case, 1, context) for context in long_contexts for case in (SHARE, MLA)]
+    layer_batches, layer_contexts = ([1, 16], [4 * K, 32 * K]) if quick else ([1, 4, 16, 64], [4 * K, 32 * K, 128 * K, 1024 * K])
+    runs += [(LAYER, bsz, context) for bsz in layer_batches for context in layer_contexts]
+    return runs
+
+
+SWEEP_POINTS = {(SHARE[0], 1, 512), (SHARE[0], 1, 1024 * K), (SHARE[0], 1, 128 * K), (MLA[0], 1, 512 * K), (LAYER[0], 16, 32 * K),
+                (LAYER[0], 1, 32 * K)}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/decode_kernel_h200")
-    parser.add_argument("--quick", action="store_true", help="few sizes (a smoke run)")
-    parser.add_argument("--sweep", action="store_true", help="also time other tile configurations at a few sizes")
+    parser.add_argument("--quick", action="store_true", help="fewer sizes (a smoke run)")
+    parser.add_argument("--tiny", action="store_true", help="small shapes on the CPU (TRITON_INTERPRET=1): the harness")
+    parser.add_argument("--sweep", action="store_true", help="also time other launch choices at a few large shapes")
+    parser.add_argument("--no-fp8", action="store_true", help="bf16 caches only")
     options = parser.parse_args()
-    device = torch.device("cuda")
+    device = torch.device("cpu" if options.tiny else "cuda")
+    dtype = torch.float32 if options.tiny else torch.bfloat16  # the interpreter computes bf16 dots wrongly
     torch.manual_seed(0)
-    copy_gbs = copy_bandwidth(device)
-    machine = torch.cuda.get_device_name()
-    print(f"{machine}, torch {torch.__version__}, triton {triton.__version__}; copy {copy_gbs:.0f} GB/s", flush=True)
+    copy_gbs = copy_bandwidth(device) if device.type == "cuda" else float("nan")
+    machine = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (Triton interpreter)"
+    header = f"{machine}, torch {torch.__version__}, triton {triton.__version__}; copy {copy_gbs:.0f} GB/s"
+    print(header, flush=True)
+    started = time.perf_counter()
 
-    long_contexts = [128 * K, 512 * K] if options.quick else [128 * K, 256 * K, 512 * K, 1024 * K, 2048 * K]
+    modules = {}
     rows = []
-    share = attention_module(64, 1, 1, 128, device)
-    mla = attention_module(64, 1, 1, 512, device)
-    for context in long_contexts:
-        rows.append(run_case("a: MLRA-4 TP-4 share", 64, 1, 1, 128, 1, context, copy_gbs, device, module=share))
-        rows.append(run_case("b: MLA", 64, 1, 1, 512, 1, context, copy_gbs, device, module=mla))
-        print(rows[-2], rows[-1], sep="\n", flush=True)
-    layer = attention_module(24, 4, 4, 128, device)
-    for bsz in [1, 16] if options.quick else [1, 8, 64]:
-        for context in [4 * K, 32 * K] if options.quick else [4 * K, 32 * K, 128 * K]:
-            sweep = options.sweep and context == 32 * K and bsz in (1, 8)
-            rows.append(
-                run_case(
-                    "c: MLRA-4 2.9B layer", 24, 4, 4, 128, bsz, context, copy_gbs, device, True, module=layer, sweep=sweep
-                )
-            )
-            print(rows[-1], flush=True)
+    for case, bsz, context in plan(options.tiny, options.quick):
+        if case not in modules:
+            modules[case] = attention_module(*case[1:], device, dtype)
+        for fp8 in (False,) if options.no_fp8 else (False, True):
+            sweep = options.sweep and (case[0], bsz, context) in SWEEP_POINTS
+            row = run_case(case, bsz, context, fp8, copy_gbs, device, dtype, module=modules[case],
+                           per_block=case is LAYER, sweep=sweep)
+            rows.append(row)
+            print({k: v for k, v in row.items() if k != "sweep"}, flush=True)
+    elapsed = time.perf_counter() - started
 
     out = Path(options.out)
+    table = report(rows, copy_gbs, machine, elapsed)
+    write_results(out, dict(machine=machine, copy_gbs=copy_gbs, seconds=elapsed, rows=rows), table)
+    print(table)
+    plot(rows, copy_gbs, machine, out.with_suffix(".png"))
+
+
+def fmt(value, spec):
+    return "" if value is None else format(value, spec)
+
+
+def report(rows, copy_gbs, machine, elapsed) -> str:
     lines = [
         f"# Fused decode kernel, {machine} (torch {torch.__version__}, triton {triton.__version__})",
         "",
-        f"Device-to-device copy in the same run: {copy_gbs:.0f} GB/s. bfloat16, one new token per row.",
+        f"{elapsed:.0f} s. Device-to-device copy in the same run: {copy_gbs:.0f} GB/s. bf16 model, one new token per "
+        "row; cache bf16 (1152 bytes per token of the 2.9B layer) or fp8 (672).",
         "",
-        "| case | batch | context | kernel us | GB/s | of copy | eager call us | per-block us | fused vs per-block | attention (kernel) us "
-        "| attention (PyTorch) us | kernel vs PyTorch | rel. err vs fp32 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | cache | batch | context | MB read | kernel us | GB/s | of copy | eager call us | per-block us "
+        "| fused vs per-block | attention (kernel) us | attention (PyTorch) us | kernel vs PyTorch | rel. err vs fp32 "
+        "| launch (M, N, branches, splits, warps, stages) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-
-    def fmt(value, spec):
-        return "" if value is None else format(value, spec)
-
     for row in rows:
+        launch = row["launch"]
         lines.append(
-            f"| {row['case']} | {row['batch']} | {row['context'] // K}K | {row['kernel_us']:.1f} | "
-            f"{row['kernel_gbs']:.0f} | {row['of_copy']:.2f} | {row['eager_call_us']:.0f} | "
-            f"{fmt(row.get('per_block_us'), '.1f')} | "
+            f"| {row['case']} | {row['cache']} | {row['batch']} | {row['context'] // K}K | "
+            f"{row['cache_bytes'] / 1e6:.0f} | {row['kernel_us']:.1f} | {row['kernel_gbs']:.0f} | {row['of_copy']:.2f} | "
+            f"{row['eager_call_us']:.0f} | {fmt(row.get('per_block_us'), '.1f')} | "
             f"{fmt(row.get('fused_speedup_vs_per_block'), '.2f')} | {fmt(row.get('attention_kernel_us'), '.1f')} | "
             f"{fmt(row.get('attention_torch_us'), '.1f')} | {fmt(row.get('kernel_speedup_vs_torch'), '.1f')} | "
-            f"{fmt(row.get('rel_err_vs_fp32'), '.1e')} |"
+            f"{fmt(row.get('rel_err_vs_fp32'), '.1e')} | {launch['BLOCK_M']}, {launch['BLOCK_N']}, "
+            f"{launch['BRANCHES_PER_PROGRAM']}, {launch['num_splits']}, {launch['num_warps']}, {launch['num_stages']} |"
         )
-    ratios = [
-        (a["context"], b["kernel_us"] / a["kernel_us"])
-        for a, b in zip(rows[0::2], rows[1::2])
-        if a["case"].startswith("a") and b["case"].startswith("b")
-    ]
-    lines += ["", "MLA (b) / MLRA-4 share (a) kernel time: " + ", ".join(f"{c // K}K: {r:.2f}x" for c, r in ratios)]
-    table = "\n".join(lines) + "\n"
-    write_results(out, dict(machine=machine, copy_gbs=copy_gbs, rows=rows), table)
-    print(table)
-    plot(rows, copy_gbs, machine, out.with_suffix(".png"))
+    by_key = {(r["case"][0], r["cache"], r["batch"], r["context"]): r for r in rows}
+    ratios, fp8_ratios = [], []
+    for (case, cache, bsz, context), row in by_key.items():
+        if case == "b" and ("a", cache, bsz, context) in by_key:
+            ratios.append(f"{cache} {context // K}K: {row['kernel_us'] / by_key['a', cache, bsz, context]['kernel_us']:.2f}x")
+        if cache == "fp8" and (case, "bf16", bsz, context) in by_key:
+            bf16 = by_key[case, "bf16", bsz, context]
+            fp8_ratios.append(
+                f"{case} {bsz}x{context // K}K: kernel {row['kernel_us'] / bf16['kernel_us']:.2f}, attention "
+                f"{row['attention_kernel_us'] / bf16['attention_kernel_us']:.2f}"
+            )
+    lines += ["", "MLA (b) / MLRA-4 share (a) kernel time (byte ratio 3.0): " + ", ".join(ratios)]
+    lines += ["", "fp8 / bf16 cache time: " + "; ".join(fp8_ratios)]
+    sweeps = [r for r in rows if r.get("sweep")]
+    if sweeps:
+        lines += ["", "## Launch-choice sweep (kernel us; the defaults are the table's launch column)", ""]
+        for r in sweeps:
+            cells = ", ".join(
+                f"{ {k: v for k, v in s.items() if k != 'us'} }: {fmt(s['us'], '.1f') if not isinstance(s['us'], str) else s['us']}"
+                for s in r["sweep"]
+            )
+            lines.append(f"- {r['case']} {r['cache']} {r['batch']}x{r['context'] // K}K (default {r['kernel_us']:.1f}): {cells}")
+    return "\n".join(lines) + "\n"
 
 
 def plot(rows, copy_gbs, machine, path):
     series = {}
     for row in rows:
-        series.setdefault(f"{row['case']}, batch {row['batch']}", []).append(row)
+        series.setdefault(f"{row['case']}, {row['cache']}, batch {row['batch']}", []).append(row)
     times = {label: [(p["context"], p["kernel_us"]) for p in points] for label, points in series.items()}
     rates = {label: [(p["context"], p["kernel_gbs"]) for p in points] for label, points in series.items()}
     panels = [
         Panel("kernel time", "cached tokens", "kernel time (us)", times, yscale="log"),
-        Panel("achieved bandwidth", "cached tokens", "GB/s", rates, references={"device-to-device copy": copy_gbs}),
+        Panel("cache bytes read / time", "cached tokens", "GB/s", rates, references={"device-to-device copy": copy_gbs}),
     ]
-    plot_panels(path, panels, title=f"MLRA fused decode kernel, bfloat16, {machine}")
+    plot_panels(path, panels, title=f"MLRA fused decode kernel, bf16 and fp8 latent caches, {machine}")
+
 
 if __name__ == "__main__":
     main()

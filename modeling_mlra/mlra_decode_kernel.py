@@ -120,7 +120,7 @@ def launch_config(
     partial_bytes = num_new_tokens * num_branches * num_groups * heads_per_group * latent_block_dim * 4
     min_tokens = max(256, 4 * partial_bytes // token_bytes)
     num_splits = choices.get("num_splits") or max(
-        1, min(triton.cdiv(choices.get("programs_per_sm", 2) * num_sms, programs), triton.cdiv(capacity, min_tokens), 512)
+        1, min(triton.cdiv(choices.get("programs_per_sm", 1 if num_warps == 8 else 2) * num_sms, programs), triton.cdiv(capacity, min_tokens), 512)
     )
     # 4 warps for latent blocks up to 128 wide: several programs fit on a multiprocessor, whose loads in flight keep
     # the HBM busy (H200 sweeps, docs/decode_kernel.md); 64-token blocks where one branch of <= 128 runs per program
@@ -180,9 +180,9 @@ if triton is not None:
         stride_mn,
         stride_on, stride_os, stride_ot, stride_ob, stride_oh,
         stride_ln, stride_ls, stride_lt, stride_lb,
-        scale_log2, num_new_tokens, heads_per_group, latent_block_dim, rope_dim, rope_offset, scales_offset,
+        scale_log2, num_new_tokens, heads_per_group, latent_block_dim, rope_dim, rope_offset, scales_offset, num_splits,
         NUM_GROUPS: tl.constexpr, BRANCH_PARTS: tl.constexpr, BRANCHES_PER_PROGRAM: tl.constexpr,
-        HEAD_TILES: tl.constexpr, NUM_SPLITS: tl.constexpr,
+        HEAD_TILES: tl.constexpr, SPLIT: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_ROW_STARTS: tl.constexpr,
         IS_FP8: tl.constexpr,
@@ -210,7 +210,7 @@ if triton is not None:
 
         seq_len = tl.load(seq_lens_ptr + row * stride_seq_lens).to(tl.int32)
         query_slot = seq_len - num_new_tokens + new_token  # causal rule among the new tokens
-        chunk = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
         start = split * chunk
         end = tl.minimum(start + chunk, seq_len)
 
@@ -288,7 +288,7 @@ if triton is not None:
                     scale_log2, m3, l3, acc3, IS_FP8, PRECISION,
                 )
 
-        final = NUM_SPLITS == 1
+        final = not SPLIT
         out_offsets = row * stride_on + split * stride_os + new_token[:, None] * stride_ot + branch0 * stride_ob
         out_offsets += head[:, None] * stride_oh + d[None, :]
         lse_offsets = row * stride_ln + split * stride_ls + new_token * stride_lt + branch0 * stride_lb + head
@@ -310,8 +310,8 @@ if triton is not None:
 
     @triton.jit
     def _merge_splits_kernel(
-        partial_ptr, lse_ptr, out_ptr, rows_per_batch, latent_block_dim,
-        NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+        partial_ptr, lse_ptr, out_ptr, rows_per_batch, latent_block_dim, num_splits,
+        BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """One program per (batch row, new token, branch, head): out = sum_s w_s partial_s / sum_s w_s with
         w_s = 2^(lse_s - max lse). Partials [bsz, splits, rows_per_batch, d_l] fp32, lse [bsz, splits, rows]."""
@@ -321,23 +321,23 @@ if triton is not None:
         d = tl.arange(0, BLOCK_D)
         d_ok = d < latent_block_dim
         top = tl.full([BLOCK_S], float("-inf"), tl.float32)
-        for s0 in range(0, NUM_SPLITS, BLOCK_S):
+        for s0 in range(0, num_splits, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
-            lse = tl.load(lse_ptr + (batch_row * NUM_SPLITS + s) * rows_per_batch + inner, mask=s < NUM_SPLITS,
+            lse = tl.load(lse_ptr + (batch_row * num_splits + s) * rows_per_batch + inner, mask=s < num_splits,
                           other=float("-inf"))
             top = tl.maximum(top, lse)
         top_all = tl.max(top, 0)
         top_all = tl.where(top_all == float("-inf"), 0.0, top_all)
         total = tl.zeros([BLOCK_S], tl.float32)
         acc = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
-        for s0 in range(0, NUM_SPLITS, BLOCK_S):
+        for s0 in range(0, num_splits, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
-            split_rows = (batch_row * NUM_SPLITS + s) * rows_per_batch + inner
-            lse = tl.load(lse_ptr + split_rows, mask=s < NUM_SPLITS, other=float("-inf"))
+            split_rows = (batch_row * num_splits + s) * rows_per_batch + inner
+            lse = tl.load(lse_ptr + split_rows, mask=s < num_splits, other=float("-inf"))
             weights = tl.exp2(lse - top_all)
             partial = tl.load(
                 partial_ptr + split_rows.to(tl.int64)[:, None] * latent_block_dim + d[None, :],
-                mask=(s < NUM_SPLITS)[:, None] & d_ok[None, :],
+                mask=(s < num_splits)[:, None] & d_ok[None, :],
                 other=0.0,
             )
             total += weights
@@ -403,9 +403,9 @@ def _decode_attention(
         *partial_strides,
         *lse_strides,
         scaling * math.log2(math.e), num_new_tokens, heads_per_group, latent_block_dim, rope_dim, rope_offset,
-        scales_offset,
+        scales_offset, num_splits,
         NUM_GROUPS=num_groups, BRANCH_PARTS=branch_parts, BRANCHES_PER_PROGRAM=branches_per_program,
-        HEAD_TILES=config["head_tiles"], NUM_SPLITS=num_splits,
+        HEAD_TILES=config["head_tiles"], SPLIT=num_splits > 1,
         BLOCK_H=config["BLOCK_H"], BLOCK_T=config["BLOCK_T"], BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
         BLOCK_D=config["BLOCK_D"], BLOCK_R=max(16, triton.next_power_of_2(rope_dim)), HAS_KEY_MASK=has_key_mask,
         HAS_ROW_STARTS=has_row_starts, IS_FP8=is_fp8,
@@ -415,8 +415,8 @@ def _decode_attention(
     if num_splits > 1:
         rows_per_batch = num_new_tokens * num_branches * num_heads
         _merge_splits_kernel[(bsz * rows_per_batch,)](
-            partial, lse, out, rows_per_batch, latent_block_dim,
-            NUM_SPLITS=num_splits, BLOCK_S=min(16, triton.next_power_of_2(num_splits)),
+            partial, lse, out, rows_per_batch, latent_block_dim, num_splits,
+            BLOCK_S=16,
             BLOCK_D=config["BLOCK_D"], num_warps=4,
         )
     return out
