@@ -36,8 +36,11 @@ def triton_available() -> bool:
 
 class Fp8CacheLayout(NamedTuple):
     """Byte layout of one token's row in the fp8 latent cache: [L * d_l e4m3 values | L float32 scales, one per
-    latent block | d_r rope key in the model's dtype | padding to a multiple of 16 bytes]. 656 bytes for the published
-    4 x 128 + 64 and for MLA's 512 + 64 with a bf16 rope key (FlashMLA's row size), against 1152 in bf16."""
+    latent block | d_r rope key in the model's dtype], the rope key and the row's end aligned to 16 rope values.
+    That alignment lets Triton prove 16-byte alignment of every view the kernel reads (fp8, float32, rope dtype), so
+    that all three loads are pipelined (cp.async): with FlashMLA's 656-byte row the rope key's loads were not
+    (benchmarks/compile_decode_kernel.py). 672 bytes for the published 4 x 128 + 64 and for MLA's 512 + 64 with a
+    bf16 rope key, against 1152 in bf16."""
 
     scales_offset: int
     rope_offset: int
@@ -45,10 +48,13 @@ class Fp8CacheLayout(NamedTuple):
 
 
 def fp8_cache_layout(num_blocks: int, latent_block_dim: int, rope_dim: int, rope_dtype: torch.dtype) -> Fp8CacheLayout:
-    scales_offset = -(-num_blocks * latent_block_dim // 4) * 4
-    rope_offset = scales_offset + 4 * num_blocks
-    row_bytes = -(-(rope_offset + rope_dim * rope_dtype.itemsize) // 16) * 16
-    return Fp8CacheLayout(scales_offset, rope_offset, row_bytes)
+    def align(offset: int, to: int) -> int:
+        return -(-offset // to) * to
+
+    rope_alignment = 16 * rope_dtype.itemsize
+    scales_offset = align(num_blocks * latent_block_dim, 4)
+    rope_offset = align(scales_offset + 4 * num_blocks, rope_alignment)
+    return Fp8CacheLayout(scales_offset, rope_offset, align(rope_offset + rope_dim * rope_dtype.itemsize, rope_alignment))
 
 
 def kernel_supports(
@@ -93,18 +99,21 @@ def launch_config(
     `choices` overrides a default (benchmark sweeps): num_warps, num_stages, BLOCK_N, BRANCHES_PER_PROGRAM, MIN_ROWS
     (query rows padded up to this; 64 lets Hopper's wgmma run the dots), num_splits, programs_per_sm.
 
-    A program runs all branches of its head group when their accumulators fit the register budget, else half of
-    them (the rope key is then read twice instead of once; still less than one launch per block). A 512-wide latent
-    (MLA) runs 8 warps, so that all 64 heads fit one program and the cache is read once. The sequence is split until
-    there are about `programs_per_sm` programs per multiprocessor, while each split reads several times more cache
-    bytes than it writes partial results.
+    Defaults from the H200 sweep (benchmarks/results/decode_kernel_h200.md): one softmax branch per program with
+    64-token blocks (the 2.9B layer 1.2-1.4x faster than two branches per program with 32-token blocks, although the
+    rope key is then read once per branch: the other reads hit L2); 4 warps for latent blocks up to 128 wide, so that
+    several programs share a multiprocessor; 8 warps for wider ones (MLA's 512: all 64 heads in one program, so the
+    cache is read once, and the dots on wgmma), 2 stages so that the tiles fit shared memory. Several branches per
+    program (a choice) fit the register budget by halving. The sequence is split until there are about
+    `programs_per_sm` programs per multiprocessor, while each split reads several times more cache bytes than it
+    writes partial results.
     """
     block_d = max(16, triton.next_power_of_2(latent_block_dim))
     block_t = triton.next_power_of_2(num_new_tokens)
     heads = triton.next_power_of_2(heads_per_group)
     num_warps = choices.get("num_warps", 8 if block_d >= 256 else 4)
     threads = 32 * num_warps
-    branches_per_program = choices.get("BRANCHES_PER_PROGRAM", num_branches)
+    branches_per_program = choices.get("BRANCHES_PER_PROGRAM", 1)
     while (
         branches_per_program > 1
         and branches_per_program * max(16, heads * block_t) * block_d > MULTI_BRANCH_VALUES_PER_THREAD * threads
@@ -119,16 +128,15 @@ def launch_config(
     programs = bsz * num_groups * head_tiles * (num_branches // branches_per_program)
     partial_bytes = num_new_tokens * num_branches * num_groups * heads_per_group * latent_block_dim * 4
     min_tokens = max(256, 4 * partial_bytes // token_bytes)
+    programs_per_sm = choices.get("programs_per_sm", 1 if num_warps == 8 else 2)
     num_splits = choices.get("num_splits") or max(
-        1, min(triton.cdiv(choices.get("programs_per_sm", 1 if num_warps == 8 else 2) * num_sms, programs), triton.cdiv(capacity, min_tokens), 512)
+        1, min(triton.cdiv(programs_per_sm * num_sms, programs), triton.cdiv(capacity, min_tokens), 512)
     )
-    # 4 warps for latent blocks up to 128 wide: several programs fit on a multiprocessor, whose loads in flight keep
-    # the HBM busy (H200 sweeps, docs/decode_kernel.md); 64-token blocks where one branch of <= 128 runs per program
     return dict(
         BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_M=block_m, BLOCK_D=block_d,
-        BLOCK_N=choices.get("BLOCK_N", 64 if block_d <= 128 and branches_per_program == 1 else 32),
+        BLOCK_N=choices.get("BLOCK_N", 64 if branches_per_program == 1 else 32),
         BRANCHES_PER_PROGRAM=branches_per_program, head_tiles=head_tiles, num_splits=num_splits,
-        num_warps=num_warps, num_stages=choices.get("num_stages", 3),
+        num_warps=num_warps, num_stages=choices.get("num_stages", 3 if block_d <= 128 else 2),
     )
 
 

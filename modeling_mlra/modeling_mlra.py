@@ -182,14 +182,15 @@ def quantize_latent_rows(states: torch.Tensor, latent_block_dim: int, rope_dim: 
     / 448), the rope key as it is. e4m3 is a floating-point format, so the scale only sets the range: values keep
     about 2^-4 relative precision down to 2^-9 of the block's largest one."""
     latent, rope_key = states.split([states.shape[-1] - rope_dim, rope_dim], dim=-1)
-    layout = fp8_cache_layout(latent.shape[-1] // latent_block_dim, latent_block_dim, rope_dim, states.dtype)
+    num_blocks = latent.shape[-1] // latent_block_dim
+    layout = fp8_cache_layout(num_blocks, latent_block_dim, rope_dim, states.dtype)
     blocks = latent.float().unflatten(-1, (-1, latent_block_dim))
     scales = blocks.abs().amax(dim=-1, keepdim=True) / FP8_E4M3_MAX
     scales = torch.where(scales > 0, scales, 1.0)
     values = (blocks / scales).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
     rows = states.new_zeros(*states.shape[:-1], layout.row_bytes, dtype=torch.uint8)
     rows[..., : latent.shape[-1]] = values.flatten(-2).view(torch.uint8)
-    rows[..., layout.scales_offset : layout.rope_offset] = scales.squeeze(-1).view(torch.uint8)
+    rows[..., layout.scales_offset : layout.scales_offset + 4 * num_blocks] = scales.squeeze(-1).view(torch.uint8)
     rows[..., layout.rope_offset : layout.rope_offset + rope_dim * states.element_size()] = (
         rope_key.contiguous().view(torch.uint8)
     )
@@ -203,7 +204,7 @@ def dequantize_latent_rows(
     scale, rounded to `dtype` (what the decode kernel computes in registers)."""
     layout = fp8_cache_layout(num_latent_blocks, latent_block_dim, rope_dim, dtype)
     values = rows[..., : num_latent_blocks * latent_block_dim].view(torch.float8_e4m3fn).float()
-    scales = rows[..., layout.scales_offset : layout.rope_offset].view(torch.float32)
+    scales = rows[..., layout.scales_offset : layout.scales_offset + 4 * num_latent_blocks].view(torch.float32)
     latent = (values.unflatten(-1, (num_latent_blocks, latent_block_dim)) * scales[..., None]).flatten(-2).to(dtype)
     rope_key = rows[..., layout.rope_offset : layout.rope_offset + rope_dim * dtype.itemsize].view(dtype)
     return torch.cat([latent, rope_key], dim=-1)
@@ -1093,18 +1094,25 @@ class MLRAForCausalLM(MLRAPreTrainedModel, GenerationMixin):
         self, generation_config, model_kwargs, generation_mode=None, batch_size=None, max_cache_length=None, *args,
         **kwargs,
     ):
-        """generate() gets an MLRACache: growing by default, static for `cache_implementation="static"`; fp8 with
-        `generate(..., cache_dtype=torch.float8_e4m3fn)` (else `config.cache_dtype`).
+        """generate() gets an MLRACache: growing by default, static for `cache_implementation="static"`; its dtype from
+        `generate(..., cache_config={"dtype": torch.float8_e4m3fn})` (transformers' argument for the cache's
+        constructor), else `config.cache_dtype`.
 
         A static cache is sized as transformers sizes its own: generate()'s `max_cache_length` (prompt or
         `inputs_embeds` plus new tokens), or `max_cache_len` when larger, or the largest size of an earlier call.
         Unlike a fresh cache per call, one static cache is kept on the model and reset for every call that fits in
         it with the same batch, so a compiled forward sees the same buffers (and never recompiles) call after call.
         """
-        cache_dtype = model_kwargs.pop("cache_dtype", None)
+        cache_options = dict(generation_config.cache_config or {})
+        cache_dtype = cache_options.pop("dtype", None)
         implementation = generation_config.cache_implementation
+        if cache_options:
+            raise ValueError(f"generate(cache_config=...) takes only 'dtype' for an MLRACache, not {sorted(cache_options)}")
         if cache_dtype is not None and model_kwargs.get(CACHE_FIELD) is not None:
-            raise ValueError(f"generate() got both cache_dtype and {CACHE_FIELD}: choose the dtype when building the cache")
+            raise ValueError(
+                f"generate() got both cache_config={{'dtype': ...}} and {CACHE_FIELD}: choose the dtype when building "
+                "the cache"
+            )
         if model_kwargs.get(CACHE_FIELD) is not None or generation_config.use_cache is False:
             return super()._prepare_cache_for_generation(
                 generation_config, model_kwargs, generation_mode, batch_size, max_cache_length, *args, **kwargs

@@ -153,7 +153,7 @@ def test_kernel_on_an_fp8_cache_matches_the_equations_on_its_dequantized_values(
     key_mask[1, :20] = 0
     key_mask[2, :3] = 0
     out = mlra_decode_attention(q_absorbed, q_rope, rows, seq_lens, key_mask, groups, 0.1, num_splits=3)
-    held = dequantize_latent_rows(rows, blocks, 16, 8, torch.float32)
+    held = dequantize_latent_rows(rows, blocks, 16, 8, dtype)
     reference = attention_by_the_equations(q_absorbed, q_rope, held, seq_lens, key_mask, groups, 0.1)
     assert relative_error(out, reference) < TOLERANCE[dtype]
 
