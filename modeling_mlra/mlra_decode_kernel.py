@@ -7,10 +7,10 @@ One call serves one layer, all heads and all softmax branches:
 with l = b * G + g(i) the latent block that branch b of head i reads (`MLRAConfig.latent_block`). The cache row of a
 token is [c_0 | c_1 | ... | c_{L-1} | kr] (width L * d_l + d_r), the layout `MLRALatentCacheLayer` keeps.
 
-Each program owns (batch row, head group, tile of heads, slice of the sequence). It streams its slice of the cache
-once: per block of tokens it loads the rope key once, computes the rope scores once for every branch, then loads the
-group's latent blocks and runs one online softmax per branch. A second small kernel merges the slices by
-log-sum-exp. The model code calls `mlra_decode_attention`, a torch custom op with a fake implementation, so
+Each program owns (batch row, head group, branch or branches, tile of heads, slice of the sequence). It streams its
+slice of the cache once: per block of tokens it loads the rope key, computes the rope scores once for its branches,
+then loads the latent block of each and runs one online softmax per branch. A second small kernel merges the slices
+by log-sum-exp. The cache may also be the fp8 cache's packed rows (`fp8_cache_layout`), dequantized in registers. The model code calls `mlra_decode_attention`, a torch custom op with a fake implementation, so
 torch.compile(fullgraph=True) and CUDA graphs capture it without a graph break. See docs/design.md ("Fused decode kernel").
 """
 

@@ -180,7 +180,7 @@ def quantize_latent_rows(states: torch.Tensor, latent_block_dim: int, rope_dim: 
     """[bsz, T, d_c + d_r] in the model's dtype -> the fp8 cache's packed rows [bsz, T, row_bytes] (uint8,
     `fp8_cache_layout`): each latent block of each token as e4m3 values and one float32 scale (its largest magnitude
     / 448), the rope key as it is. e4m3 is a floating-point format, so the scale only sets the range: values keep
-    about 2^-4 relative precision down to 2^-9 of the block's largest one."""
+    about 2^-4 relative precision down to about 2^-15 of the block's largest one."""
     latent, rope_key = states.split([states.shape[-1] - rope_dim, rope_dim], dim=-1)
     num_blocks = latent.shape[-1] // latent_block_dim
     layout = fp8_cache_layout(num_blocks, latent_block_dim, rope_dim, states.dtype)
@@ -386,7 +386,7 @@ class MLRACache(Cache):
     Args:
         config: the model's config.
         max_cache_len: `None` for a growing cache; an int for a static, pre-allocated one (torch.compile).
-        dtype: `torch.float8_e4m3fn` (or its name) for the fp8 latent cache (656 bytes per token and layer for the
+        dtype: `torch.float8_e4m3fn` (or its name) for the fp8 latent cache (672 bytes per token and layer for the
             published shapes against 1152 in bf16); default `config.cache_dtype`, else the model's dtype.
     """
 
@@ -1156,7 +1156,7 @@ class MLRAForCausalLM(MLRAPreTrainedModel, GenerationMixin):
         cache = _take_cache_argument(kwargs.pop("cache", None), kwargs)
         q_len = inputs_embeds.shape[1]
         if q_len <= self.config.absorbed_max_query_len and use_decode_kernel(
-            self.config, q_len, inputs_embeds.dtype, inputs_embeds.device
+            self.config, q_len, inputs_embeds.dtype, inputs_embeds.device, getattr(cache, "cache_dtype", None)
         ):
             if attention_mask is None or attention_mask.dim() != 2:
                 return attention_mask
