@@ -28,7 +28,7 @@ from modeling_mlra import MLRAConfig  # noqa: E402
 from modeling_mlra.mlra_decode_kernel import _decode_attention, _num_sms, launch_config, mlra_decode_attention  # noqa: E402
 from modeling_mlra.modeling_mlra import MLRAAttention, dequantize_latent_rows, quantize_latent_rows  # noqa: E402
 
-from common import Panel, copy_bandwidth, gpu_time_ms, plot_panels, write_results  # noqa: E402
+from common import Panel, Report, copy_bandwidth, error_text, fmt, gpu_time_ms, plot_panels  # noqa: E402
 
 K = 1024
 FP8 = torch.float8_e4m3fn
@@ -139,7 +139,7 @@ def run_case(case, bsz, context, fp8, copy_gbs, device, dtype, module=None, per_
                 us = time_ms(lambda: _decode_attention(
                     q_absorbed, q_rope, cache, seq_lens, None, groups, scaling, 0, choices), device) * 1e3
             except Exception as error:  # a choice that does not compile or fit: recorded, not fatal
-                us = f"{type(error).__name__}: {str(error)[:80]}"
+                us = error_text(error)
             row["sweep"].append(dict(choices, us=us))
             print("  sweep", name, row["cache"], bsz, context, row["sweep"][-1], flush=True)
     ms = time_ms(kernel, device)
@@ -165,7 +165,7 @@ def run_case(case, bsz, context, fp8, copy_gbs, device, dtype, module=None, per_
         q_nope = torch.randn(bsz, 1, heads, 128, device=device, dtype=dtype)
         with torch.no_grad():
             row["attention_kernel_us"] = time_ms(
-                lambda: module.absorbed_attention(q_nope, q_rope, cache, None, (seq_lens, None)), device
+                lambda: module.absorbed_attention(q_nope, q_rope, cache, None, (seq_lens, None, None)), device
             ) * 1e3
             if bsz * context <= 512 * K and not fp8 and device.type == "cuda":
                 # plain event timing: capturing this path in a CUDA graph at >= 1M tokens left the process faulting
@@ -209,38 +209,29 @@ def main():
     machine = torch.cuda.get_device_name() if device.type == "cuda" else "CPU (Triton interpreter)"
     header = f"{machine}, torch {torch.__version__}, triton {triton.__version__}; copy {copy_gbs:.0f} GB/s"
     print(header, flush=True)
-    started = time.perf_counter()
 
+    meta = dict(machine=machine, copy_gbs=copy_gbs, started=time.time())
+    report = Report(Path(options.out), meta, report_markdown, plot)
     modules = {}
-    rows = []
     for case, bsz, context in plan(options.tiny, options.quick):
         if case not in modules:
             modules[case] = attention_module(*case[1:], device, dtype)
         for fp8 in (False,) if options.no_fp8 else (False, True):
             sweep = options.sweep and (case[0], bsz, context) in SWEEP_POINTS
-            row = run_case(case, bsz, context, fp8, copy_gbs, device, dtype, module=modules[case],
-                           per_block=case is LAYER, sweep=sweep)
-            rows.append(row)
-            print({k: v for k, v in row.items() if k != "sweep"}, flush=True)
-    elapsed = time.perf_counter() - started
-
-    out = Path(options.out)
-    table = report(rows, copy_gbs, machine, elapsed)
-    write_results(out, dict(machine=machine, copy_gbs=copy_gbs, seconds=elapsed, rows=rows), table)
-    print(table)
-    plot(rows, copy_gbs, machine, out.with_suffix(".png"))
+            report.record(run_case(case, bsz, context, fp8, copy_gbs, device, dtype, module=modules[case],
+                                   per_block=case is LAYER, sweep=sweep))
+    meta["seconds"] = time.time() - meta["started"]
+    report.finish()
+    print(report_markdown(meta, report.rows))
 
 
-def fmt(value, spec):
-    return "" if value is None else format(value, spec)
-
-
-def report(rows, copy_gbs, machine, elapsed) -> str:
+def report_markdown(meta, rows) -> str:
+    elapsed = meta.get("seconds", time.time() - meta["started"])
     lines = [
-        f"# Fused decode kernel, {machine} (torch {torch.__version__}, triton {triton.__version__})",
+        f"# Fused decode kernel, {meta['machine']} (torch {torch.__version__}, triton {triton.__version__})",
         "",
-        f"{elapsed:.0f} s. Device-to-device copy in the same run: {copy_gbs:.0f} GB/s. bf16 model, one new token per "
-        "row; cache bf16 (1152 bytes per token of the 2.9B layer) or fp8 (672).",
+        f"{elapsed:.0f} s. Device-to-device copy in the same run: {meta['copy_gbs']:.0f} GB/s. bf16 model, one new "
+        "token per row; cache bf16 (1152 bytes per token of the 2.9B layer) or fp8 (672).",
         "",
         "| case | cache | batch | context | MB read | kernel us | GB/s | of copy | eager call us | per-block us "
         "| fused vs per-block | attention (kernel) us | attention (PyTorch) us | kernel vs PyTorch | rel. err vs fp32 "
@@ -276,14 +267,14 @@ def report(rows, copy_gbs, machine, elapsed) -> str:
         lines += ["", "## Launch-choice sweep (kernel us; the defaults are the table's launch column)", ""]
         for r in sweeps:
             cells = ", ".join(
-                f"{ {k: v for k, v in s.items() if k != 'us'} }: {fmt(s['us'], '.1f') if not isinstance(s['us'], str) else s['us']}"
+                f"{ {k: v for k, v in s.items() if k != 'us'} }: {s['us'] if isinstance(s['us'], str) else fmt(s['us'], '.1f')}"
                 for s in r["sweep"]
             )
             lines.append(f"- {r['case']} {r['cache']} {r['batch']}x{r['context'] // K}K (default {r['kernel_us']:.1f}): {cells}")
     return "\n".join(lines) + "\n"
 
 
-def plot(rows, copy_gbs, machine, path):
+def plot(meta, rows, path):
     series = {}
     for row in rows:
         series.setdefault(f"{row['case']}, {row['cache']}, batch {row['batch']}", []).append(row)
@@ -291,9 +282,10 @@ def plot(rows, copy_gbs, machine, path):
     rates = {label: [(p["context"], p["kernel_gbs"]) for p in points] for label, points in series.items()}
     panels = [
         Panel("kernel time", "cached tokens", "kernel time (us)", times, yscale="log"),
-        Panel("cache bytes read / time", "cached tokens", "GB/s", rates, references={"device-to-device copy": copy_gbs}),
+        Panel("cache bytes read / time", "cached tokens", "GB/s", rates,
+              references={"device-to-device copy": meta["copy_gbs"]}),
     ]
-    plot_panels(path, panels, title=f"MLRA fused decode kernel, bf16 and fp8 latent caches, {machine}")
+    plot_panels(path, panels, title=f"MLRA fused decode kernel, bf16 and fp8 latent caches, {meta['machine']}")
 
 
 if __name__ == "__main__":

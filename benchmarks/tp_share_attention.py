@@ -72,7 +72,7 @@ def measure(context: int, args, device, dtype) -> dict:
         if use_decode_kernel(attention.config, 1, dtype, device):
             seq_lens = torch.full((1,), context, device=device)
             row[f"{name}_path"] = "fused kernel"
-            run = lambda: attention.absorbed_attention(q_nope, q_rope, kv_states, None, (seq_lens, None))  # noqa: E731
+            run = lambda: attention.absorbed_attention(q_nope, q_rope, kv_states, None, (seq_lens, None, None))  # noqa: E731
         else:
             row[f"{name}_path"] = "PyTorch absorbed"
             run = lambda: attention.absorbed_attention(q_nope, q_rope, kv_states, None)  # noqa: E731
