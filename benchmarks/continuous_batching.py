@@ -4,9 +4,13 @@ latent) against transformers' DeepseekV3 and Llama (8 KV heads) of the same size
 
 For each model one manager is built with transformers' own sizing (`max_memory_percent` of the free GPU memory after
 the weights), which gives the paged cache's capacity, its bytes per token and the number of 32K-token requests that
-fit. Then, for each (requests, context) point that fits, the requests (distinct random prompts, no prefix sharing)
-run to `--new-tokens`; decode throughput is the tokens generated once every request has its first token, over that
-time window (per-token timestamps of the manager), i.e. all requests decoding together.
+fit. Then, for each (requests, context) point that fits, the requests run to `--new-tokens`; decode throughput is
+the tokens generated once every request has its first token, over that time window (per-token timestamps of the
+manager), i.e. all requests decoding together. Prefilling R x C distinct tokens through transformers' packed sdpa
+path costs O((R x C)^2) (every step's queries meet every key of the batch), minutes at 64 x 8K; so the prompts share
+a random C-token prefix (whole pages), prefilled once (prefix sharing on), and differ in a 16-token suffix each. Every request
+still reads its whole context at every decode step (the paged cache gathers it per request); the shared pages may
+be read from L2 where they fit, for every model alike. "cache GiB" is the size the requests' contexts take unshared.
 
 transformers' DeepseekV3 cannot run under continuous batching in 5.17 to 5.24 (its paged cache is sized from
 `head_dim` = qk_rope_head_dim while the layer caches other widths: "index_copy_(): Source/destination tensor must
@@ -48,7 +52,8 @@ except ImportError:
 
 # (requests, context) points, cheapest first; a point runs if its tokens fit the model's paged cache
 POINTS = [(1, 1024), (16, 1024), (64, 1024), (256, 1024), (1, 8192), (16, 8192), (64, 8192), (1, 32768), (8, 32768)]
-QUICK_POINTS = [(1, 16), (4, 16), (8, 48)]
+QUICK_POINTS = [(1, 24), (4, 24), (8, 48)]
+SUFFIX = 16  # distinct tokens at the end of each prompt
 FIT_CONTEXT = 32768
 
 
@@ -105,7 +110,7 @@ def run_model(name: str, build, points, args, device) -> dict:
     generation = GenerationConfig(max_new_tokens=args.new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
     cb_config = ContinuousBatchingConfig(
         max_batch_tokens=args.max_batch_tokens, max_memory_percent=args.max_memory_percent,
-        allow_block_sharing=False, **({"num_blocks": 64} if args.quick else {}),
+        allow_block_sharing=True, **({"num_blocks": 64} if args.quick else {}),
         # ours reads its pages through read/write indices, never a flash block table (used where flash-attn is)
         **({"max_blocks_per_request": 0} if name == "mlra_4" else {}),
     )  # fmt: skip
@@ -128,22 +133,27 @@ def run_model(name: str, build, points, args, device) -> dict:
         print(name, {key: value for key, value in row.items() if key != "points"}, flush=True)
         generator = torch.Generator().manual_seed(0)
         for requests, context in points:
-            if requests * (context + args.new_tokens + page_size) > tokens:
+            if requests * (context + SUFFIX + args.new_tokens + page_size) > tokens:
                 row["points"].append(dict(requests=requests, context=context, skipped="does not fit the cache"))
                 continue
             if time.monotonic() - started > args.stop_after_s / 3:
                 row["points"].append(dict(requests=requests, context=context, skipped="time budget"))
                 continue
             vocab = model.config.vocab_size
-            prompts = torch.randint(3, vocab, (requests, context), generator=generator).tolist()
+            prefix = torch.randint(3, vocab, (context,), generator=generator).tolist()  # whole pages: all shared
+            suffixes = torch.randint(3, vocab, (requests + 1, SUFFIX), generator=generator).tolist()
+            # one request prefills the shared prefix; its complete pages are then matched by the others
+            finished(manager, [manager.add_request(prefix + suffixes[-1], max_new_tokens=1)], args.stop_after_s)
             begin = time.perf_counter()
+            prompts = [prefix + suffix for suffix in suffixes[:-1]]
             ids = manager.add_requests(prompts, max_new_tokens=args.new_tokens, record_timestamps=True)
             outputs = list(finished(manager, ids, timeout=args.stop_after_s).values())
             wall = time.perf_counter() - begin
             throughput, counted = decode_throughput(outputs)
             point = dict(
                 requests=requests, context=context, decode_tokens_per_s=throughput, decode_tokens_counted=counted,
-                wall_s=wall, cache_gib_used=requests * (context + args.new_tokens) * row["bytes_per_token"] / 2**30,
+                wall_s=wall,
+                cache_gib_used=requests * (context + SUFFIX + args.new_tokens) * row["bytes_per_token"] / 2**30,
                 peak_gib=torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
             )  # fmt: skip
             row["points"].append(point)

@@ -124,6 +124,29 @@ def test_requests_streamed_while_others_run_equal_generate():
         assert results[request_id].generated_tokens == generate_alone(model, prompt, greedy_config(max_new_tokens=8))
 
 
+def test_prompts_sharing_a_prefix_share_its_pages_and_keep_their_tokens():
+    model = tiny_model(seed=8)
+    config = greedy_config(max_new_tokens=6)
+    prefix = [(5 * i + 1) % 64 for i in range(32)]  # four whole pages of 8 tokens
+    prompts = [prefix + [3, 9], prefix + [7], prefix + [11, 12, 13]]
+    page = "page_size" if "page_size" in ContinuousBatchingConfig.__dataclass_fields__ else "block_size"
+    manager = model.init_continuous_batching(
+        generation_config=config, continuous_batching_config=small_batches(allow_block_sharing=True, **{page: 8})
+    )
+    manager.start()
+    try:
+        first = finished_results(manager, [manager.add_request(prompts[0], max_new_tokens=6)])
+        cache, matched = manager.batch_processor.cache, []
+        search = cache.search_prefix_match
+        cache.search_prefix_match = lambda *args: matched.append(search(*args)) or matched[-1]
+        later = finished_results(manager, [manager.add_request(prompt, max_new_tokens=6) for prompt in prompts[1:]])
+    finally:
+        manager.stop(block=True, timeout=30)
+    assert matched == [32, 32]  # the later requests read the first one's pages of the prefix
+    for result, prompt in zip([*first.values(), *later.values()], prompts):
+        assert result.generated_tokens == generate_alone(model, prompt, config)
+
+
 def test_pages_hold_the_latent_row_of_mlra_cache():
     model = tiny_model(seed=6)
     manager = model.init_continuous_batching(generation_config=greedy_config(), continuous_batching_config=small_batches())
