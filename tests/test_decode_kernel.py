@@ -158,6 +158,19 @@ def test_kernel_on_an_fp8_cache_matches_the_equations_on_its_dequantized_values(
     assert relative_error(out, reference) < TOLERANCE[dtype]
 
 
+@pytest.mark.parametrize("branches_per_program", [2, 4])
+def test_programs_running_several_branches_read_each_branch_s_fp8_scales(branches_per_program):
+    q_absorbed, q_rope, cache, groups = random_inputs("mlra_4", 2, 2, 4, 16, 8, 150, torch.float32, seed=24)
+    cache = cache * torch.linspace(0.05, 20, cache.shape[-1], device=DEVICE)
+    rows = quantize_latent_rows(cache, 16, 8)
+    seq_lens = torch.tensor([150, 61], device=DEVICE)
+    overrides = {"BRANCHES_PER_PROGRAM": branches_per_program}
+    out = _decode_attention(q_absorbed, q_rope, rows, seq_lens, None, groups, 0.1, 2, overrides)
+    held = dequantize_latent_rows(rows, 4, 16, 8, torch.float32)
+    reference = attention_by_the_equations(q_absorbed, q_rope, held, seq_lens, None, groups, 0.1)
+    assert relative_error(out, reference) < TOLERANCE[torch.float32]
+
+
 def test_the_kernel_leaves_fp16_models_on_an_fp8_cache_to_the_pytorch_path():
     """fp8 probabilities times the cache's scales would leave fp16's range on long contexts: no kernel for that pair."""
     assert kernel_supports(4, 128, 64, 1, torch.bfloat16, torch.float8_e4m3fn)
