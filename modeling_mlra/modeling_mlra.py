@@ -1103,6 +1103,10 @@ class MLRAForCausalLM(MLRAPreTrainedModel, GenerationMixin):
         Unlike a fresh cache per call, one static cache is kept on the model and reset for every call that fits in
         it with the same batch, so a compiled forward sees the same buffers (and never recompiles) call after call.
         """
+        if CACHE_FIELD != "cache" and model_kwargs.get("cache") is not None:
+            # A cache passed as `cache=` (the newer releases' name) to a release that calls it `past_key_values`:
+            # give it generate()'s name so it is the user's cache there too, not a second cache built beside it.
+            model_kwargs[CACHE_FIELD] = model_kwargs.pop("cache")
         cache_options = dict(generation_config.cache_config or {})
         cache_dtype = cache_options.pop("dtype", None)
         implementation = generation_config.cache_implementation

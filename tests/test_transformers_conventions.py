@@ -314,3 +314,21 @@ def test_generate_fills_a_cache_passed_as_cache_without_a_deprecation_warning(re
     assert torch.equal(continued, plain)
     assert cache.get_seq_length() == 6 + 3  # the last new token is never fed back
     assert not [warning for warning in recwarn if issubclass(warning.category, FutureWarning)]
+
+
+
+def test_generate_builds_no_second_cache_beside_one_passed_as_cache(monkeypatch):
+    """On releases that call generate()'s cache `past_key_values`, a cache passed as `cache=` is the one generate()
+    fills and returns; no other cache is built beside it."""
+    model = tiny_model(seed=3)
+    input_ids = random_tokens((1, 6), vocab_size=63) + 1
+    cache = MLRACache(model.config)
+    built = []
+    original_init = MLRACache.__init__
+    monkeypatch.setattr(MLRACache, "__init__", lambda self, *a, **k: (built.append(self), original_init(self, *a, **k)))
+    with torch.no_grad():
+        out = model.generate(
+            input_ids, max_new_tokens=4, do_sample=False, pad_token_id=0, cache=cache, return_dict_in_generate=True
+        )
+    assert out.get("cache", out.get("past_key_values")) is cache
+    assert built == []
