@@ -660,8 +660,14 @@ class MLRAAttention(nn.Module):
                 kv_states, self.num_latent_blocks, self.latent_block_dim, self.qk_rope_head_dim, hidden_states.dtype
             )
         # continuous batching packs many sequences in one row: what counts is each one's new tokens
-        new_tokens = cache.max_new_tokens if isinstance(cache, MLRAPagedLatent) else q_len
-        if decode_kernel_inputs is not None or (cache is not None and new_tokens <= self.config.absorbed_max_query_len):
+        paged = isinstance(cache, MLRAPagedLatent)
+        new_tokens = cache.max_new_tokens if paged else q_len
+        if paged and decode_kernel_inputs is not None:  # one kernel row per sequence
+            attn_output, attn_weights = self.absorbed_attention(
+                cache.to_rows(q_nope), cache.to_rows(q_rope), kv_states, None, decode_kernel_inputs
+            )
+            attn_output = cache.from_rows(attn_output)
+        elif decode_kernel_inputs is not None or (cache is not None and new_tokens <= self.config.absorbed_max_query_len):
             attn_output, attn_weights = self.absorbed_attention(
                 q_nope, q_rope, kv_states, attention_mask, decode_kernel_inputs
             )
@@ -740,8 +746,8 @@ class MLRAAttention(nn.Module):
         q_nope [bsz, T, h, d_n], q_rope [bsz, T, h, d_r], kv_states [bsz, S, d_c + d_r] -> [bsz, T, h, d_v].
         With decode_kernel_inputs (seq_lens [bsz], key_mask [bsz, S] or None, row_starts or None) the softmax part
         runs in the fused Triton kernel (`mlra_decode_kernel.py`), else in PyTorch with the additive attention_mask.
-        row_starts [T] (continuous batching): the T queries of the one packed row are T sequences decoding one token
-        each, whose cached rows start at row_starts in kv_states. Also returns the softmax probabilities
+        row_starts [bsz] (continuous batching): kv_states [1, total, d_c + d_r] packs the rows one after another, row n
+        from token row_starts[n]. Also returns the softmax probabilities
         [bsz, B, h, T, S] with the eager implementation (PyTorch path), else None.
         """
         w_uk, w_uv = self.up_projection_per_branch()
@@ -753,14 +759,10 @@ class MLRAAttention(nn.Module):
         probs = None
         if decode_kernel_inputs is not None:
             seq_lens, key_mask, row_starts = decode_kernel_inputs
-            q_absorbed = q_absorbed.permute(0, 3, 1, 2, 4)  # [bsz, T, B, h, d_l]
-            packed = row_starts is not None  # the kernel's rows are the packed queries: swap the bsz and T axes
-            if packed:
-                q_absorbed, q_rope = q_absorbed.transpose(0, 1), q_rope.transpose(0, 1)
             mixed = mlra_decode_attention(
-                q_absorbed, q_rope, kv_states, seq_lens, key_mask, self.num_groups, self.scaling, row_starts=row_starts
-            )
-            mixed = (mixed.transpose(0, 1) if packed else mixed).permute(0, 2, 3, 1, 4)
+                q_absorbed.permute(0, 3, 1, 2, 4), q_rope, kv_states, seq_lens, key_mask, self.num_groups,
+                self.scaling, row_starts=row_starts,
+            ).permute(0, 2, 3, 1, 4)
         else:
             mixed, probs = self.absorbed_softmax(q_absorbed, q_rope, kv_states, attention_mask)
         mixed = mixed.permute(1, 2, 0, 3, 4).reshape(self.num_branches, self.num_heads, bsz * q_len, -1)
@@ -988,18 +990,25 @@ class MLRAModel(MLRAPreTrainedModel):
 
     def _forward_paged(self, inputs_embeds, attention_mask, position_ids, cache, batch_kwargs) -> BaseModelOutputWithPast:
         """One step of continuous batching: the sequences packed in inputs_embeds [1, T, d] write their latent rows
-        into the paged cache and attend to their own rows only. Where every sequence decodes one token, the fused
-        kernel (on CUDA) reads each sequence's rows; otherwise the additive mask [1, 1, T, S] (built from
-        cu_seq_lens_q / cu_seq_lens_k when the batch comes without one, as for flash implementations)."""
+        into the paged cache and attend to their own rows only. Where every sequence has at most 16 new tokens (decode
+        steps, short prompts or suffixes), the fused kernel (on CUDA) runs one row per sequence, reading only that
+        sequence's rows; otherwise the additive mask [1, 1, T, S] (built from cu_seq_lens_q / cu_seq_lens_k when the
+        batch comes without one, as for flash implementations)."""
+        if self.config.cache_dtype is not None:
+            logger.warning_once(
+                f"config.cache_dtype={self.config.cache_dtype!r} applies to MLRACache; the pages of continuous "
+                "batching hold the latent in the dtype transformers gives them (the model's)"
+            )
         paged = MLRAPagedLatent(cache, batch_kwargs)
         key_offsets = paged.key_offsets()
         decode_kernel_inputs = None
+        new_tokens = paged.max_new_tokens
         if (
-            paged.max_new_tokens == 1
-            and inputs_embeds.shape[1] == len(key_offsets) - 1
+            new_tokens <= self.config.absorbed_max_query_len
             and not batch_kwargs.get("output_attentions", False)
-            and use_decode_kernel(self.config, 1, inputs_embeds.dtype, inputs_embeds.device)
+            and use_decode_kernel(self.config, new_tokens, inputs_embeds.dtype, inputs_embeds.device)
         ):
+            paged.set_rows(batch_kwargs["cu_seq_lens_q"], inputs_embeds.shape[1], new_tokens)
             decode_kernel_inputs = (key_offsets.diff(), None, key_offsets[:-1])
             attention_mask = None
         else:

@@ -54,6 +54,30 @@ class MLRAPagedLatent:
         self.batch_kwargs = batch_kwargs
         self.update_takes_kwargs = _update_takes_kwargs(cache)
 
+    def set_rows(self, cu_seq_lens_q: torch.Tensor, num_tokens: int, new_tokens: int) -> None:
+        """Lay the packed queries out as one row of `new_tokens` per sequence (the decode kernel's [bsz, T] grid),
+        each sequence's tokens at the end of its row: the kernel counts a row's new tokens from its end, and the
+        leading slots of a shorter sequence hold zero queries whose outputs are dropped. Tokens past the last
+        sequence (padding, with CUDA graphs) go to a spare row. No host synchronisation."""
+        ends = cu_seq_lens_q[1:].long()
+        self.num_rows, self.row_width = ends.shape[0], new_tokens
+        tokens = torch.arange(num_tokens, device=ends.device)
+        sequence = torch.bucketize(tokens, ends, right=True)
+        padding = sequence == self.num_rows
+        in_row = new_tokens - (ends[sequence.clamp(max=self.num_rows - 1)] - tokens)
+        self.token_slots = sequence * new_tokens + torch.where(padding, tokens % new_tokens, in_row)
+
+    def to_rows(self, packed: torch.Tensor) -> torch.Tensor:
+        """[1, T, ...] packed queries -> [sequences, new_tokens, ...] rows (see `set_rows`)."""
+        grid = packed.new_zeros((self.num_rows + 1) * self.row_width, *packed.shape[2:])
+        grid[self.token_slots] = packed[0]
+        return grid[: self.num_rows * self.row_width].unflatten(0, (self.num_rows, self.row_width))
+
+    def from_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """[sequences, new_tokens, ...] -> [1, T, ...], the packed tokens' outputs (padding tokens get zeros)."""
+        flat = torch.cat([rows.flatten(0, 1), rows.new_zeros(self.row_width, *rows.shape[2:])])
+        return flat[self.token_slots].unsqueeze(0)
+
     @property
     def max_new_tokens(self) -> int:
         """The most new tokens any sequence of the batch has (decode steps: 1)."""

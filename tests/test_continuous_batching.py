@@ -78,21 +78,22 @@ def test_sampling_with_top_k_one_is_greedy_and_sampling_stays_in_the_vocabulary(
 
 
 @pytest.mark.parametrize("member", ["mla", "mlra_2"])
-def test_decode_kernel_reads_each_sequences_rows_of_the_packed_cache(member, monkeypatch):
-    """decode_kernel="triton" (Triton's interpreter on the CPU): decode steps run the fused kernel, one row per
-    sequence; the tokens equal the PyTorch path's, for each request alone."""
-    packed_calls = []
+def test_decode_kernel_runs_one_row_per_sequence_of_the_packed_batch(member, monkeypatch):
+    """decode_kernel="triton" (Triton's interpreter on the CPU): steps where every sequence has few new tokens run the
+    fused kernel, one row per sequence reading only its own cached rows (a 2-token and a 4-token prompt together,
+    then decode steps); the tokens equal the PyTorch path's, for each request alone."""
+    launches = []
 
-    def counted(*args, row_starts=None, **kwargs):
-        packed_calls.append(row_starts is not None and len(row_starts) == 2)
-        return mlra_decode_attention(*args, row_starts=row_starts, **kwargs)
+    def counted(q_absorbed, *args, row_starts=None, **kwargs):
+        launches.append((tuple(q_absorbed.shape[:2]), row_starts is not None))
+        return mlra_decode_attention(q_absorbed, *args, row_starts=row_starts, **kwargs)
 
     monkeypatch.setattr(modeling_mlra.modeling_mlra, "mlra_decode_attention", counted)
     model = tiny_model(seed=7, decode_kernel="triton", **FAMILY[member])
     config = greedy_config(max_new_tokens=6)
-    prompts = PROMPTS[:2]
+    prompts = [[5, 9], [3, 1, 4, 1]]
     results = model.generate_batch(prompts, generation_config=config, continuous_batching_config=small_batches())
-    assert any(packed_calls)  # both sequences decoding in one kernel launch
+    assert ((2, 4), True) in launches and ((2, 1), True) in launches  # both prompts, then both decode steps
     model.config.decode_kernel = "torch"
     for result, prompt in zip(results.values(), prompts):
         assert result.generated_tokens == generate_alone(model, prompt, config)
