@@ -51,7 +51,10 @@ except ImportError:
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
 # (requests, context) points, cheapest first; a point runs if its tokens fit the model's paged cache
-POINTS = [(1, 1024), (16, 1024), (64, 1024), (256, 1024), (1, 8192), (16, 8192), (64, 8192), (1, 32768), (8, 32768)]
+POINTS = [
+    (1, 1024), (16, 1024), (64, 1024), (256, 1024), (1, 8192), (16, 8192), (64, 8192), (1, 32768), (8, 32768),
+    (256, 8192), (32, 32768),
+]  # fmt: skip
 QUICK_POINTS = [(1, 24), (4, 24), (8, 48)]
 SUFFIX = 16  # distinct tokens at the end of each prompt
 FIT_CONTEXT = 32768
@@ -227,11 +230,14 @@ def main() -> None:
             continue
         results["models"].append(run_model(name, build, points, args, device))
     write_results(args.out, results, markdown(results), command_line())
-    panels = [
-        Panel("decode throughput, 8K context" if not args.quick else "decode throughput", "concurrent requests",
-              "tokens/s", {row["model"]: [(p["requests"], p["decode_tokens_per_s"]) for p in row["points"]
-                           if "decode_tokens_per_s" in p and p["context"] == points[-3][1]] for row in results["models"]}),
-    ]  # fmt: skip
+    panels = []
+    for context in sorted({context for _, context in points}):
+        lines = {
+            row["model"]: [(p["requests"], p["decode_tokens_per_s"]) for p in row["points"]
+                           if "decode_tokens_per_s" in p and p["context"] == context]
+            for row in results["models"]
+        }  # fmt: skip
+        panels.append(Panel(f"decode throughput, {context}-token context", "concurrent requests", "tokens/s", lines))
     plot_panels(Path(args.out).with_suffix(".png"), panels)
     print(markdown(results))
 
