@@ -44,7 +44,7 @@ def post(url: str, body: dict) -> dict:
 def server_url(tmp_path_factory):
     port = free_port()
     log = (tmp_path_factory.mktemp("serve") / "server.log").open("w")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     process = subprocess.Popen(
         [sys.executable, "-m", "modeling_mlra", "serve", str(FOLDER), "--device", "cpu", "--port", str(port),
          "--cb-num-blocks", "64"],
