@@ -5,8 +5,9 @@ transformers' continuous batching (`generate_batch`, `init_continuous_batching`,
 `num_key_value_heads` x `head_dim` values. `MLRAConfig` declares one head of (d_c + d_r) / 2 values, so the pages hold
 exactly the latent row `MLRACache` keeps (d_c + d_r values): its first half in the key page, its second half in the
 value page. `MLRAPagedLatent` writes and reads the rows through the paged cache's own `update` (the release's index
-arithmetic, prefix sharing and forking stay transformers'), and tells the attention how many new tokens each sequence
-of the packed batch has, so decode steps attend in absorbed form on the latent.
+arithmetic, prefix sharing and forking stay transformers'), tells the attention how many new tokens each sequence of
+the packed batch has (decode steps attend in absorbed form on the latent), and lays the packed queries out as one row
+per sequence for the fused decode kernel.
 
 The paged cache's call convention changed during 5.x; both are handled here (tested on transformers 5.17 and 5.24).
 """
@@ -41,8 +42,6 @@ class MLRAPagedLatent:
         cache: the `PagedAttentionCache` continuous batching passed to the model.
         batch_kwargs: the other keyword arguments it passed (read/write indices, cumulative lengths, ...).
     """
-
-    is_compileable = False
 
     def __init__(self, cache, batch_kwargs: dict):
         if batch_kwargs.get("block_table") is not None:
