@@ -1,17 +1,32 @@
-"""End-to-end tensor-parallel decoding on two GPUs: the 2.9B shape (random weights, bf16) of MLRA-4, GLA-2 and MLA
-split over 2 ranks by latent block, beside the same model on one GPU and transformers' DeepseekV3 of the same size
-with `tp_plan="auto"` on the same two GPUs (its plan splits the MLP; its attention runs whole on every GPU).
+"""Tensor-parallel decoding through the compiled step, under torchrun on any number of GPUs: MLRA-4, GLA-2 and MLA
+at the published 2.9B shape (random weights, bf16) split over 1, 2, 4, ... ranks by latent block, beside the same
+model unsplit on one GPU and transformers' Llama of the same size with 8 KV heads split by its own
+`tp_plan="auto"`.
 
-Prompts are not prefilled token by token: each cache is filled with random states of exactly the layout the model
-writes (per GPU: its latent blocks and the rope key), then generate() streams new tokens. Reported per setup, batch
-and prompt: ms per token (median interval between streamed tokens), tokens/s, per-GPU cache bytes, and the share of
-a decode step spent in collectives (NCCL kernel time in a profiled step / median step time).
+One launch measures every degree that divides the world size (each on its own process group of the first P ranks;
+the others wait). Per setup (model x degree), batch and prompt:
+- step ms: the decode step `torch.compile(fullgraph=True)` (inductor) on a static cache holding `prompt` random
+  tokens, captured in a CUDA graph with its all-reduces and replayed, the cache rewound before every replay (median
+  over --replays); on the CPU (--quick) the compiled step called as it is;
+- checks: the replayed step's logits against the eager sharded step's (graph vs eager), and against the unsplit
+  model's on the same cache contents (vs 1 GPU; every rank's cache holds its columns of one random full cache);
+- generate ms: generate()'s median interval between streamed tokens on that cache with its automatic compile
+  (--generate; a compile per shape, so off by default);
+- cache GB per GPU, and collective ms per step: the step's own collectives alone (ours: 2 all-reduces per layer of
+  [bsz, 1, d] in the model dtype; Llama's plan: the same plus its lm_head's all-gather of the logits) captured in a
+  CUDA graph on the same group and replayed, so the column is their cost without the waiting for other ranks that
+  a profiler's NCCL kernel time includes; share = collective ms / step ms.
 
-    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
-        torchrun --nproc-per-node 2 benchmarks/tp_e2e.py --out benchmarks/results/tp_e2e_h200x2
-    torchrun --nproc-per-node 2 benchmarks/tp_e2e.py --quick --out /tmp/tp_e2e    # tiny shapes, CPU, gloo
-
-Writes OUT.json, OUT.md and OUT.png.
+    # issue 19: 4 x H200 (every degree 1, 2, 4 in one launch; NVLink multicast stays off); a launch per batch keeps
+    # each under 10 minutes of compiles (one per model, degree and shape)
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 torchrun --nproc-per-node 4 \
+        benchmarks/tp_e2e.py --batches 1 --output-dir benchmarks/results/tp_e2e_h200x4_b1
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 torchrun --nproc-per-node 4 \
+        benchmarks/tp_e2e.py --batches 16 --output-dir benchmarks/results/tp_e2e_h200x4_b16
+    # one GPU: TP 1 through the sharded code against the unsplit model
+    torchrun --nproc-per-node 1 benchmarks/tp_e2e.py --variants mlra_4 --skip-llama --prompts 32768 \
+        --output-dir benchmarks/results/tp_e2e_h200x1
+    torchrun --nproc-per-node 2 benchmarks/tp_e2e.py --quick --output-dir /tmp/tp_e2e   # tiny shapes, CPU, gloo
 """
 
 import os
@@ -21,243 +36,464 @@ for _name, _value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTIC
     os.environ.setdefault(_name, _value)
 
 import argparse  # noqa: E402
+import datetime  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
+import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from transformers import DeepseekV3Config, DeepseekV3ForCausalLM, DynamicCache  # noqa: E402
+import torch.distributed._functional_collectives as funcol  # noqa: E402
+import transformers  # noqa: E402
+from transformers import LlamaForCausalLM, StaticCache  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (  # noqa: E402
-    IntervalStreamer,
-    Panel,
-    deepseek_v3_config,
-    plot_panels,
-    random_model,
-    software_versions,
-    write_results,
-)
+from common import IntervalStreamer, llama_gqa_config, random_model, set_cache_length, transformers_model  # noqa: E402
 
 from modeling_mlra import MLRACache, MLRAConfig  # noqa: E402  (common puts the repository first)
-from modeling_mlra.tensor_parallel import shard_model  # noqa: E402
+from modeling_mlra.modeling_mlra import CACHE_FIELD  # noqa: E402
+from modeling_mlra.tensor_parallel import LatentShard, check_degree, shard_model  # noqa: E402
 
 VARIANTS = ("mlra_4", "gla_2", "mla")
+QUICK_SHAPES = dict(
+    hidden_size=64, num_hidden_layers=2, num_attention_heads=4, kv_lora_rank=32, qk_nope_head_dim=16,
+    v_head_dim=16, qk_rope_head_dim=8, intermediate_size=128, vocab_size=256,
+)  # fmt: skip
 
 
 def mlra_config(variant: str, args) -> MLRAConfig:
     overrides = dict(max_position_embeddings=max(args.prompts) + args.new_tokens + 8)
+    if args.layers:
+        overrides["num_hidden_layers"] = args.layers
     if args.quick:
-        overrides.update(
-            hidden_size=64, num_hidden_layers=2, num_attention_heads=4, kv_lora_rank=32, qk_nope_head_dim=16,
-            v_head_dim=16, qk_rope_head_dim=8, intermediate_size=128, vocab_size=256,
-            q_lora_rank=48 if variant != "mla" else 64,
-        )  # fmt: skip
+        overrides.update(QUICK_SHAPES, q_lora_rank=48 if variant != "mla" else 64)
     return MLRAConfig.from_variant(variant, **overrides)
 
 
-def deepseek_config(args) -> DeepseekV3Config:
-    """transformers' DeepseekV3 (dense layers) with MLA's 2.9B shape."""
-    return deepseek_v3_config(mlra_config("mla", args))
+# ----------------------------------------------------------------------------------------------- caches
 
 
-def mlra_cache(model, config, batch: int, prompt: int, capacity: int, device, dtype):
-    """An MLRACache holding `prompt` random tokens in the rank's layout (its blocks + the rope key), and the bytes
-    one token takes in it on this GPU (all layers)."""
-    shard = getattr(model, "tensor_parallel", None)
-    width = shard.shard.cache_width if shard is not None else config.kv_lora_rank + config.qk_rope_head_dim
-    cache = MLRACache(config)
-    for layer in cache.layers:
-        layer.lazy_initialization(torch.empty(batch, capacity, width, dtype=dtype, device=device))
-        layer.buffer[:, :prompt].normal_()
-        layer.cumulative_length = prompt
-    return cache, cache.bytes_per_token
-
-
-def deepseek_cache(config, batch: int, prompt: int, device, dtype):
-    """DeepseekV3's cache: per layer the normalized latent as keys [bsz, 1, S, d_c], the rope key as values."""
-    cache = DynamicCache(config=config)
-    for layer_idx in range(config.num_hidden_layers):
-        latent = torch.randn(batch, 1, prompt, config.kv_lora_rank, dtype=dtype, device=device)
-        rope_key = torch.randn(batch, 1, prompt, config.qk_rope_head_dim, dtype=dtype, device=device)
-        cache.update(latent, rope_key, layer_idx)
+def filled_mlra_cache(model, batch: int, prompt: int, capacity: int) -> MLRACache:
+    """A static MLRACache holding `prompt` tokens of one random full-width cache (seeded per layer, the same on every
+    rank), of which this rank keeps its columns: its latent blocks and the rope key (all of them unsplit)."""
+    config, parameter = model.config, next(model.parameters())
+    full_width = config.kv_lora_rank + config.qk_rope_head_dim
+    state = getattr(model, "tensor_parallel", None)
+    columns = list(range(full_width))
+    if state is not None:
+        columns = [*state.shard.latent_columns, *range(config.kv_lora_rank, full_width)]
+    columns = torch.tensor(columns, device=parameter.device)
+    cache = MLRACache(config, max_cache_len=capacity)
+    generator = torch.Generator(parameter.device)
+    for layer_idx, layer in enumerate(cache.layers):
+        layer.lazy_initialization(torch.empty(batch, 0, len(columns), dtype=parameter.dtype, device=parameter.device))
+        generator.manual_seed(layer_idx)
+        for row in range(batch):  # a row at a time: the full-width states of a 16 x 512K batch would not fit
+            full = torch.randn(prompt, full_width, generator=generator, device=parameter.device, dtype=parameter.dtype)
+            layer.buffer[row, :prompt] = full.index_select(-1, columns)
+    set_cache_length(cache, prompt)
     return cache
 
 
-def collective_share(model, cache, batch: int, vocab: int, device, step_ms: float, steps: int = 4) -> float | None:
-    """Share of a decode step spent in collectives: their kernel time (NCCL; CPU time of gloo's all-reduce on the
-    CPU) per profiled step over the median step time."""
-    activities = [torch.profiler.ProfilerActivity.CPU]
+def filled_llama_cache(model, batch: int, prompt: int, capacity: int, degree: int) -> StaticCache:
+    """transformers' StaticCache holding `prompt` random tokens of this rank's KV heads (its plan splits them)."""
+    config, parameter = model.config, next(model.parameters())
+    cache = StaticCache(config=config, max_cache_len=capacity)
+    shape = (batch, config.num_key_value_heads // degree, prompt, config.head_dim)
+    for layer_idx in range(config.num_hidden_layers):
+        states = [torch.randn(shape, dtype=parameter.dtype, device=parameter.device) for _ in range(2)]
+        cache.update(*states, layer_idx)
+    return cache
+
+
+def cache_bytes(cache) -> int:
+    """Bytes the cache's filled part takes on this GPU."""
+    tokens = int(cache.get_seq_length())
+    if isinstance(cache, MLRACache):
+        return cache.bytes_per_token * cache.layers[0].batch_size * tokens
+    return sum(2 * layer.keys[:, :, :tokens].nbytes for layer in cache.layers)
+
+
+# ----------------------------------------------------------------------------------------------- measurements
+
+
+def synchronize(device) -> None:
     if device.type == "cuda":
-        activities.append(torch.profiler.ProfilerActivity.CUDA)
-    token = torch.randint(vocab, (batch, 1), device=device)
-    with torch.no_grad(), torch.profiler.profile(activities=activities) as profile:
-        for _ in range(steps):
-            model(input_ids=token, past_key_values=cache, logits_to_keep=1)
+        torch.cuda.synchronize(device)
+
+
+def timed_replays(replay, rewind, count: int, device) -> list[float]:
+    """Milliseconds of `count` replays, `rewind()` before each (outside the timing). Every rank of a group runs the
+    same count, so their collectives pair up."""
+    times = []
+    for _ in range(count):
+        rewind()
         if device.type == "cuda":
-            torch.cuda.synchronize()
-    total_us = 0.0
-    for event in profile.key_averages():
-        name = event.key.lower()
-        if device.type == "cuda" and "nccl" in name and "kernel" in name:
-            total_us += event.device_time_total
-        elif device.type == "cpu" and name.startswith("c10d::allreduce"):
-            total_us += event.cpu_time_total
-    return total_us / steps / 1e3 / step_ms if total_us else None
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            start = time.perf_counter()
+            replay()
+            times.append((time.perf_counter() - start) * 1e3)
+    return times
 
 
-def decode(model, cache, batch: int, prompt: int, args, vocab: int, device) -> dict:
-    """Stream `args.new_tokens` tokens after a cached prompt; ms/token, tokens/s."""
-    input_ids = torch.randint(vocab, (batch, prompt + 1), device=device)
+def captured(fn, device, warmups: int = 3):
+    """(replay, output): `fn` run `warmups` times on a side stream, then captured in a CUDA graph; on the CPU, `fn`
+    itself with its output copied into the first result."""
+    if device.type != "cuda":
+        output = fn()
+
+        def replay():
+            output.copy_(fn())
+
+        return replay, output
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = fn()
+    return graph.replay, output
+
+
+def step_measurements(model, compiled_step, cache, batch: int, prompt: int, args, device, reference) -> dict:
+    """The compiled step captured and replayed: median ms, its logits against the eager step's and `reference`'s
+    (the unsplit model's logits on the same cache contents and token, if given). Returns the row fields and the
+    replayed logits."""
+    ids = torch.randint(model.config.vocab_size, (batch, 1), generator=torch.Generator().manual_seed(prompt))
+    ids = ids.to(device)
+
+    def rewind():
+        set_cache_length(cache, prompt)
+
+    def step():
+        return compiled_step(ids, cache)
+
+    with torch.no_grad():
+        rewind()  # the warm-up steps advance the cache by a token each; the graph reads the length from the device
+        replay, logits = captured(step, device)
+        times = timed_replays(replay, rewind, args.replays, device)
+        rewind()
+        replay()
+        replayed = logits.float().clone()
+        rewind()
+        eager = model(ids, logits_to_keep=1, **{CACHE_FIELD: cache}).logits.float()
+    row = {"step_ms": statistics.median(times), "graph_vs_eager": relative_error(replayed, eager)}
+    if reference is not None:
+        row["vs_1_gpu"] = relative_error(replayed, reference)
+    return row, replayed
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def generate_interval(model, cache, batch: int, prompt: int, args, device) -> float:
+    """generate() on the filled static cache (its automatic compile): median ms between streamed tokens after the
+    first two."""
+    ids = torch.randint(model.config.vocab_size, (batch, prompt + 1), device=device)
     streamer = IntervalStreamer()
+    set_cache_length(cache, prompt)
     with torch.no_grad():
         model.generate(
-            input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache, streamer=streamer,
-            max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0,
-            disable_compile=True,
+            ids, attention_mask=torch.ones_like(ids), streamer=streamer, max_new_tokens=args.new_tokens,
+            min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0, **{CACHE_FIELD: cache},
         )  # fmt: skip
-    ms = streamer.median_ms()
-    return {"ms_per_token": ms, "tokens_per_s": batch * 1e3 / ms}
+    return statistics.median(streamer.intervals_ms()[2:])
 
 
-def run_setup(name: str, model, make_cache, args, vocab: int, device, record, max_batch_tokens=None) -> None:
-    """Every batch x prompt; `max_batch_tokens` skips larger ones (decided alike on every rank, so no rank is left
-    waiting in a collective)."""
-    for batch in args.batches:
-        for prompt in args.prompts:
-            row = {"setup": name, "batch": batch, "prompt": prompt}
-            if max_batch_tokens is not None and batch * prompt > max_batch_tokens:
-                row["error"] = f"skipped: re-expands {batch * prompt:,} cached latents per layer and step"
-                record(row)
-                continue
-            cache = None
-            try:
-                cache, cache_bytes_per_token = make_cache(batch, prompt)
-                row["cache_gb_per_gpu"] = cache_bytes_per_token * batch * prompt / 1e9
-                row.update(decode(model, cache, batch, prompt, args, vocab, device))
-                if "TP2" in name:
-                    cache, _ = make_cache(batch, prompt)
-                    row["collective_share"] = collective_share(model, cache, batch, vocab, device, row["ms_per_token"])
-            except torch.OutOfMemoryError:
-                row["error"] = "out of memory"
-            del cache
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            record(row)
+def collective_ms(group, degree: int, batch: int, config, dtype, device, replays: int, gathered_logits: bool) -> float:
+    """The step's collectives alone, captured and replayed on `group`: 2 all-reduces per layer of [bsz, 1, d] in
+    the model dtype (and, for Llama's plan, the lm_head's all-gather of [bsz, 1, vocab / P] logits)."""
+    hidden = torch.randn(batch, 1, config.hidden_size, dtype=dtype, device=device)
+    logits = torch.randn(batch * config.vocab_size // degree, dtype=dtype, device=device)
+
+    def collectives():
+        out = hidden
+        for _ in range(2 * config.num_hidden_layers):
+            out = funcol.all_reduce(out, "sum", group)
+        if gathered_logits:
+            out = out.sum() + funcol.all_gather_tensor(logits, 0, group).sum()
+        return out.wait() if isinstance(out, funcol.AsyncCollectiveTensor) else out
+
+    replay, _ = captured(collectives, device)
+    return statistics.median(timed_replays(replay, lambda: None, replays, device))
+
+
+# ----------------------------------------------------------------------------------------------- the run
+
+
+class Runner:
+    """Rows of every setup; rank 0 prints each and rewrites the .md and .json as it goes."""
+
+    def __init__(self, args, device, dtype):
+        self.args, self.device, self.dtype = args, device, dtype
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.rows = []
+        self.meta = {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "gpus": self.world, "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
+            "transformers": transformers.__version__, "new_tokens": args.new_tokens, "replays": args.replays,
+            "backend": args.backend, "command": " ".join(sys.argv),
+        }  # fmt: skip
+
+    def record(self, row: dict) -> None:
+        self.rows.append(row)
+        if self.rank == 0:
+            print(json.dumps(row), flush=True)
+            write_outputs(self.rows, self.meta, self.args.output_dir, plot=False)
+
+    def fits(self, group, needed_bytes: int) -> bool:
+        """Whether every rank of `group` has `needed_bytes` free (decided together, so no rank runs alone)."""
+        if self.device.type != "cuda":
+            return True
+        flag = torch.tensor([int(torch.cuda.mem_get_info(self.device)[0] > needed_bytes * 1.1)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+        return bool(flag.item())
+
+    def run_setup(self, label: str, model, degree: int, group, make_cache, references: dict, peer: bool = False):
+        """Every batch x prompt of one model on `group`. `references` maps (batch, prompt) to the unsplit model's
+        logits: the unsplit setup (degree None) fills it, the split ones compare with it. `peer`: transformers'
+        model (compiled without fullgraph: its plan's hooks may break the graph)."""
+        args = self.args
+        compiled_step = torch.compile(
+            lambda ids, cache: model(ids, logits_to_keep=1, **{CACHE_FIELD: cache}).logits,
+            fullgraph=not peer, dynamic=False, backend=args.backend,
+        )  # dynamic=False: a graph per shape, each as fast as a single-shape run
+        for batch in args.batches:
+            for prompt in args.prompts:
+                row = {"setup": label, "degree": degree, "batch": batch, "prompt": prompt}
+                cache = None
+                try:
+                    capacity = prompt + args.new_tokens + 8
+                    if not self.fits(group, self.cache_bytes_estimate(model, batch, capacity, degree) + (2 << 30)):
+                        row["error"] = "does not fit"
+                        self.record(row)
+                        continue
+                    cache = make_cache(batch, prompt, capacity)
+                    row["cache_gb_per_gpu"] = cache_bytes(cache) / 1e9
+                    reference = references.get((batch, prompt)) if degree is not None else None
+                    measured, logits = step_measurements(
+                        model, compiled_step, cache, batch, prompt, args, self.device, reference
+                    )
+                    row.update(measured)
+                    if degree is None:
+                        references[(batch, prompt)] = logits
+                    else:
+                        row["collective_ms"] = collective_ms(
+                            group, degree, batch, model.config, self.dtype, self.device, args.replays, peer
+                        )
+                        row["collective_share"] = row["collective_ms"] / row["step_ms"]
+                    if args.generate:
+                        row["generate_ms"] = generate_interval(model, cache, batch, prompt, args, self.device)
+                except torch.OutOfMemoryError:
+                    row["error"] = "out of memory"
+                except Exception as error:  # recorded, so that the other setups still run (alike on every rank)
+                    row["error"] = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+                del cache
+                release(self.device)
+                self.record(row)
+
+    def cache_bytes_estimate(self, model, batch: int, capacity: int, degree: int | None) -> int:
+        config, degree = model.config, degree or 1
+        element = torch.finfo(self.dtype).bits // 8
+        if isinstance(config, MLRAConfig):
+            width = LatentShard.for_rank(config, 0, degree).cache_width
+        else:
+            width = 2 * config.num_key_value_heads // degree * config.head_dim
+        return width * element * batch * capacity * config.num_hidden_layers
+
+
+def degrees_of(world: int, requested: list[int] | None) -> list[int]:
+    """The degrees to run: `requested`, else every power of two up to the world size that divides it."""
+    degrees = requested or [p for p in (1, 2, 4, 8, 16) if p <= world and world % p == 0]
+    for degree in degrees:
+        if degree > world:
+            raise SystemExit(f"--degrees {degree}: only {world} processes (torchrun --nproc-per-node)")
+    return degrees
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="output prefix: OUT.json, OUT.md, OUT.png")
-    parser.add_argument("--prompts", type=int, nargs="+", default=[4096, 32768, 131072])
+    parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument("--prompts", type=int, nargs="+", default=[4096, 32768, 131072, 524288])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--degrees", type=int, nargs="+", help="default: 1, 2, 4, ... up to the world size")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
-    parser.add_argument("--skip-deepseek", action="store_true")
-    parser.add_argument(
-        "--deepseek-max-batch-tokens", type=int, default=1 << 20,
-        help="DeepseekV3 expands every cached latent to per-head K/V each step (~70 GB at batch 16 x 128K on top of "
-        "its cache): larger batch x prompt are skipped",
-    )  # fmt: skip
+    parser.add_argument("--layers", type=int, help="layers of every model (default: the published 24)")
+    parser.add_argument("--replays", type=int, default=20)
+    parser.add_argument("--new-tokens", type=int, default=16, help="generate()'s new tokens (--generate)")
+    parser.add_argument("--generate", action="store_true", help="also time generate() (compiles once more per shape)")
+    parser.add_argument("--skip-llama", action="store_true")
+    parser.add_argument("--backend", default="inductor", help="torch.compile backend (aot_eager: a quick check)")
     parser.add_argument("--quick", action="store_true", help="tiny shapes on the CPU (gloo), to check the script")
     args = parser.parse_args()
     if args.quick:
-        args.prompts, args.batches, args.new_tokens = [64, 256], [1, 2], 4
+        args.prompts, args.batches, args.replays = [64, 256], [1, 2], 3
     use_cuda = torch.cuda.is_available() and not args.quick
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group("nccl" if use_cuda else "gloo")
+    # rank 0 alone measures the unsplit model while the others wait: a long wait is not a hung collective
+    dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(hours=2))
+    torch._dynamo.config.recompile_limit = 64  # a compile per shape; the replays themselves never recompile
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     dtype = torch.bfloat16 if use_cuda else torch.float32
-    rows = []
-
-    def record(row):
-        rows.append(row)
-        if rank == 0:
-            print(json.dumps(row), flush=True)
+    degrees = degrees_of(world, args.degrees)
+    unsplit_group = dist.new_group([0])
+    groups = {degree: dist.new_group(list(range(degree))) for degree in degrees}
+    runner = Runner(args, device, dtype)
 
     for variant in args.variants:
         config = mlra_config(variant, args)
-        model = random_model(config, device, dtype)
+        references = {}
+        if rank == 0:  # the unsplit model on one GPU, the reference of every degree
+            model = random_model(config, device, dtype)
+            runner.run_setup(f"{variant} 1 GPU", model, None, unsplit_group, make_mlra_cache(model), references)
+            del model
+            release(device)
+        for degree in degrees:
+            try:
+                check_degree(config, degree)
+            except ValueError as error:
+                if rank == 0:
+                    runner.record({"setup": f"{variant} TP{degree}", "degree": degree, "error": str(error)})
+                continue
+            if rank < degree:  # the same random weights as the unsplit model, then this rank's share
+                model = shard_model(random_model(config, device, dtype), groups[degree], device=device)
+                runner.run_setup(
+                    f"{variant} TP{degree}", model, degree, groups[degree], make_mlra_cache(model), references
+                )
+                del model
+            release(device)
+            dist.barrier()
 
-        def make_cache(batch, prompt):
-            return mlra_cache(model, config, batch, prompt, prompt + args.new_tokens + 8, device, dtype)
-
-        if rank == 0:  # the same model on one GPU, while the other rank waits
-            run_setup(f"{variant} 1 GPU", model, make_cache, args, config.vocab_size, device, record)
-        dist.barrier()
-        shard_model(model, device=device)
-        run_setup(f"{variant} TP{world}", model, make_cache, args, config.vocab_size, device, record)
-        del model
-        gc.collect()
-        if use_cuda:
-            torch.cuda.empty_cache()
-        dist.barrier()
-
-    if not args.skip_deepseek:
-        config = deepseek_config(args)
-        folder = Path(tempfile.gettempdir()) / "tp_e2e_deepseek_v3"
-        if rank == 0:
-            torch.manual_seed(0)
-            DeepseekV3ForCausalLM._from_config(config, dtype=dtype).save_pretrained(folder)
-        dist.barrier()
-        model = DeepseekV3ForCausalLM.from_pretrained(folder, tp_plan="auto", dtype=dtype).eval()
-        bytes_per_token = (config.kv_lora_rank + config.qk_rope_head_dim) * torch.finfo(dtype).bits // 8
-        run_setup(
-            f"DeepseekV3 TP{world} (tp_plan=auto)", model,
-            lambda b, p: (deepseek_cache(config, b, p, device, dtype), bytes_per_token * config.num_hidden_layers),
-            args, config.vocab_size, device, record, max_batch_tokens=args.deepseek_max_batch_tokens,
-        )  # fmt: skip
+    if not args.skip_llama:
+        run_llama(runner, args, degrees, unsplit_group, groups, device, dtype, rank)
 
     if rank == 0:
-        meta = {
-            "device": torch.cuda.get_device_name() if use_cuda else "cpu",
-            "gpus": world, "dtype": str(dtype).removeprefix("torch."), **software_versions(),
-            "new_tokens": args.new_tokens,
-        }  # fmt: skip
-        write_outputs(rows, meta, args.out)
+        write_outputs(runner.rows, runner.meta, args.output_dir, plot=True)
     dist.destroy_process_group()
 
 
-def write_outputs(rows: list[dict], meta: dict, out: Path) -> None:
+def make_mlra_cache(model):
+    return lambda batch, prompt, capacity: filled_mlra_cache(model, batch, prompt, capacity)
+
+
+def release(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_llama(runner: Runner, args, degrees, unsplit_group, groups, device, dtype, rank) -> None:
+    """transformers' Llama (8 KV heads, the size of MLRA-4): unsplit on one GPU, and at each degree > 1 dividing
+    its KV heads split by its own `tp_plan="auto"` over that degree's ranks."""
+    config = llama_gqa_config(mlra_config("mlra_4", args), kv_heads=8 if not args.quick else 4)
+    references = {}
+    folder = Path(tempfile.gettempdir()) / "tp_e2e_llama"
+    if rank == 0:
+        model = transformers_model(config, device, dtype)
+        model.save_pretrained(folder)
+        runner.run_setup(
+            "llama 1 GPU", model, None, unsplit_group,
+            lambda b, p, c: filled_llama_cache(model, b, p, c, 1), references, peer=True,
+        )  # fmt: skip
+        del model
+        release(device)
+    dist.barrier()
+    for degree in degrees:
+        if degree == 1 or config.num_key_value_heads % degree:
+            continue
+        if rank < degree:
+            mesh = dist.device_mesh.DeviceMesh.from_group(groups[degree], device.type)
+            model = LlamaForCausalLM.from_pretrained(folder, tp_plan="auto", device_mesh=mesh, dtype=dtype).eval()
+            runner.run_setup(
+                f"llama TP{degree} (tp_plan=auto)", model, degree, groups[degree],
+                lambda b, p, c, model=model, degree=degree: filled_llama_cache(model, b, p, c, degree), {},
+                peer=True,
+            )  # fmt: skip
+            del model
+        release(device)
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def fmt(value, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def write_outputs(rows: list[dict], meta: dict, output_dir: Path, plot: bool) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "tp_e2e.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    one_gpu = {(r["setup"].split()[0], r["batch"], r["prompt"]): r["step_ms"] for r in rows
+               if r["setup"].endswith("1 GPU") and "step_ms" in r}  # fmt: skip
     lines = [
-        f"# Tensor-parallel decode, {meta['gpus']} x {meta['device']}, {meta['dtype']}, 2.9B shape, random weights",
+        f"# Tensor-parallel decode through the compiled step, {meta['gpus']} x {meta['device']}, {meta['dtype']}, "
+        "2.9B shape, random weights",
         "",
-        f"torch {meta['torch']}, transformers {meta['transformers']}; generate() with a cache holding the prompt; "
-        f"median interval between {meta['new_tokens']} streamed tokens; collectives: NCCL kernel time per step.",
+        f"Command: `{meta['command']}`  ",
+        f"torch {meta['torch']}, transformers {meta['transformers']}, compile backend {meta['backend']}. step: the "
+        f"compiled decode step captured in a CUDA graph, median of {meta['replays']} replays; vs 1 GPU: this "
+        "degree's step / the unsplit model's; collectives: the step's own collectives alone, captured and replayed "
+        "on the same ranks; generate: generate()'s median interval between streamed tokens (its automatic compile).",
         "",
-        "| setup | batch | prompt | ms/token | tokens/s | cache GB per GPU | collectives share |",
-        "|---|---|---|---|---|---|---|",
+        "| setup | batch | prompt | step ms | vs 1 GPU | generate ms | cache GB per GPU | collective ms | "
+        "collective share | graph vs eager | logits vs 1 GPU |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
+        prompt = f"{row['prompt']:,}" if "prompt" in row else ""
         if "error" in row:
-            lines.append(f"| {row['setup']} | {row['batch']} | {row['prompt']:,} | {row['error']} | | | |")
+            lines.append(f"| {row['setup']} | {row.get('batch', '')} | {prompt} | {row['error']} | | | | | | | |")
             continue
-        share = row.get("collective_share")
+        base = one_gpu.get((row["setup"].split()[0], row["batch"], row["prompt"]))
+        ratio = row["step_ms"] / base if base and not row["setup"].endswith("1 GPU") else None
         lines.append(
-            f"| {row['setup']} | {row['batch']} | {row['prompt']:,} | {row['ms_per_token']:.2f} | "
-            f"{row['tokens_per_s']:.1f} | {row['cache_gb_per_gpu']:.2f} | {'' if share is None else f'{share:.0%}'} |"
+            f"| {row['setup']} | {row['batch']} | {prompt} | {row['step_ms']:.3f} | {fmt(ratio, '.3f')} | "
+            f"{fmt(row.get('generate_ms'), '.2f')} | {row['cache_gb_per_gpu']:.2f} | "
+            f"{fmt(row.get('collective_ms'), '.3f')} | {fmt(row.get('collective_share'), '.0%')} | "
+            f"{row['graph_vs_eager']:.1e} | {fmt(row.get('vs_1_gpu'), '.1e')} |"
         )
-    markdown = "\n".join(lines) + "\n"
-    write_results(out, {"meta": meta, "rows": rows}, markdown)
-    print(markdown)
-    panels = [
-        Panel(
-            f"batch {batch}", "prompt tokens (cached)", "ms per token",
-            {
-                setup: [(r["prompt"], r["ms_per_token"]) for r in rows
-                        if r["setup"] == setup and r["batch"] == batch and "ms_per_token" in r]
-                for setup in dict.fromkeys(row["setup"] for row in rows)
-            },
-        )  # fmt: skip
-        for batch in sorted({row["batch"] for row in rows})
-    ]
-    plot_panels(out.with_suffix(".png"), panels)
+    (output_dir / "tp_e2e.md").write_text("\n".join(lines) + "\n")
+    if not plot:
+        return
+    print("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no PNG")
+        return
+    batches = sorted({row["batch"] for row in rows if "batch" in row})
+    figure, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4), squeeze=False)
+    for axis, batch in zip(axes[0], batches):
+        for setup in dict.fromkeys(row["setup"] for row in rows):
+            points = [(r["prompt"], r["step_ms"]) for r in rows if r["setup"] == setup and r.get("batch") == batch
+                      and "step_ms" in r]  # fmt: skip
+            if points:
+                axis.plot(*zip(*points), marker="o", label=setup)
+        axis.set(xscale="log", xlabel="prompt tokens (cached)", ylabel="compiled step ms", title=f"batch {batch}")
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(output_dir / "tp_e2e.png", dpi=120)
 
 
 if __name__ == "__main__":

@@ -141,10 +141,11 @@ def check_prompt_fits(num_prompt_tokens: int, max_new_tokens: int, context: int)
         )
 
 
-def decoding_options(device: str, compile: bool, tensor_parallel: bool) -> dict:
-    """generate()'s cache options: on one CUDA device, a static cache, on which generate() compiles the decode step
-    (MLRAForCausalLM._default_compile_config); elsewhere, or with --no-compile, the growing cache, eager."""
-    if compile and device.startswith("cuda") and not tensor_parallel:
+def decoding_options(device: str, compile: bool) -> dict:
+    """generate()'s cache options: on CUDA, a static cache, on which generate() compiles the decode step
+    (MLRAForCausalLM._default_compile_config; split over GPUs under torchrun, every rank replays the same compiled
+    step, its all-reduces inside); elsewhere, or with --no-compile, the growing cache, eager."""
+    if compile and device.startswith("cuda"):
         return dict(cache_implementation="static")
     return {}
 
@@ -184,7 +185,7 @@ def generate(options) -> None:
         streamer=streamer,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         **(sampling if options.do_sample else {}),
-        **decoding_options(device, options.compile, bool(tensor_parallel)),
+        **decoding_options(device, options.compile),
     )
     elapsed = time.perf_counter() - start
     new_tokens = output.shape[1] - inputs["input_ids"].shape[1]

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 
@@ -117,9 +118,7 @@ class RowParallelLinear(nn.Linear):
         self.group = group
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        output = F.linear(hidden_states, self.weight)
-        dist.all_reduce(output, group=self.group)
-        return output
+        return funcol.all_reduce(F.linear(hidden_states, self.weight), "sum", self.group)
 
 
 class HeldBlocksSharedNorm(nn.Module):

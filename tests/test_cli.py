@@ -33,12 +33,11 @@ def test_generate_without_a_model_streams_the_embedded_model_and_reports_tokens_
     assert re.fullmatch(r"\d+ tokens in [\d.]+ s: [\d.]+ tokens/s on cpu, float32\]\n", report), report
 
 
-def test_generate_on_one_gpu_decodes_on_a_static_cache_with_the_compiled_step_unless_told_not_to():
-    assert decoding_options("cuda", compile=True, tensor_parallel=False) == dict(cache_implementation="static")
-    assert decoding_options("cuda:1", compile=True, tensor_parallel=False) == dict(cache_implementation="static")
-    assert decoding_options("cuda", compile=False, tensor_parallel=False) == {}
-    assert decoding_options("cuda", compile=True, tensor_parallel=True) == {}
-    assert decoding_options("cpu", compile=True, tensor_parallel=False) == {}
+def test_generate_on_gpus_decodes_on_a_static_cache_with_the_compiled_step_unless_told_not_to():
+    assert decoding_options("cuda", compile=True) == dict(cache_implementation="static")  # one GPU or a rank's
+    assert decoding_options("cuda:1", compile=True) == dict(cache_implementation="static")
+    assert decoding_options("cuda", compile=False) == {}
+    assert decoding_options("cpu", compile=True) == {}
 
 
 def test_generate_samples_reproducibly_with_a_seed():

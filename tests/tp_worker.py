@@ -7,14 +7,17 @@ case of one world size in one launch. Every rank loads each case's checkpoint tw
 import json
 import os
 import socket
+import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch._dynamo.utils import counters
 from transformers import set_seed
 
 from modeling_mlra import MLRACache, MLRAForCausalLM
+from modeling_mlra.modeling_mlra import CACHE_FIELD
 
 GENERATE_MODES = {
     "greedy": dict(),
@@ -44,6 +47,51 @@ def computations(model, tokens: torch.Tensor, modes: list[str], assistant) -> di
     return results
 
 
+@torch.no_grad()
+def greedy_steps(model, step, prompt: torch.Tensor, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy decoding on a static cache after an eager prefill of `prompt`, each token through `step(ids, cache)`:
+    the tokens [bsz, steps] and the logits of every step [bsz, steps, vocab]."""
+    cache = MLRACache(model.config, max_cache_len=prompt.shape[1] + steps)
+    logits = model(prompt, **{CACHE_FIELD: cache}).logits[:, -1:]
+    tokens, step_logits = [], []
+    for _ in range(steps):
+        tokens.append(logits.argmax(-1))
+        logits = step(tokens[-1], cache)
+        step_logits.append(logits)
+    return torch.cat(tokens, 1), torch.cat(step_logits, 1)
+
+
+def compiled_in_turn(model, flag: Path):
+    """The decode step `torch.compile(fullgraph=True)` (inductor), compiled by rank 0 first: the other ranks wait
+    for its compilation to end and find the same graph in inductor's on-disk caches (every rank's share has the
+    same shapes), instead of compiling it at once on a shared CPU."""
+    compiled = torch.compile(
+        lambda ids, cache: model(ids, logits_to_keep=1, **{CACHE_FIELD: cache}).logits, fullgraph=True
+    )
+    first_call = True
+
+    def step(ids, cache):
+        nonlocal first_call
+        if not first_call:
+            return compiled(ids, cache)
+        first_call = False
+        if dist.get_rank() != 0:
+            while not flag.exists():
+                time.sleep(0.1)
+            return compiled(ids, cache)
+        signal = torch._dynamo.callback_handler.register_end_callback(lambda _: flag.touch())
+        try:
+            return compiled(ids, cache)
+        finally:
+            torch._dynamo.callback_handler.remove_end_callback(signal)
+
+    return step
+
+
+def eager_step(model):
+    return lambda ids, cache: model(ids, logits_to_keep=1, **{CACHE_FIELD: cache}).logits
+
+
 def run_case(case: dict) -> dict:
     path = case["path"]
     if "error" in case:
@@ -62,6 +110,21 @@ def run_case(case: dict) -> dict:
     if dist.get_rank() == 0:
         outputs["whole"] = computations(whole, tokens, modes, whole)
     record = {}
+    if "compile_flag" in case:  # the compiled decode step against the eager split step and the whole model
+        prompt, steps, graphs = tokens[:, :8], 4, counters["stats"]["unique_graphs"]
+        compiled_step = compiled_in_turn(split, Path(case["compile_flag"]))
+        compiled_tokens, compiled_logits = greedy_steps(split, compiled_step, prompt, steps)
+        record["compiled_graphs"] = counters["stats"]["unique_graphs"] - graphs  # 1: no recompilation across steps
+        eager_tokens, eager_logits = greedy_steps(split, eager_step(split), prompt, steps)
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, compiled_tokens.tolist())
+        record["compiled_ranks_agree"] = all(rank_tokens == gathered[0] for rank_tokens in gathered)
+        if dist.get_rank() == 0:
+            whole_tokens, whole_logits = greedy_steps(whole, eager_step(whole), prompt, steps)
+            record["compiled_vs_eager_split"] = (compiled_logits - eager_logits).abs().max().item()
+            record["compiled_vs_whole"] = (compiled_logits - whole_logits).abs().max().item()
+            record["compiled_tokens_equal"] = torch.equal(compiled_tokens, whole_tokens)
+            record["eager_split_tokens_equal"] = torch.equal(eager_tokens, whole_tokens)
     for mode in modes:
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, outputs["split"][mode].tolist())
