@@ -20,13 +20,15 @@ the others wait). Per setup (model x degree), batch and prompt:
     # issue 19: 4 x H200 (every degree 1, 2, 4 in one launch; NVLink multicast stays off); a launch per batch keeps
     # each under 10 minutes of compiles (one per model, degree and shape)
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 torchrun --nproc-per-node 4 \
-        benchmarks/tp_e2e.py --batches 1 --output-dir benchmarks/results/tp_e2e_h200x4_b1
+        benchmarks/tp_e2e.py --batches 1 --out benchmarks/results/tp_e2e_h200x4_b1
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 torchrun --nproc-per-node 4 \
-        benchmarks/tp_e2e.py --batches 16 --output-dir benchmarks/results/tp_e2e_h200x4_b16
+        benchmarks/tp_e2e.py --batches 16 --out benchmarks/results/tp_e2e_h200x4_b16
     # one GPU: TP 1 through the sharded code against the unsplit model
     torchrun --nproc-per-node 1 benchmarks/tp_e2e.py --variants mlra_4 --skip-llama --prompts 32768 \
-        --output-dir benchmarks/results/tp_e2e_h200x1
-    torchrun --nproc-per-node 2 benchmarks/tp_e2e.py --quick --output-dir /tmp/tp_e2e   # tiny shapes, CPU, gloo
+        --out benchmarks/results/tp_e2e_h200x1
+    torchrun --nproc-per-node 2 benchmarks/tp_e2e.py --quick --backend aot_eager --out /tmp/tp_e2e  # CPU, gloo
+
+Writes OUT.json, OUT.md and OUT.png.
 """
 
 import os
@@ -37,7 +39,6 @@ for _name, _value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTIC
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
-import gc  # noqa: E402
 import json  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
@@ -48,11 +49,21 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.distributed._functional_collectives as funcol  # noqa: E402
-import transformers  # noqa: E402
 from transformers import LlamaForCausalLM, StaticCache  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import IntervalStreamer, llama_gqa_config, random_model, set_cache_length, transformers_model  # noqa: E402
+from common import (  # noqa: E402
+    IntervalStreamer,
+    Panel,
+    llama_gqa_config,
+    plot_panels,
+    random_model,
+    release,
+    set_cache_length,
+    software_versions,
+    transformers_model,
+    write_results,
+)
 
 from modeling_mlra import MLRACache, MLRAConfig  # noqa: E402  (common puts the repository first)
 from modeling_mlra.modeling_mlra import CACHE_FIELD  # noqa: E402
@@ -79,7 +90,8 @@ def mlra_config(variant: str, args) -> MLRAConfig:
 
 def filled_mlra_cache(model, batch: int, prompt: int, capacity: int) -> MLRACache:
     """A static MLRACache holding `prompt` tokens of one random full-width cache (seeded per layer, the same on every
-    rank), of which this rank keeps its columns: its latent blocks and the rope key (all of them unsplit)."""
+    rank), of which this rank keeps its columns: its latent blocks and the rope key (all of them unsplit), written
+    through the cache's own update."""
     config, parameter = model.config, next(model.parameters())
     full_width = config.kv_lora_rank + config.qk_rope_head_dim
     state = getattr(model, "tensor_parallel", None)
@@ -89,13 +101,14 @@ def filled_mlra_cache(model, batch: int, prompt: int, capacity: int) -> MLRACach
     columns = torch.tensor(columns, device=parameter.device)
     cache = MLRACache(config, max_cache_len=capacity)
     generator = torch.Generator(parameter.device)
-    for layer_idx, layer in enumerate(cache.layers):
-        layer.lazy_initialization(torch.empty(batch, 0, len(columns), dtype=parameter.dtype, device=parameter.device))
+    for layer_idx in range(config.num_hidden_layers):
         generator.manual_seed(layer_idx)
+        states = torch.empty(batch, prompt, len(columns), dtype=parameter.dtype, device=parameter.device)
         for row in range(batch):  # a row at a time: the full-width states of a 16 x 512K batch would not fit
             full = torch.randn(prompt, full_width, generator=generator, device=parameter.device, dtype=parameter.dtype)
-            layer.buffer[row, :prompt] = full.index_select(-1, columns)
-    set_cache_length(cache, prompt)
+            states[row] = full.index_select(-1, columns)
+        cache.update(states, layer_idx)
+        del states
     return cache
 
 
@@ -244,16 +257,19 @@ class Runner:
         self.rows = []
         self.meta = {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "gpus": self.world, "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
-            "transformers": transformers.__version__, "new_tokens": args.new_tokens, "replays": args.replays,
-            "backend": args.backend, "command": " ".join(sys.argv),
+            "gpus": self.world, "dtype": str(dtype).removeprefix("torch."), **software_versions(),
+            "new_tokens": args.new_tokens, "replays": args.replays, "backend": args.backend,
         }  # fmt: skip
 
     def record(self, row: dict) -> None:
         self.rows.append(row)
+        self.rewrite()
+
+    def rewrite(self) -> None:
+        """Rank 0 prints the last row and rewrites the .md and .json."""
         if self.rank == 0:
-            print(json.dumps(row), flush=True)
-            write_outputs(self.rows, self.meta, self.args.output_dir, plot=False)
+            print(json.dumps(self.rows[-1]), flush=True)
+            write_outputs(self.rows, self.meta, self.args.out, plot=False)
 
     def fits(self, group, needed_bytes: int) -> bool:
         """Whether every rank of `group` has `needed_bytes` free (decided together, so no rank runs alone)."""
@@ -278,7 +294,9 @@ class Runner:
                 cache = None
                 try:
                     capacity = prompt + args.new_tokens + 8
-                    if not self.fits(group, self.cache_bytes_estimate(model, batch, capacity, degree) + (2 << 30)):
+                    # the cache, a layer's states while it is filled, and 2 GB for the step
+                    needed = self.cache_bytes_estimate(model, batch, capacity, degree)
+                    if not self.fits(group, needed + needed // model.config.num_hidden_layers + (2 << 30)):
                         row["error"] = "does not fit"
                         self.record(row)
                         continue
@@ -296,7 +314,8 @@ class Runner:
                             group, degree, batch, model.config, self.dtype, self.device, args.replays, peer
                         )
                         row["collective_share"] = row["collective_ms"] / row["step_ms"]
-                    if args.generate:
+                    if args.generate:  # the step's row is written first: a run cut short in a compile keeps it
+                        self.record(row)
                         row["generate_ms"] = generate_interval(model, cache, batch, prompt, args, self.device)
                 except torch.OutOfMemoryError:
                     row["error"] = "out of memory"
@@ -304,7 +323,10 @@ class Runner:
                     row["error"] = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
                 del cache
                 release(self.device)
-                self.record(row)
+                if self.rows and self.rows[-1] is row:  # recorded before generate()
+                    self.rewrite()
+                else:
+                    self.record(row)
 
     def cache_bytes_estimate(self, model, batch: int, capacity: int, degree: int | None) -> int:
         config, degree = model.config, degree or 1
@@ -327,7 +349,7 @@ def degrees_of(world: int, requested: list[int] | None) -> list[int]:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="output prefix: OUT.json, OUT.md, OUT.png")
     parser.add_argument("--prompts", type=int, nargs="+", default=[4096, 32768, 131072, 524288])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--degrees", type=int, nargs="+", help="default: 1, 2, 4, ... up to the world size")
@@ -384,18 +406,12 @@ def main():
         run_llama(runner, args, degrees, unsplit_group, groups, device, dtype, rank)
 
     if rank == 0:
-        write_outputs(runner.rows, runner.meta, args.output_dir, plot=True)
+        write_outputs(runner.rows, runner.meta, args.out, plot=True)
     dist.destroy_process_group()
 
 
 def make_mlra_cache(model):
     return lambda batch, prompt, capacity: filled_mlra_cache(model, batch, prompt, capacity)
-
-
-def release(device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def run_llama(runner: Runner, args, degrees, unsplit_group, groups, device, dtype, rank) -> None:
@@ -437,19 +453,16 @@ def fmt(value, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
 
-def write_outputs(rows: list[dict], meta: dict, output_dir: Path, plot: bool) -> None:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "tp_e2e.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+def write_outputs(rows: list[dict], meta: dict, out: Path, plot: bool) -> None:
     one_gpu = {(r["setup"].split()[0], r["batch"], r["prompt"]): r["step_ms"] for r in rows
                if r["setup"].endswith("1 GPU") and "step_ms" in r}  # fmt: skip
     lines = [
         f"# Tensor-parallel decode through the compiled step, {meta['gpus']} x {meta['device']}, {meta['dtype']}, "
         "2.9B shape, random weights",
         "",
-        f"Command: `{meta['command']}`  ",
         f"torch {meta['torch']}, transformers {meta['transformers']}, compile backend {meta['backend']}. step: the "
         f"compiled decode step captured in a CUDA graph, median of {meta['replays']} replays; vs 1 GPU: this "
-        "degree's step / the unsplit model's; collectives: the step's own collectives alone, captured and replayed "
+        "setup's step / the unsplit model's; collectives: the step's own collectives alone, captured and replayed "
         "on the same ranks; generate: generate()'s median interval between streamed tokens (its automatic compile).",
         "",
         "| setup | batch | prompt | step ms | vs 1 GPU | generate ms | cache GB per GPU | collective ms | "
@@ -458,7 +471,7 @@ def write_outputs(rows: list[dict], meta: dict, output_dir: Path, plot: bool) ->
     ]
     for row in rows:
         prompt = f"{row['prompt']:,}" if "prompt" in row else ""
-        if "error" in row:
+        if "step_ms" not in row:
             lines.append(f"| {row['setup']} | {row.get('batch', '')} | {prompt} | {row['error']} | | | | | | | |")
             continue
         base = one_gpu.get((row["setup"].split()[0], row["batch"], row["prompt"]))
@@ -469,31 +482,27 @@ def write_outputs(rows: list[dict], meta: dict, output_dir: Path, plot: bool) ->
             f"{fmt(row.get('collective_ms'), '.3f')} | {fmt(row.get('collective_share'), '.0%')} | "
             f"{row['graph_vs_eager']:.1e} | {fmt(row.get('vs_1_gpu'), '.1e')} |"
         )
-    (output_dir / "tp_e2e.md").write_text("\n".join(lines) + "\n")
+    errors = [f"- {row['setup']}, batch {row['batch']}, prompt {row['prompt']:,}: {row['error']}" for row in rows
+              if "step_ms" in row and "error" in row]  # fmt: skip
+    if errors:
+        lines += ["", "Errors after the step was measured:", *errors]
+    markdown = "\n".join(lines) + "\n"
+    write_results(out, {"meta": meta, "rows": rows}, markdown)
     if not plot:
         return
-    print("\n".join(lines))
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no PNG")
-        return
-    batches = sorted({row["batch"] for row in rows if "batch" in row})
-    figure, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4), squeeze=False)
-    for axis, batch in zip(axes[0], batches):
-        for setup in dict.fromkeys(row["setup"] for row in rows):
-            points = [(r["prompt"], r["step_ms"]) for r in rows if r["setup"] == setup and r.get("batch") == batch
-                      and "step_ms" in r]  # fmt: skip
-            if points:
-                axis.plot(*zip(*points), marker="o", label=setup)
-        axis.set(xscale="log", xlabel="prompt tokens (cached)", ylabel="compiled step ms", title=f"batch {batch}")
-        axis.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(output_dir / "tp_e2e.png", dpi=120)
+    print(markdown)
+    panels = [
+        Panel(
+            f"batch {batch}", "prompt tokens (cached)", "compiled step ms",
+            {
+                setup: [(r["prompt"], r["step_ms"]) for r in rows
+                        if r["setup"] == setup and r.get("batch") == batch and "step_ms" in r]
+                for setup in dict.fromkeys(row["setup"] for row in rows)
+            },
+        )  # fmt: skip
+        for batch in sorted({row["batch"] for row in rows if "batch" in row})
+    ]
+    plot_panels(out.with_suffix(".png"), panels)
 
 
 if __name__ == "__main__":

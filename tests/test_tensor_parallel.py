@@ -1,5 +1,5 @@
 """Tensor parallelism over latent blocks: which rank holds what, and 2 and 4 gloo ranks computing what one process
-computes, from both checkpoint formats."""
+computes, from both checkpoint formats, eagerly and through the compiled decode step."""
 
 import os
 import subprocess
@@ -19,6 +19,7 @@ BASE_MEMBERS = ("mlra_4", "mlra_2", "gla_4", "gla_2", "mla")
 DEGREES = {2: BASE_MEMBERS, 4: BASE_MEMBERS}
 GENERATE_MODES = ("greedy", "sample", "beams", "static", "assisted")
 TOLERANCE = 1e-5  # float32 rounding of sums taken in another order
+SOURCES = ("authors", "ours")  # the checkpoint formats
 
 
 def published(variant: str, **overrides) -> MLRAConfig:
@@ -123,9 +124,12 @@ def checkpoints(tmp_path_factory) -> dict[str, str]:
     return paths
 
 
-def cases_for(world_size: int, checkpoints: dict) -> list[dict]:
+def cases_for(world_size: int, checkpoints: dict, flags: Path) -> list[dict]:
     names = [name for name in checkpoints if name != "mla_6_heads/ours"]
     cases = [{"name": name, "path": checkpoints[name]} for name in names]
+    for case in cases:
+        if (world_size, case["name"]) in COMPILED_CASES:  # a file rank 0 creates when it has compiled the step
+            case["compile_flag"] = str(flags / case["name"].replace("/", "-"))
     modes_case = "mlra_2/ours" if world_size == 2 else "mlra_4/authors"
     modes = next(case for case in cases if case["name"] == modes_case)
     modes.update(modes=list(GENERATE_MODES), save_to=str(Path(checkpoints[modes_case]).parent / f"saved_tp{world_size}"))
@@ -137,18 +141,40 @@ def cases_for(world_size: int, checkpoints: dict) -> list[dict]:
 @pytest.fixture(scope="module")
 def results(checkpoints, tmp_path_factory) -> dict[int, dict]:
     """One launch per world size, every case in it."""
-    return {
-        world: run_world(world, cases_for(world, checkpoints), tmp_path_factory.mktemp(f"tp{world}") / "results.json")
-        for world in DEGREES
-    }
+    results = {}
+    for world in DEGREES:
+        folder = tmp_path_factory.mktemp(f"tp{world}")
+        results[world] = run_world(world, cases_for(world, checkpoints, folder), folder / "results.json")
+    return results
 
 
+# The decode step compiled with inductor (torch.compile(fullgraph=True), the all-reduces in the graph) for every
+# member at each degree from both formats; the second format and ranks 1.. reuse the first compile's on-disk cache.
+COMPILED_CASES = [(world, f"{variant}/{source}") for world in DEGREES for variant in BASE_MEMBERS for source in SOURCES]
 CASES = [
     (world, f"{variant}/{source}")
     for world, variants in DEGREES.items()
     for variant in (*variants, "mlra_2_gated")
-    for source in ("authors", "ours")
+    for source in SOURCES
 ] + [(world, name) for world in DEGREES for name in ("mlra_4_shared_norm/ours", "mlra_2_no_q_lora/ours")]
+
+
+@pytest.mark.parametrize("world, name", COMPILED_CASES)
+def test_compiled_decode_step_equals_the_eager_split_step_and_the_single_process_logits(results, world, name):
+    record = results[world][name]
+    assert record["compiled_vs_eager_split"] < TOLERANCE  # 4 greedy steps on a static cache, inductor on the CPU
+    assert record["compiled_vs_whole"] < TOLERANCE
+
+
+@pytest.mark.parametrize("world, name", COMPILED_CASES)
+def test_compiled_decode_step_gives_the_single_process_greedy_tokens_on_every_rank(results, world, name):
+    assert results[world][name]["compiled_tokens_equal"]
+    assert results[world][name]["compiled_ranks_agree"]
+
+
+@pytest.mark.parametrize("world, name", COMPILED_CASES)
+def test_compiled_decode_step_compiles_once_and_never_recompiles_across_steps(results, world, name):
+    assert results[world][name]["compiled_graphs"] == 1
 
 
 @pytest.mark.parametrize("world, name", CASES)

@@ -1,7 +1,8 @@
 """The ranks of the tensor-parallel tests: processes forked from the test process (so they need not import torch
 and transformers again, the expensive part on 2 CPUs), each with torchrun's environment variables, running every
 case of one world size in one launch. Every rank loads each case's checkpoint twice, whole and with
-`tp_plan="auto"` (gloo on the CPU), and compares what they compute; rank 0 returns one record per case.
+`tp_plan="auto"` (gloo on the CPU), and compares what they compute (with a `compile_flag`, also greedy decoding
+through the compiled step); rank 0 returns one record per case.
 """
 
 import json
