@@ -110,15 +110,20 @@ class LatentShard:
 
 class RowParallelLinear(nn.Linear):
     """`nn.Linear` over this rank's share of the input features: its output is a partial sum, and one all-reduce
-    over the tensor-parallel group adds the ranks' shares."""
+    over the tensor-parallel group adds the ranks' shares. The all-reduce is a functional collective, so
+    `torch.compile(fullgraph=True)` traces it and a CUDA graph captures it (NCCL)."""
 
     def __init__(self, weight: torch.Tensor, group):
         super().__init__(weight.shape[1], weight.shape[0], bias=False, device="meta", dtype=weight.dtype)
         self.weight = nn.Parameter(weight)
         self.group = group
+        self.group_size = dist.get_world_size(group)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return funcol.all_reduce(F.linear(hidden_states, self.weight), "sum", self.group)
+        output = F.linear(hidden_states, self.weight)
+        if self.group_size == 1:  # the sum over one rank: TP 1 runs the unsplit model's step, not 2 no-op launches
+            return output
+        return funcol.all_reduce(output, "sum", self.group)
 
 
 class HeldBlocksSharedNorm(nn.Module):

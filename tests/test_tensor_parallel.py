@@ -130,6 +130,8 @@ def cases_for(world_size: int, checkpoints: dict, flags: Path) -> list[dict]:
     for case in cases:
         if (world_size, case["name"]) in COMPILED_CASES:  # a file rank 0 creates when it has compiled the step
             case["compile_flag"] = str(flags / case["name"].replace("/", "-"))
+    if world_size == 2:
+        next(case for case in cases if case["name"] == "mlra_4/authors")["trace_graphs"] = True
     modes_case = "mlra_2/ours" if world_size == 2 else "mlra_4/authors"
     modes = next(case for case in cases if case["name"] == modes_case)
     modes.update(modes=list(GENERATE_MODES), save_to=str(Path(checkpoints[modes_case]).parent / f"saved_tp{world_size}"))
@@ -175,6 +177,16 @@ def test_compiled_decode_step_gives_the_single_process_greedy_tokens_on_every_ra
 @pytest.mark.parametrize("world, name", COMPILED_CASES)
 def test_compiled_decode_step_compiles_once_and_never_recompiles_across_steps(results, world, name):
     assert results[world][name]["compiled_graphs"] == 1
+
+
+def test_a_decode_step_synchronises_the_ranks_only_in_one_all_reduce_per_attention_and_per_mlp(results):
+    layers = MLRAForCausalLM.from_pretrained(REFERENCE_DIR / "mlra_4").config.num_hidden_layers
+    all_reduce = ["_c10d_functional.all_reduce", "_c10d_functional.wait_tensor"]
+    assert results[2]["mlra_4/authors"]["collectives"] == all_reduce * 2 * layers  # as torch.compile traces it
+
+
+def test_one_rank_compiles_exactly_the_unsplit_models_decode_step(results):
+    assert results[2]["mlra_4/authors"]["one_rank_graph_is_unsplit_graph"]  # TP 1 costs nothing
 
 
 @pytest.mark.parametrize("world, name", CASES)

@@ -19,6 +19,7 @@ from transformers import set_seed
 
 from modeling_mlra import MLRACache, MLRAForCausalLM
 from modeling_mlra.modeling_mlra import CACHE_FIELD
+from modeling_mlra.tensor_parallel import shard_model
 
 GENERATE_MODES = {
     "greedy": dict(),
@@ -93,6 +94,23 @@ def eager_step(model):
     return lambda ids, cache: model(ids, logits_to_keep=1, **{CACHE_FIELD: cache}).logits
 
 
+@torch.no_grad()
+def traced_operations(model) -> list[str]:
+    """The operations of the decode step (a static cache after a 4-token prefill) as torch.compile(fullgraph=True)
+    traces them, in order."""
+    cache = MLRACache(model.config, max_cache_len=8)
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    model(ids, **{CACHE_FIELD: cache})
+    operations = []
+
+    def recording_backend(graph_module, example_inputs):
+        operations.extend(str(node.target) for node in graph_module.graph.nodes if node.op == "call_function")
+        return graph_module.forward
+
+    torch.compile(eager_step(model), backend=recording_backend, fullgraph=True)(ids[:, :1], cache)
+    return operations
+
+
 def run_case(case: dict) -> dict:
     path = case["path"]
     if "error" in case:
@@ -126,6 +144,11 @@ def run_case(case: dict) -> dict:
             record["compiled_vs_whole"] = (compiled_logits - whole_logits).abs().max().item()
             record["compiled_tokens_equal"] = torch.equal(compiled_tokens, whole_tokens)
             record["eager_split_tokens_equal"] = torch.equal(eager_tokens, whole_tokens)
+    if case.get("trace_graphs"):  # the graph at this degree, and at one rank (a group of its own) the unsplit one
+        alone = [dist.new_group([rank]) for rank in range(dist.get_world_size())][dist.get_rank()]
+        one_rank = shard_model(MLRAForCausalLM.from_pretrained(path).eval(), alone)
+        record["one_rank_graph_is_unsplit_graph"] = traced_operations(one_rank) == traced_operations(whole)
+        record["collectives"] = [op for op in traced_operations(split) if "collective" in op or "c10d" in op]
     for mode in modes:
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, outputs["split"][mode].tolist())
