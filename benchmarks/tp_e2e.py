@@ -4,28 +4,34 @@ model unsplit on one GPU and transformers' Llama of the same size with 8 KV head
 `tp_plan="auto"`.
 
 One launch measures every degree that divides the world size (each on its own process group of the first P ranks;
-the others wait). Per setup (model x degree), batch and prompt:
-- step ms: the decode step `torch.compile(fullgraph=True)` (inductor) on a static cache holding `prompt` random
-  tokens, captured in a CUDA graph with its all-reduces and replayed, the cache rewound before every replay (median
-  over --replays); on the CPU (--quick) the compiled step called as it is;
-- checks: the replayed step's logits against the eager sharded step's (graph vs eager), and against the unsplit
-  model's on the same cache contents (vs 1 GPU; every rank's cache holds its columns of one random full cache);
+the others wait; TP 1, which compiles exactly the unsplit model's graph, only when the world is one GPU). Per setup
+(model x degree), batch and prompt:
+- graph ms: the eager decode step on a static cache holding `prompt` random tokens, captured in a CUDA graph with
+  its all-reduces and replayed, the cache rewound before every replay (median over --replays); compiled ms: the
+  step `torch.compile(fullgraph=True)` (inductor) captured the same way, at --compiled-shapes (a compile per shape);
+  on the CPU (--quick) the steps called as they are;
+- checks: the replayed logits against the eager step's (vs eager), and against the unsplit model's step of the same
+  kind on the same cache contents (logits vs 1 GPU; every rank's cache holds its columns of one random full cache);
 - generate ms: generate()'s median interval between streamed tokens on that cache with its automatic compile
-  (--generate; a compile per shape, so off by default);
+  (--generate, at --compiled-shapes);
 - cache GB per GPU, and collective ms per step: the step's own collectives alone (ours: 2 all-reduces per layer of
   [bsz, 1, d] in the model dtype; Llama's plan: the same plus its lm_head's all-gather of the logits) captured in a
   CUDA graph on the same group and replayed, so the column is their cost without the waiting for other ranks that
   a profiler's NCCL kernel time includes; share = collective ms / step ms.
 
-    # issue 19: 4 x H200 (every degree 1, 2, 4 in one launch; NVLink multicast stays off); a launch per batch keeps
-    # each under 10 minutes of compiles (one per model, degree and shape)
-    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 torchrun --nproc-per-node 4 \
-        benchmarks/tp_e2e.py --batches 1 --out benchmarks/results/tp_e2e_h200x4_b1
-    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 torchrun --nproc-per-node 4 \
-        benchmarks/tp_e2e.py --batches 16 --out benchmarks/results/tp_e2e_h200x4_b16
-    # one GPU: TP 1 through the sharded code against the unsplit model
-    torchrun --nproc-per-node 1 benchmarks/tp_e2e.py --variants mlra_4 --skip-llama --prompts 32768 \
-        --out benchmarks/results/tp_e2e_h200x1
+    # issue 19, 4 x H200 (unsplit, TP 2, TP 4 in each launch; NVLink multicast stays off, set below): a launch per
+    # model and batch, each a few compiles (about a minute each at 24 layers) and under 10 minutes
+    for batch in 1 16; do
+      for variant in mlra_4 gla_2 mla; do
+        torchrun --nproc-per-node 4 benchmarks/tp_e2e.py --variants $variant --skip-llama --batches $batch \
+            --generate --out benchmarks/results/tp_e2e_h200x4_${variant}_b$batch
+      done
+      torchrun --nproc-per-node 4 benchmarks/tp_e2e.py --variants --batches $batch --generate \
+          --out benchmarks/results/tp_e2e_h200x4_llama_b$batch
+    done
+    # one GPU: TP 1 through the split code against the unsplit model (benchmarks/results/tp_e2e_h200x1.md)
+    torchrun --nproc-per-node 1 benchmarks/tp_e2e.py --variants mlra_4 --skip-llama --layers 8 --batches 1 \
+        --prompts 32768 --replays 50 --out benchmarks/results/tp_e2e_h200x1
     torchrun --nproc-per-node 2 benchmarks/tp_e2e.py --quick --backend aot_eager --out /tmp/tp_e2e  # CPU, gloo
 
 Writes OUT.json, OUT.md and OUT.png.
@@ -181,32 +187,34 @@ def captured(fn, device, warmups: int = 3):
     return graph.replay, output
 
 
-def step_measurements(model, compiled_step, cache, batch: int, prompt: int, args, device, reference) -> dict:
-    """The compiled step captured and replayed: median ms, its logits against the eager step's and `reference`'s
-    (the unsplit model's logits on the same cache contents and token, if given). Returns the row fields and the
-    replayed logits."""
+def step_measurements(model, steps: dict, cache, batch: int, prompt: int, args, device, references: dict) -> dict:
+    """Each of `steps` (kind -> step(ids, cache) -> logits: "graph", the eager step; "compiled") captured and
+    replayed: median ms, and its logits against the eager step's and against `references[kind]` (the unsplit
+    model's logits of that kind on the same cache contents and token, if there). Fills `references` where empty."""
     ids = torch.randint(model.config.vocab_size, (batch, 1), generator=torch.Generator().manual_seed(prompt))
     ids = ids.to(device)
 
     def rewind():
         set_cache_length(cache, prompt)
 
-    def step():
-        return compiled_step(ids, cache)
-
+    row = {}
     with torch.no_grad():
-        rewind()  # the warm-up steps advance the cache by a token each; the graph reads the length from the device
-        replay, logits = captured(step, device)
-        times = timed_replays(replay, rewind, args.replays, device)
-        rewind()
-        replay()
-        replayed = logits.float().clone()
         rewind()
         eager = model(ids, logits_to_keep=1, **{CACHE_FIELD: cache}).logits.float()
-    row = {"step_ms": statistics.median(times), "graph_vs_eager": relative_error(replayed, eager)}
-    if reference is not None:
-        row["vs_1_gpu"] = relative_error(replayed, reference)
-    return row, replayed
+        for kind, step in steps.items():
+            rewind()  # the warm-up steps advance the cache by a token each; the graph reads the length from the device
+            replay, logits = captured(lambda: step(ids, cache), device)
+            row[f"{kind}_ms"] = statistics.median(timed_replays(replay, rewind, args.replays, device))
+            rewind()
+            replay()
+            replayed = logits.float().clone()
+            row[f"{kind}_vs_eager"] = relative_error(replayed, eager)
+            if kind in references:
+                row[f"{kind}_vs_1_gpu"] = relative_error(replayed, references[kind])
+            else:
+                references[kind] = replayed
+            del replay, logits
+    return row
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -280,17 +288,17 @@ class Runner:
         return bool(flag.item())
 
     def run_setup(self, label: str, model, degree: int, group, make_cache, references: dict, peer: bool = False):
-        """Every batch x prompt of one model on `group`. `references` maps (batch, prompt) to the unsplit model's
-        logits: the unsplit setup (degree None) fills it, the split ones compare with it. `peer`: transformers'
-        model (compiled without fullgraph: its plan's hooks may break the graph)."""
+        """Every batch x prompt of one model on `group`: the eager step captured in a CUDA graph, and at
+        --compiled-shapes the compiled step too (a compile per shape). `references` maps (batch, prompt) to the
+        unsplit model's logits: the unsplit setup (degree None) fills it, the split ones compare with it. `peer`:
+        transformers' model (compiled without fullgraph: its plan's hooks may break the graph)."""
         args = self.args
-        compiled_step = torch.compile(
-            lambda ids, cache: model(ids, logits_to_keep=1, **{CACHE_FIELD: cache}).logits,
-            fullgraph=not peer, dynamic=False, backend=args.backend,
-        )  # dynamic=False: a graph per shape, each as fast as a single-shape run
+        eager_step = lambda ids, cache: model(ids, logits_to_keep=1, **{CACHE_FIELD: cache}).logits  # noqa: E731
+        compiled_step = torch.compile(eager_step, fullgraph=not peer, dynamic=False, backend=args.backend)
         for batch in args.batches:
             for prompt in args.prompts:
                 row = {"setup": label, "degree": degree, "batch": batch, "prompt": prompt}
+                compiled = (batch, prompt) in args.compiled_shapes
                 cache = None
                 try:
                     capacity = prompt + args.new_tokens + 8
@@ -302,19 +310,16 @@ class Runner:
                         continue
                     cache = make_cache(batch, prompt, capacity)
                     row["cache_gb_per_gpu"] = cache_bytes(cache) / 1e9
-                    reference = references.get((batch, prompt)) if degree is not None else None
-                    measured, logits = step_measurements(
-                        model, compiled_step, cache, batch, prompt, args, self.device, reference
-                    )
-                    row.update(measured)
-                    if degree is None:
-                        references[(batch, prompt)] = logits
-                    else:
+                    steps = {"graph": eager_step, **({"compiled": compiled_step} if compiled else {})}
+                    shape_references = references.setdefault((batch, prompt), {}) if degree is None else (
+                        dict(references.get((batch, prompt), {}))
+                    )  # fmt: skip
+                    row.update(step_measurements(model, steps, cache, batch, prompt, args, self.device, shape_references))
+                    if degree is not None:
                         row["collective_ms"] = collective_ms(
                             group, degree, batch, model.config, self.dtype, self.device, args.replays, peer
                         )
-                        row["collective_share"] = row["collective_ms"] / row["step_ms"]
-                    if args.generate:  # the step's row is written first: a run cut short in a compile keeps it
+                    if args.generate and compiled:  # the step's row is written first: a run cut short keeps it
                         self.record(row)
                         row["generate_ms"] = generate_interval(model, cache, batch, prompt, args, self.device)
                 except torch.OutOfMemoryError:
@@ -339,8 +344,9 @@ class Runner:
 
 
 def degrees_of(world: int, requested: list[int] | None) -> list[int]:
-    """The degrees to run: `requested`, else every power of two up to the world size that divides it."""
-    degrees = requested or [p for p in (1, 2, 4, 8, 16) if p <= world and world % p == 0]
+    """The degrees to run: `requested`, else every power of two up to the world size that divides it (1 only on
+    one GPU: elsewhere the unsplit model's rows stand for it, as TP 1 compiles the same graph)."""
+    degrees = requested or [p for p in (2, 4, 8, 16) if p <= world and world % p == 0] or [1]
     for degree in degrees:
         if degree > world:
             raise SystemExit(f"--degrees {degree}: only {world} processes (torchrun --nproc-per-node)")
@@ -352,9 +358,15 @@ def main():
     parser.add_argument("--out", type=Path, required=True, help="output prefix: OUT.json, OUT.md, OUT.png")
     parser.add_argument("--prompts", type=int, nargs="+", default=[4096, 32768, 131072, 524288])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--degrees", type=int, nargs="+", help="default: 1, 2, 4, ... up to the world size")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument(
+        "--degrees", type=int, nargs="+", help="default: 2, 4, ... up to the world size (1 on one GPU)"
+    )
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=VARIANTS, help="none: Llama only")
     parser.add_argument("--layers", type=int, help="layers of every model (default: the published 24)")
+    parser.add_argument(
+        "--compiled-shapes", nargs="+", default=["1x32768", "16x131072"], metavar="BATCHxPROMPT",
+        help="where the compiled step (a compile per setup and shape) and generate() are measured as well",
+    )
     parser.add_argument("--replays", type=int, default=20)
     parser.add_argument("--new-tokens", type=int, default=16, help="generate()'s new tokens (--generate)")
     parser.add_argument("--generate", action="store_true", help="also time generate() (compiles once more per shape)")
@@ -363,7 +375,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="tiny shapes on the CPU (gloo), to check the script")
     args = parser.parse_args()
     if args.quick:
-        args.prompts, args.batches, args.replays = [64, 256], [1, 2], 3
+        args.prompts, args.batches, args.replays, args.compiled_shapes = [64, 256], [1, 2], 3, ["1x64", "2x256"]
+    args.compiled_shapes = {tuple(int(part) for part in shape.split("x")) for shape in args.compiled_shapes}
     use_cuda = torch.cuda.is_available() and not args.quick
     if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -453,37 +466,48 @@ def fmt(value, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
 
+def step_kind(row: dict) -> str | None:
+    """The step a row's ratios use: the compiled one where measured, else the graph of the eager step."""
+    return "compiled" if "compiled_ms" in row else "graph" if "graph_ms" in row else None
+
+
 def write_outputs(rows: list[dict], meta: dict, out: Path, plot: bool) -> None:
-    one_gpu = {(r["setup"].split()[0], r["batch"], r["prompt"]): r["step_ms"] for r in rows
-               if r["setup"].endswith("1 GPU") and "step_ms" in r}  # fmt: skip
+    one_gpu = {(r["setup"].split()[0], r["batch"], r["prompt"]): r for r in rows if r["setup"].endswith("1 GPU")}
     lines = [
-        f"# Tensor-parallel decode through the compiled step, {meta['gpus']} x {meta['device']}, {meta['dtype']}, "
-        "2.9B shape, random weights",
+        f"# Tensor-parallel decode, {meta['gpus']} x {meta['device']}, {meta['dtype']}, 2.9B shape, random weights",
         "",
-        f"torch {meta['torch']}, transformers {meta['transformers']}, compile backend {meta['backend']}. step: the "
-        f"compiled decode step captured in a CUDA graph, median of {meta['replays']} replays; vs 1 GPU: this "
-        "setup's step / the unsplit model's; collectives: the step's own collectives alone, captured and replayed "
-        "on the same ranks; generate: generate()'s median interval between streamed tokens (its automatic compile).",
+        f"torch {meta['torch']}, transformers {meta['transformers']}, compile backend {meta['backend']}. graph: the "
+        "eager decode step captured in a CUDA graph; compiled: the step `torch.compile(fullgraph=True)` then captured "
+        f"(at --compiled-shapes); both the median of {meta['replays']} replays. vs 1 GPU: the step (compiled where "
+        "measured) / the unsplit model's; collectives: the step's own collectives alone, captured and replayed on "
+        "the same ranks, and their share of the step; generate: generate()'s median interval between streamed "
+        "tokens (its automatic compile). vs eager: max |replayed - eager logits| / max |eager logits| (graph / "
+        "compiled); logits vs 1 GPU: the same against the unsplit model's step of the same kind on the same cache.",
         "",
-        "| setup | batch | prompt | step ms | vs 1 GPU | generate ms | cache GB per GPU | collective ms | "
-        "collective share | graph vs eager | logits vs 1 GPU |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| setup | batch | prompt | graph ms | compiled ms | vs 1 GPU | generate ms | cache GB per GPU | collective ms | "
+        "collective share | vs eager | logits vs 1 GPU |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         prompt = f"{row['prompt']:,}" if "prompt" in row else ""
-        if "step_ms" not in row:
-            lines.append(f"| {row['setup']} | {row.get('batch', '')} | {prompt} | {row['error']} | | | | | | | |")
+        kind = step_kind(row)
+        if kind is None:
+            lines.append(f"| {row['setup']} | {row.get('batch', '')} | {prompt} | {row['error']} | | | | | | | | |")
             continue
-        base = one_gpu.get((row["setup"].split()[0], row["batch"], row["prompt"]))
-        ratio = row["step_ms"] / base if base and not row["setup"].endswith("1 GPU") else None
+        base = one_gpu.get((row["setup"].split()[0], row["batch"], row["prompt"]), {})
+        ratio = None
+        if not row["setup"].endswith("1 GPU") and f"{kind}_ms" in base:
+            ratio = row[f"{kind}_ms"] / base[f"{kind}_ms"]
+        share = row["collective_ms"] / row[f"{kind}_ms"] if "collective_ms" in row else None
+        vs_eager = " / ".join(f"{row[f'{k}_vs_eager']:.1e}" for k in ("graph", "compiled") if f"{k}_vs_eager" in row)
         lines.append(
-            f"| {row['setup']} | {row['batch']} | {prompt} | {row['step_ms']:.3f} | {fmt(ratio, '.3f')} | "
-            f"{fmt(row.get('generate_ms'), '.2f')} | {row['cache_gb_per_gpu']:.2f} | "
-            f"{fmt(row.get('collective_ms'), '.3f')} | {fmt(row.get('collective_share'), '.0%')} | "
-            f"{row['graph_vs_eager']:.1e} | {fmt(row.get('vs_1_gpu'), '.1e')} |"
+            f"| {row['setup']} | {row['batch']} | {prompt} | {row['graph_ms']:.3f} | "
+            f"{fmt(row.get('compiled_ms'), '.3f')} | {fmt(ratio, '.3f')} | {fmt(row.get('generate_ms'), '.2f')} | "
+            f"{row['cache_gb_per_gpu']:.2f} | {fmt(row.get('collective_ms'), '.3f')} | {fmt(share, '.0%')} | "
+            f"{vs_eager} | {fmt(row.get(f'{kind}_vs_1_gpu'), '.1e')} |"
         )
     errors = [f"- {row['setup']}, batch {row['batch']}, prompt {row['prompt']:,}: {row['error']}" for row in rows
-              if "step_ms" in row and "error" in row]  # fmt: skip
+              if step_kind(row) and "error" in row]  # fmt: skip
     if errors:
         lines += ["", "Errors after the step was measured:", *errors]
     markdown = "\n".join(lines) + "\n"
@@ -493,10 +517,10 @@ def write_outputs(rows: list[dict], meta: dict, out: Path, plot: bool) -> None:
     print(markdown)
     panels = [
         Panel(
-            f"batch {batch}", "prompt tokens (cached)", "compiled step ms",
+            f"batch {batch}", "prompt tokens (cached)", "decode step ms (graph of the eager step)",
             {
-                setup: [(r["prompt"], r["step_ms"]) for r in rows
-                        if r["setup"] == setup and r.get("batch") == batch and "step_ms" in r]
+                setup: [(r["prompt"], r["graph_ms"]) for r in rows
+                        if r["setup"] == setup and r.get("batch") == batch and "graph_ms" in r]
                 for setup in dict.fromkeys(row["setup"] for row in rows)
             },
         )  # fmt: skip
