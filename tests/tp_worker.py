@@ -66,7 +66,10 @@ def greedy_steps(model, step, prompt: torch.Tensor, steps: int) -> tuple[torch.T
 def compiled_in_turn(model, flag: Path):
     """The decode step `torch.compile(fullgraph=True)` (inductor), compiled by rank 0 first: the other ranks wait
     for its compilation to end and find the same graph in inductor's on-disk caches (every rank's share has the
-    same shapes), instead of compiling it at once on a shared CPU."""
+    same shapes), instead of compiling it at once on a shared CPU. Dynamo's caches are reset first, so that every
+    rank compiles (and rank 0 signals) even where an earlier case's graph would serve: a rank that waited for a
+    signal that never came would leave rank 0 in its first all-reduce."""
+    torch._dynamo.reset()
     compiled = torch.compile(
         lambda ids, cache: model(ids, logits_to_keep=1, **{CACHE_FIELD: cache}).logits, fullgraph=True
     )
@@ -130,8 +133,9 @@ def run_case(case: dict) -> dict:
         outputs["whole"] = computations(whole, tokens, modes, whole)
     record = {}
     if "compile_flag" in case:  # the compiled decode step against the eager split step and the whole model
-        prompt, steps, graphs = tokens[:, :8], 4, counters["stats"]["unique_graphs"]
+        prompt, steps = tokens[:, :8], 4
         compiled_step = compiled_in_turn(split, Path(case["compile_flag"]))
+        graphs = counters["stats"]["unique_graphs"]
         compiled_tokens, compiled_logits = greedy_steps(split, compiled_step, prompt, steps)
         record["compiled_graphs"] = counters["stats"]["unique_graphs"] - graphs  # 1: no recompilation across steps
         eager_tokens, eager_logits = greedy_steps(split, eager_step(split), prompt, steps)
