@@ -45,7 +45,6 @@ for _name, _value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTIC
 
 import argparse  # noqa: E402
 import datetime  # noqa: E402
-import json  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -61,6 +60,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     IntervalStreamer,
     Panel,
+    Report,
+    error_text,
+    fmt,
     llama_gqa_config,
     plot_panels,
     random_model,
@@ -68,7 +70,6 @@ from common import (  # noqa: E402
     set_cache_length,
     software_versions,
     transformers_model,
-    write_results,
 )
 
 from modeling_mlra import MLRACache, MLRAConfig  # noqa: E402  (common puts the repository first)
@@ -257,27 +258,26 @@ def collective_ms(group, degree: int, batch: int, config, dtype, device, replays
 
 
 class Runner:
-    """Rows of every setup; rank 0 prints each and rewrites the .md and .json as it goes."""
+    """Rows of every setup; rank 0 prints each and rewrites the .md and .json as it goes (common's Report)."""
 
     def __init__(self, args, device, dtype):
         self.args, self.device, self.dtype = args, device, dtype
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.rows = []
-        self.meta = {
+        meta = {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "gpus": self.world, "dtype": str(dtype).removeprefix("torch."), **software_versions(),
             "new_tokens": args.new_tokens, "replays": args.replays, "backend": args.backend,
         }  # fmt: skip
+        self.report = Report(args.out, meta, markdown, plot)
 
     def record(self, row: dict) -> None:
-        self.rows.append(row)
-        self.rewrite()
-
-    def rewrite(self) -> None:
-        """Rank 0 prints the last row and rewrites the .md and .json."""
         if self.rank == 0:
-            print(json.dumps(self.rows[-1]), flush=True)
-            write_outputs(self.rows, self.meta, self.args.out, plot=False)
+            self.report.record(row)
+        else:
+            self.report.rows.append(row)
+
+    def recorded(self, row: dict) -> bool:
+        return bool(self.report.rows) and self.report.rows[-1] is row
 
     def fits(self, group, needed_bytes: int) -> bool:
         """Whether every rank of `group` has `needed_bytes` free (decided together, so no rank runs alone)."""
@@ -322,16 +322,14 @@ class Runner:
                     if args.generate and compiled:  # the step's row is written first: a run cut short keeps it
                         self.record(row)
                         row["generate_ms"] = generate_interval(model, cache, batch, prompt, args, self.device)
-                except torch.OutOfMemoryError:
-                    row["error"] = "out of memory"
                 except Exception as error:  # recorded, so that the other setups still run (alike on every rank)
-                    row["error"] = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+                    row["error"] = error_text(error)
                 del cache
                 release(self.device)
-                if self.rows and self.rows[-1] is row:  # recorded before generate()
-                    self.rewrite()
-                else:
+                if not self.recorded(row):
                     self.record(row)
+                elif self.rank == 0:  # recorded before generate(), which filled in its column
+                    self.report.write()
 
     def cache_bytes_estimate(self, model, batch: int, capacity: int, degree: int | None) -> int:
         config, degree = model.config, degree or 1
@@ -419,7 +417,8 @@ def main():
         run_llama(runner, args, degrees, unsplit_group, groups, device, dtype, rank)
 
     if rank == 0:
-        write_outputs(runner.rows, runner.meta, args.out, plot=True)
+        runner.report.finish()
+        print(markdown(runner.report.meta, runner.report.rows))
     dist.destroy_process_group()
 
 
@@ -462,16 +461,12 @@ def run_llama(runner: Runner, args, degrees, unsplit_group, groups, device, dtyp
 # ----------------------------------------------------------------------------------------------- report
 
 
-def fmt(value, spec: str) -> str:
-    return "" if value is None else format(value, spec)
-
-
 def step_kind(row: dict) -> str | None:
     """The step a row's ratios use: the compiled one where measured, else the graph of the eager step."""
     return "compiled" if "compiled_ms" in row else "graph" if "graph_ms" in row else None
 
 
-def write_outputs(rows: list[dict], meta: dict, out: Path, plot: bool) -> None:
+def markdown(meta: dict, rows: list[dict]) -> str:
     one_gpu = {(r["setup"].split()[0], r["batch"], r["prompt"]): r for r in rows if r["setup"].endswith("1 GPU")}
     lines = [
         f"# Tensor-parallel decode, {meta['gpus']} x {meta['device']}, {meta['dtype']}, 2.9B shape, random weights",
@@ -510,11 +505,10 @@ def write_outputs(rows: list[dict], meta: dict, out: Path, plot: bool) -> None:
               if step_kind(row) and "error" in row]  # fmt: skip
     if errors:
         lines += ["", "Errors after the step was measured:", *errors]
-    markdown = "\n".join(lines) + "\n"
-    write_results(out, {"meta": meta, "rows": rows}, markdown)
-    if not plot:
-        return
-    print(markdown)
+    return "\n".join(lines) + "\n"
+
+
+def plot(meta: dict, rows: list[dict], path: Path) -> None:
     panels = [
         Panel(
             f"batch {batch}", "prompt tokens (cached)", "decode step ms (graph of the eager step)",
@@ -526,7 +520,7 @@ def write_outputs(rows: list[dict], meta: dict, out: Path, plot: bool) -> None:
         )  # fmt: skip
         for batch in sorted({row["batch"] for row in rows if "batch" in row})
     ]
-    plot_panels(out.with_suffix(".png"), panels)
+    plot_panels(path, panels)
 
 
 if __name__ == "__main__":
