@@ -1,7 +1,8 @@
 """Correctness on a CUDA GPU, what CI (CPU only) cannot cover, in one run: the authors' reference fixtures (float32,
 TF32 off) and their greedy tokens; absorbed decode against the expanded path in bfloat16 at the published layer
 shapes (against float32 arithmetic on the same bf16-rounded weights); generate() with a static cache, eager and under
-torch.compile, against the plain dynamic cache. (Decode timing is `e2e_generate.py`'s.)
+torch.compile, against the plain dynamic cache; continuous batching (`generate_batch`, the fused kernel reading one row
+per request) against generate() for each request alone. (Decode timing is `e2e_generate.py`'s.)
 
     python benchmarks/gpu_check.py --out benchmarks/results/gpu_check_h200
 """
@@ -79,6 +80,31 @@ def check_static_compiled_generate(device) -> dict:
     return dict(static_equals_dynamic=torch.equal(static, dynamic), compiled_equals_dynamic=torch.equal(compiled, dynamic))
 
 
+def check_continuous_batching(device) -> dict:
+    """float32 (TF32 off), 2 layers of the published MLRA-4 shape: generate_batch's greedy tokens for prompts of very
+    different lengths (decode steps through the fused kernel on CUDA) equal generate()'s for each prompt alone."""
+    from transformers import GenerationConfig
+
+    try:
+        from transformers import ContinuousBatchingConfig
+    except ImportError:  # transformers 5.17
+        from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    model = published_model("mlra_4", 2, device, torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 50304, (length,), generator=generator).tolist() for length in (3, 40, 700, 1800)]
+    config = GenerationConfig(max_new_tokens=24, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    batched = model.generate_batch(
+        prompts, generation_config=config, continuous_batching_config=ContinuousBatchingConfig(max_batch_tokens=512)
+    )
+    equal = []
+    for result, prompt in zip(batched.values(), prompts):
+        input_ids = torch.tensor([prompt], device=device)
+        alone = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config)
+        equal.append(result.error is None and result.generated_tokens == alone[0, len(prompt) :].tolist())
+    return dict(prompt_lengths=[len(p) for p in prompts], tokens_equal_generate=equal)
+
+
 def markdown(report: dict) -> str:
     lines = [f"# GPU check: {report['device']}", "", f"torch {report['torch']}, transformers {report['transformers']}", ""]
     lines += ["## Reference fixtures on the GPU (float32, TF32 off)", "", "| variant | max abs logit diff | greedy tokens equal |", "|---|---:|---|"]
@@ -92,6 +118,7 @@ def markdown(report: dict) -> str:
         for r in report["absorbed"]
     ]
     lines += ["", f"## generate() with a static cache: {report['static_generate']}", ""]
+    lines += [f"## Continuous batching vs generate() per request: {report['continuous_batching']}", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -109,6 +136,8 @@ def main():
     print(report["absorbed"], flush=True)
     report["static_generate"] = check_static_compiled_generate(device)
     print(report["static_generate"], flush=True)
+    report["continuous_batching"] = check_continuous_batching(device)
+    print(report["continuous_batching"], flush=True)
     write_results(args.out, report, markdown(report))
     print(markdown(report))
 
