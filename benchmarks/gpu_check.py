@@ -82,7 +82,8 @@ def check_static_compiled_generate(device) -> dict:
 
 def check_continuous_batching(device) -> dict:
     """float32 (TF32 off), 2 layers of the published MLRA-4 shape: generate_batch's greedy tokens for prompts of very
-    different lengths (decode steps through the fused kernel on CUDA) equal generate()'s for each prompt alone."""
+    different lengths equal generate()'s for each prompt alone, with the decode steps through the fused kernel
+    (one row per request) and through the PyTorch absorbed path (which of the two a mismatch follows)."""
     from transformers import GenerationConfig
 
     try:
@@ -94,15 +95,22 @@ def check_continuous_batching(device) -> dict:
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, 50304, (length,), generator=generator).tolist() for length in (3, 40, 700, 1800)]
     config = GenerationConfig(max_new_tokens=24, do_sample=False, eos_token_id=-1, pad_token_id=0)
-    batched = model.generate_batch(
-        prompts, generation_config=config, continuous_batching_config=ContinuousBatchingConfig(max_batch_tokens=512)
-    )
-    equal = []
-    for result, prompt in zip(batched.values(), prompts):
+    alone = []
+    for prompt in prompts:
         input_ids = torch.tensor([prompt], device=device)
-        alone = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config)
-        equal.append(result.error is None and result.generated_tokens == alone[0, len(prompt) :].tolist())
-    return dict(prompt_lengths=[len(p) for p in prompts], tokens_equal_generate=equal)
+        output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config)
+        alone.append(output[0, len(prompt) :].tolist())
+    report = dict(prompt_lengths=[len(p) for p in prompts])
+    for kernel in ("triton", "torch"):
+        model.config.decode_kernel = kernel
+        batched = model.generate_batch(
+            prompts, generation_config=config, continuous_batching_config=ContinuousBatchingConfig(max_batch_tokens=512)
+        )
+        report[f"tokens_equal_generate_{kernel}"] = [
+            result.error is None and result.generated_tokens == tokens for result, tokens in zip(batched.values(), alone)
+        ]
+    model.config.decode_kernel = "auto"
+    return report
 
 
 def markdown(report: dict) -> str:
