@@ -991,8 +991,8 @@ class MLRAModel(MLRAPreTrainedModel):
     def _forward_paged(self, inputs_embeds, attention_mask, position_ids, cache, batch_kwargs) -> BaseModelOutputWithPast:
         """One step of continuous batching: the sequences packed in inputs_embeds [1, T, d] write their latent rows
         into the paged cache and attend to their own rows only. Where every sequence has at most 16 new tokens (decode
-        steps, short prompts or suffixes), the fused kernel (on CUDA) runs one row per sequence, reading only that
-        sequence's rows; otherwise the additive mask [1, 1, T, S] (built from cu_seq_lens_q / cu_seq_lens_k when the
+        steps, short prompts or suffixes), the fused kernel (decode_kernel="triton") runs one row per sequence, reading
+        only that sequence's rows; otherwise the additive mask [1, 1, T, S] (built from cu_seq_lens_q / cu_seq_lens_k when the
         batch comes without one, as for flash implementations)."""
         if self.config.cache_dtype is not None:
             logger.warning_once(
@@ -1003,8 +1003,11 @@ class MLRAModel(MLRAPreTrainedModel):
         key_offsets = paged.key_offsets()
         decode_kernel_inputs = None
         new_tokens = paged.max_new_tokens
+        # The kernel runs here only when asked for by name (decode_kernel="triton"), not under "auto": on an H200 its
+        # tokens differed from generate()'s for long prompts (README, "Continuous batching"), cause still open.
         if (
             new_tokens <= self.config.absorbed_max_query_len
+            and self.config.decode_kernel == "triton"
             and not batch_kwargs.get("output_attentions", False)
             and use_decode_kernel(self.config, new_tokens, inputs_embeds.dtype, inputs_embeds.device)
         ):
