@@ -992,8 +992,8 @@ class MLRAModel(MLRAPreTrainedModel):
         """One step of continuous batching: the sequences packed in inputs_embeds [1, T, d] write their latent rows
         into the paged cache and attend to their own rows only. Where every sequence has at most 16 new tokens (decode
         steps, short prompts or suffixes), the fused kernel (decode_kernel="triton") runs one row per sequence, reading
-        only that sequence's rows; otherwise the additive mask [1, 1, T, S] (built from cu_seq_lens_q / cu_seq_lens_k when the
-        batch comes without one, as for flash implementations)."""
+        only that sequence's rows; otherwise the additive mask [1, 1, T, S] (built from cu_seq_lens_q / cu_seq_lens_k
+        when the batch comes without one, as for flash implementations)."""
         if self.config.cache_dtype is not None:
             logger.warning_once(
                 f"config.cache_dtype={self.config.cache_dtype!r} applies to MLRACache; the pages of continuous "
@@ -1035,7 +1035,11 @@ class MLRAModel(MLRAPreTrainedModel):
         """None where plain causal attention over the given tokens is exact, else an additive mask. A 4D mask was
         prepared ahead (MLRAForCausalLM.create_masks_for_generate) and is used as it is."""
         if attention_mask is not None and attention_mask.dim() == 4:
-            return attention_mask
+            if attention_mask.dtype != torch.bool or attention_mask.shape[-2] != 1:
+                return attention_mask
+            # the decode kernel's padding-only form [bsz, 1, 1, S] (create_masks_for_generate) on a step that runs
+            # in PyTorch after all (output_attentions): the causal rule is added back from its 2D form
+            attention_mask = attention_mask[:, 0, 0]
         q_len = len(query_slots)
         if cache is not None and cache.is_compileable:  # one mask shape at every step, and no look at its values
             return attention_mask_for_slots(attention_mask, query_slots, cache.get_mask_sizes(q_len, 0)[0], dtype)

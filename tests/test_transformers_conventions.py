@@ -175,6 +175,27 @@ def test_generate_returns_the_attention_probabilities_of_every_step_with_eager()
     assert out.attentions[2][0].shape == (1, branches, heads, 1, 8)
 
 
+def test_static_generate_with_attentions_where_the_kernel_would_run_gives_the_pytorch_path_tokens_and_maps():
+    """With the fused kernel on (CUDA's default; Triton's interpreter here) a static-cache step gets the kernel's
+    padding-only mask; a step that returns attention maps runs in PyTorch instead and must still apply the causal
+    rule and the padding (left-padded rows)."""
+    model = tiny_model(seed=3)
+    model.set_attn_implementation("eager")
+    input_ids = random_tokens((2, 7), vocab_size=63) + 1
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :2] = 0
+    outputs = {}
+    for kernel in ("torch", "triton"):
+        model.config.decode_kernel = kernel
+        with torch.no_grad():
+            outputs[kernel] = model.generate(
+                input_ids, attention_mask=attention_mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                cache_implementation="static", output_attentions=True, return_dict_in_generate=True,
+            )
+    assert torch.equal(outputs["triton"].sequences, outputs["torch"].sequences)
+    torch.testing.assert_close(outputs["triton"].attentions[-1][0], outputs["torch"].attentions[-1][0])
+
+
 def test_assisted_decoding_returns_the_attention_probabilities_with_eager():
     model = tiny_model(seed=3)
     assistant = tiny_model(seed=4, num_hidden_layers=1)
