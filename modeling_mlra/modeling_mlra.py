@@ -507,8 +507,10 @@ def use_decode_kernel(
     config: MLRAConfig, num_new_tokens: int, dtype: torch.dtype, device: torch.device,
     cache_dtype: torch.dtype | None = None,
 ) -> bool:
-    """Whether the absorbed decode runs the fused Triton kernel (`config.decode_kernel`; "auto": on CUDA only)."""
-    if config.decode_kernel == "torch":
+    """Whether the absorbed decode of `num_new_tokens` per row runs the fused Triton kernel: only where the absorbed
+    form runs (at most `config.absorbed_max_query_len` new tokens), as `config.decode_kernel` says ("auto": on CUDA
+    only)."""
+    if config.decode_kernel == "torch" or num_new_tokens > config.absorbed_max_query_len:
         return False
     supported = kernel_supports(
         config.num_softmax_branches, config.latent_block_dim, config.qk_rope_head_dim, num_new_tokens, dtype,
@@ -956,7 +958,7 @@ class MLRAModel(MLRAPreTrainedModel):
             flash_varlen = expanded and bsz == 1 and (self.config._attn_implementation or "").startswith("flash")
             mask = None if flash_varlen else packed_sequence_mask(packed_sequences, inputs_embeds.dtype)
         elif (
-            not expanded
+            cache is not None
             and not output_attentions
             and use_decode_kernel(
                 self.config, q_len, inputs_embeds.dtype, inputs_embeds.device, getattr(cache, "cache_dtype", None)
@@ -1006,8 +1008,7 @@ class MLRAModel(MLRAPreTrainedModel):
         # The kernel runs here only when asked for by name (decode_kernel="triton"), not under "auto": on an H200 its
         # tokens differed from generate()'s for long prompts (README, "Continuous batching"), cause still open.
         if (
-            new_tokens <= self.config.absorbed_max_query_len
-            and self.config.decode_kernel == "triton"
+            self.config.decode_kernel == "triton"
             and not batch_kwargs.get("output_attentions", False)
             and use_decode_kernel(self.config, new_tokens, inputs_embeds.dtype, inputs_embeds.device)
         ):
@@ -1175,7 +1176,7 @@ class MLRAForCausalLM(MLRAPreTrainedModel, GenerationMixin):
         booleans (two small launches on the host's critical path of every step, not a dozen)."""
         cache = _take_cache_argument(kwargs.pop("cache", None), kwargs)
         q_len = inputs_embeds.shape[1]
-        if q_len <= self.config.absorbed_max_query_len and use_decode_kernel(
+        if use_decode_kernel(
             self.config, q_len, inputs_embeds.dtype, inputs_embeds.device, getattr(cache, "cache_dtype", None)
         ):
             if attention_mask is None or attention_mask.dim() != 2:
