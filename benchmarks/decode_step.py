@@ -19,8 +19,8 @@ bfloat16, random weights, 24 layers, a static cache of each model's own kind hol
 - generate(cache_implementation="static") at batch 1 with each model's automatic compile (ours:
   `MLRAForCausalLM._default_compile_config`; transformers': its `CompileConfig()`), several calls of different
   lengths: the first call's time (compile included), recompiles after it (dynamo's graph count), total tokens/s of
-  256 new tokens (16-token prompt) and the median streamed interval (IntervalStreamer, which synchronises per
-  token as a streamer must), and ours' greedy tokens against eager generate()'s;
+  256 new tokens (16-token prompt) and the median streamed interval (IntervalStreamer: when each token reaches
+  the host), and ours' greedy tokens against eager generate()'s (generate_interval.py: per-step loop vs deferred);
 - a cProfile of one compiled generate() call of ours (the host's work per token) and the compile time again in a
   second process with the compile caches warm;
 - last, MLRA-4's compiled step at 1 x 16 under other inductor settings (--inductor-variants): `freezing` (weights
