@@ -1,6 +1,6 @@
 """generate()'s time per token against its own compiled step, at batch 1, on one GPU (issue 16, item 1).
 
-    python benchmarks/generate_interval.py --out benchmarks/results/generate_interval_h200   # the GPU (~2 minutes)
+    python benchmarks/generate_interval.py --out benchmarks/results/generate_interval_h200   # the GPU (90 s)
     python benchmarks/generate_interval.py --quick                                            # tiny shapes, CPU
 
 Ours (MLRA-4) and transformers' Llama (8 KV heads) of the same ~2.9B size, bfloat16, random weights, 24 layers,
@@ -10,12 +10,13 @@ Ours (MLRA-4) and transformers' Llama (8 KV heads) of the same ~2.9B size, bfloa
 - "deferred": the same loop reading that flag one step late (transformers' `DeferredStopCheck`, which transformers
   takes on MPS only). Ours takes it by default on CUDA (`MLRAForCausalLM._sample`); for Llama this script forces
   it (`DeferredStopCheck.is_supported` patched), to show the same effect on a transformers model.
-Per model and loop, after the first (compiling) call: ms/token from the total time of 256 new tokens
-(`min_new_tokens`: no early stop) for prompts of --prompts tokens, one call each (calls of different lengths reuse
-one static cache and one compiled graph: recompiles are counted); the median interval between streamed tokens (a
-streamer that notes when each token reaches the host); and the GPU time of each compiled step inside generate()
-(CUDA events around every call of the compiled forward: in the deferred loop, where the GPU never waits for the host,
-that is the step alone; in the per-step loop it includes the host's launch).
+Per model and loop, after the first (compiling) call and one short call per prompt length (its prefill's first
+run): ms/token from the total time of 256 new tokens (`min_new_tokens`: no early stop) for prompts of --prompts
+tokens, one call each (calls of different lengths reuse one static cache and one compiled graph: recompiles are
+counted); the median interval between streamed tokens (a streamer that notes when each token reaches the host); and
+the GPU time of each compiled step inside generate() (CUDA events around every call of the compiled forward: in the
+deferred loop, where the GPU never waits for the host, that is the step alone; in the per-step loop it includes the
+host's launch).
 The compiled step: the very compiled forward generate() calls, called back to back on the inputs of one decode step
 (CUDA events over --step-calls calls; the host's time for those calls is reported beside it and must be below it for
 the number to be the GPU's). Checks: the deferred loop gives the per-step loop's tokens (256 greedy tokens; an eos
@@ -165,6 +166,10 @@ def measure_model(name: str, args, device, dtype, report: Report, stop) -> None:
         generate(prompt(max(args.prompts), 0), args.new_tokens)  # the largest: every later call fits its cache
         synchronize(device)
         first_call_s = time.perf_counter() - start
+        # every prompt length once, untimed: a prefill of at most absorbed_max_query_len tokens runs the fused
+        # decode kernel, which Triton compiles for each new query length (1-2 s, seen in the first H200 run)
+        for seed, length in enumerate(args.prompts):
+            generate(prompt(length, 20 + seed), 2)
         graphs = stats["unique_graphs"]
         timed = TimedCalls(model, device)
         outputs = {}
