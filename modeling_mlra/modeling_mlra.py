@@ -1202,11 +1202,12 @@ class MLRAForCausalLM(MLRAPreTrainedModel, GenerationMixin):
     ):
         """transformers' greedy and sampling loop. After every step that loop reads on the host whether all sequences
         have finished, so the host cannot queue step t+1 while the GPU runs step t: each token costs the step plus
-        the host's work between two steps (on an H200, 1.40x the compiled step at batch 1). Where it is exact and
-        nothing of the cache leaves generate() (`_defers_stop_check`), the loop takes transformers' own
-        `DeferredStopCheck` instead, which reads that flag one step late: the same tokens and the same streamer
-        output (each token put one step later); a stop before `max_length` costs one more step, whose token is
-        dropped and whose cache row is never read (the kept static cache is reset by the next call)."""
+        the host's work between two steps. Where it is exact and nothing of the cache leaves generate()
+        (`_defers_stop_check`), the loop takes transformers' own `DeferredStopCheck` instead, which reads that flag
+        one step late: the same tokens and the same streamer output (each token put one step later); a stop before
+        `max_length` costs one more step, whose token is dropped and whose cache row is never read (the kept static
+        cache is reset by the next call). On an H200 at batch 1 the streamed interval goes from 1.31x to 1.04x the
+        compiled step (benchmarks/results/generate_interval_h200.md)."""
         sample = super()._sample
         if self._defers_stop_check(input_ids.device, generation_config, synced_gpus, model_kwargs.get(CACHE_FIELD)):
             sample = types.MethodType(_sample_with_deferred_stop_check, self)
