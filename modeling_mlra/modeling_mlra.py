@@ -491,7 +491,7 @@ def packed_causal_mask(
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, is_causal=None, **kwargs):
-    """Plain softmax attention, softmax in float32: query [bsz, heads, T, d], key [bsz, heads, S, d], value
+    """Plain softmax attention, softmax in float32 or the inputs' wider dtype: query [bsz, heads, T, d], key [bsz, heads, S, d], value
     [bsz, heads, S, d_v], additive attention_mask [bsz|1, 1, T, S] or None (causal when T > 1) -> [bsz, T, heads, d_v]
     (transformers' attention-interface convention)."""
     scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
@@ -500,7 +500,9 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     elif query.shape[-2] > 1:
         causal = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device).tril()
         scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
-    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
+    # at least float32 (a float64 model keeps float64: a float32 softmax would round rows that differ only in their
+    # masked width differently)
+    probs = F.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(value.dtype)
     probs = F.dropout(probs, p=dropout, training=module.training)
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
 
@@ -793,7 +795,7 @@ class MLRAAttention(nn.Module):
         scores = (scores + rope_scores.view(bsz, 1, G, hpg, q_len, kv_len)) * self.scaling
         if attention_mask is not None:
             scores = scores + attention_mask[:, :, None, None]
-        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(latent.dtype)
+        probs = F.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(latent.dtype)
 
         mixed = torch.matmul(probs.view(bsz, B, G, hpg * q_len, kv_len), blocks)  # [bsz, B, G, hpg*T, d_l]
         return (
