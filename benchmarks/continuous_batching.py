@@ -7,10 +7,11 @@ the weights), which gives the paged cache's capacity, its bytes per token and th
 fit. Then, for each (requests, context) point that fits, the requests run to `--new-tokens`; decode throughput is
 the tokens generated once every request has its first token, over that time window (per-token timestamps of the
 manager), i.e. all requests decoding together. Prefilling R x C distinct tokens through transformers' packed sdpa
-path costs O((R x C)^2) (every step's queries meet every key of the batch), minutes at 64 x 8K; so the prompts share
-a random C-token prefix (whole pages), prefilled once (prefix sharing on), and differ in a 16-token suffix each. Every request
-still reads its whole context at every decode step (the paged cache gathers it per request); the shared pages may
-be read from L2 where they fit, for every model alike. "cache GiB" is the size the requests' contexts take unshared.
+path (Llama, DeepseekV3) costs O((R x C)^2) (every step's queries meet every key of the batch), minutes at 64 x 8K;
+so the prompts share a random C-token prefix (whole pages), prefilled once (prefix sharing on), and differ in a
+16-token suffix each. Every request still reads its whole context at every decode step (the paged cache gathers it
+per request); the shared pages may be read from L2 where they fit, for every model alike. "cache GiB" is the size
+the requests' contexts take unshared. Last for each model: as many 32K-token requests as its pages hold.
 
 transformers' DeepseekV3 cannot run under continuous batching in 5.17 to 5.24 (its paged cache is sized from
 `head_dim` = qk_rope_head_dim while the layer caches other widths: "index_copy_(): Source/destination tensor must
@@ -19,6 +20,7 @@ MHA (Llama class) whose pages hold exactly DeepseekV3's expanded keys and values
 token and layer = 24 x (192 + 128).
 
     timeout 350 python benchmarks/continuous_batching.py --out $OUT/continuous_batching_h200 --stop-after-s 240  # H200
+    python benchmarks/continuous_batching.py --models mlra_4 --stop-after-s 120 --out $OUT/...  # one model, all its time
     python benchmarks/continuous_batching.py --quick --out /tmp/cb_quick                                # CPU, tiny
 """
 
@@ -103,7 +105,7 @@ def decode_throughput(outputs) -> tuple[float, int]:
     return len(times) / (max(times) - start), len(times)
 
 
-def run_model(name: str, build, points, args, device) -> dict:
+def run_model(name: str, build, points, args, device, time_share: float) -> dict:
     row = {"model": name, "points": []}
     started = time.monotonic()
     try:
@@ -135,11 +137,13 @@ def run_model(name: str, build, points, args, device) -> dict:
         )  # fmt: skip
         print(name, {key: value for key, value in row.items() if key != "points"}, flush=True)
         generator = torch.Generator().manual_seed(0)
-        for requests, context in points:
+        most = tokens // (FIT_CONTEXT + SUFFIX + args.new_tokens + page_size)  # the fit rule below
+        fullest = [(most, FIT_CONTEXT)] if most and (most, FIT_CONTEXT) not in points else []
+        for requests, context in [*points, *fullest]:
             if requests * (context + SUFFIX + args.new_tokens + page_size) > tokens:
                 row["points"].append(dict(requests=requests, context=context, skipped="does not fit the cache"))
                 continue
-            if time.monotonic() - started > args.stop_after_s / 3:
+            if time.monotonic() - started > time_share:
                 row["points"].append(dict(requests=requests, context=context, skipped="time budget"))
                 continue
             vocab = model.config.vocab_size
@@ -225,10 +229,10 @@ def main() -> None:
         device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", versions=software_versions(),
         dtype=str(dtype), new_tokens=args.new_tokens, max_batch_tokens=args.max_batch_tokens, models=[],
     )  # fmt: skip
-    for name, build in builders.items():
-        if args.models and name not in args.models:
-            continue
-        results["models"].append(run_model(name, build, points, args, device))
+    names = [name for name in builders if not args.models or name in args.models]
+    for name in names:  # each model gets an equal share of the time budget (DeepseekV3 fails at once)
+        share = args.stop_after_s / max(1, len(names) - ("deepseek_v3" in names))
+        results["models"].append(run_model(name, builders[name], points, args, device, share))
     write_results(args.out, results, markdown(results), command_line())
     panels = []
     for context in sorted({context for _, context in points}):

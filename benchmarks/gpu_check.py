@@ -2,9 +2,12 @@
 TF32 off) and their greedy tokens; absorbed decode against the expanded path in bfloat16 at the published layer
 shapes (against float32 arithmetic on the same bf16-rounded weights); generate() with a static cache, eager and under
 torch.compile, against the plain dynamic cache; continuous batching (`generate_batch`, the fused kernel reading one row
-per request) against generate() for each request alone. (Decode timing is `e2e_generate.py`'s.)
+per request) against generate() for each request alone; and the finding behind an earlier continuous-batching
+mismatch: CUDA's memory-efficient sdpa kernel reading an attention mask whose rows lie far apart. (Decode timing is
+`e2e_generate.py`'s.)
 
     python benchmarks/gpu_check.py --out benchmarks/results/gpu_check_h200
+    python benchmarks/gpu_check.py --checks sdpa_mask_rows continuous_batching --out ...  # a subset
 """
 
 import argparse
@@ -82,8 +85,9 @@ def check_static_compiled_generate(device) -> dict:
 
 def check_continuous_batching(device) -> dict:
     """float32 (TF32 off), 2 layers of the published MLRA-4 shape: generate_batch's greedy tokens for prompts of very
-    different lengths equal generate()'s for each prompt alone, with the decode steps through the fused kernel
-    (one row per request) and through the PyTorch absorbed path (which of the two a mismatch follows)."""
+    different lengths (the long ones prefilled in chunks beside the others' decode steps) equal generate()'s for each
+    prompt alone, with the short sequences through the fused kernel (one row per request) and through the PyTorch
+    absorbed path, one request at a time."""
     from transformers import GenerationConfig
 
     try:
@@ -113,39 +117,80 @@ def check_continuous_batching(device) -> dict:
     return report
 
 
+def check_sdpa_mask_rows(device, rows: int = 256, row_stride: int = 2**25 + 64) -> dict:
+    """Continuous batching gives sdpa models its block-diagonal mask as a view [1, 1, T, S] of a buffer [max batch
+    tokens, pages + max batch tokens]: rows (pages + max batch tokens) elements apart, millions on a large GPU. Here
+    the memory-efficient kernel (the one for float32) gets such a view, rows `row_stride` elements apart, and the same
+    mask made contiguous; the query rows whose outputs differ are reported (a 32-bit row offset wraps from row
+    2^32 / row_stride on). The buffer is zeros outside the mask: a misread row lets a query see later keys."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    buffer = torch.zeros(rows, row_stride, dtype=torch.bfloat16, device=device)  # 16 GiB for the defaults
+    mask = buffer[:, :rows]
+    mask.copy_(torch.full((rows, rows), float("-inf"), device=device).triu(1))
+    generator = torch.Generator(device).manual_seed(0)
+    query, key, value = (
+        torch.randn(1, 1, rows, 64, device=device, dtype=torch.bfloat16, generator=generator) for _ in range(3)
+    )
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+        strided = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask[None, None])
+        contiguous = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask.contiguous()[None, None]
+        )
+    wrong = ((strided - contiguous).abs().amax(-1)[0, 0] > 0).nonzero().flatten().tolist()
+    del buffer, mask
+    torch.cuda.empty_cache()
+    return dict(
+        row_stride=row_stride, rows=rows, first_row_past_2_32_elements=-(-(2**32) // row_stride),
+        wrong_rows=len(wrong), first_wrong_row=wrong[0] if wrong else None,
+    )  # fmt: skip
+
+
 def markdown(report: dict) -> str:
     lines = [f"# GPU check: {report['device']}", "", f"torch {report['torch']}, transformers {report['transformers']}", ""]
-    lines += ["## Reference fixtures on the GPU (float32, TF32 off)", "", "| variant | max abs logit diff | greedy tokens equal |", "|---|---:|---|"]
-    lines += [f"| {r['variant']} | {r['max_abs_logit_diff']:.2e} | {r['greedy_tokens_equal']} |" for r in report["fixtures"]]
-    lines += ["", "## Absorbed vs expanded decode, bfloat16, published layer shapes (2 layers, context 4096)", ""]
-    lines += ["Differences of the last position's logits relative to the largest float32 logit; the float32 reference",
-              "computes on the same bfloat16-rounded weights, so the columns measure arithmetic, not weight rounding.", ""]
-    lines += ["| variant | absorbed vs expanded (bf16) | absorbed bf16 vs fp32 | expanded bf16 vs fp32 |", "|---|---:|---:|---:|"]
-    lines += [
-        f"| {r['variant']} | {r['absorbed_vs_expanded_bf16']:.2e} | {r['absorbed_bf16_vs_fp32']:.2e} | {r['expanded_bf16_vs_fp32']:.2e} |"
-        for r in report["absorbed"]
-    ]
-    lines += ["", f"## generate() with a static cache: {report['static_generate']}", ""]
-    lines += [f"## Continuous batching vs generate() per request: {report['continuous_batching']}", ""]
+    if "fixtures" in report:
+        lines += ["## Reference fixtures on the GPU (float32, TF32 off)", "", "| variant | max abs logit diff | greedy tokens equal |", "|---|---:|---|"]
+        lines += [f"| {r['variant']} | {r['max_abs_logit_diff']:.2e} | {r['greedy_tokens_equal']} |" for r in report["fixtures"]]
+    if "absorbed" in report:
+        lines += ["", "## Absorbed vs expanded decode, bfloat16, published layer shapes (2 layers, context 4096)", ""]
+        lines += ["Differences of the last position's logits relative to the largest float32 logit; the float32 reference",
+                  "computes on the same bfloat16-rounded weights, so the columns measure arithmetic, not weight rounding.", ""]
+        lines += ["| variant | absorbed vs expanded (bf16) | absorbed bf16 vs fp32 | expanded bf16 vs fp32 |", "|---|---:|---:|---:|"]
+        lines += [
+            f"| {r['variant']} | {r['absorbed_vs_expanded_bf16']:.2e} | {r['absorbed_bf16_vs_fp32']:.2e} | {r['expanded_bf16_vs_fp32']:.2e} |"
+            for r in report["absorbed"]
+        ]
+    if "static_generate" in report:
+        lines += ["", f"## generate() with a static cache: {report['static_generate']}", ""]
+    if "sdpa_mask_rows" in report:
+        lines += [f"## sdpa (memory-efficient kernel) on a mask view with rows far apart: {report['sdpa_mask_rows']}", ""]
+    if "continuous_batching" in report:
+        lines += [f"## Continuous batching vs generate() per request: {report['continuous_batching']}", ""]
     return "\n".join(lines) + "\n"
+
+
+CHECKS = {
+    "fixtures": check_reference_fixtures,
+    "absorbed": check_absorbed_vs_expanded,
+    "static_generate": check_static_compiled_generate,
+    "sdpa_mask_rows": check_sdpa_mask_rows,
+    "continuous_batching": check_continuous_batching,
+}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="output prefix: OUT.json, OUT.md")
+    parser.add_argument("--checks", nargs="*", choices=list(CHECKS), help="a subset (default: all)")
     args = parser.parse_args()
     device = torch.device("cuda")
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     report = dict(device=torch.cuda.get_device_name(device), **software_versions())
-    report["fixtures"] = check_reference_fixtures(device)
-    print(report["fixtures"], flush=True)
-    report["absorbed"] = check_absorbed_vs_expanded(device)
-    print(report["absorbed"], flush=True)
-    report["static_generate"] = check_static_compiled_generate(device)
-    print(report["static_generate"], flush=True)
-    report["continuous_batching"] = check_continuous_batching(device)
-    print(report["continuous_batching"], flush=True)
+    for name, check in CHECKS.items():
+        if not args.checks or name in args.checks:
+            report[name] = check(device)
+            print(name, report[name], flush=True)
     write_results(args.out, report, markdown(report))
     print(markdown(report))
 

@@ -366,9 +366,12 @@ def _decode_attention(
     num_blocks = num_branches * num_groups
     device = kv_cache.device
     choices = {**(choices or {}), **({"num_splits": num_splits} if num_splits else {})}
+    # packed rows (continuous batching) hold a different number of tokens at every step: rounded, so that the cached
+    # launch configs stay few
+    capacity = kv_cache.shape[1] if row_starts is None else triton.next_power_of_2(kv_cache.shape[1])
     config = launch_config(
         bsz, num_groups, heads_per_group, num_branches, latent_block_dim, rope_dim, num_new_tokens,
-        kv_cache.shape[1], kv_cache.shape[2] * kv_cache.element_size(), _num_sms(device.index or 0), **choices,
+        capacity, kv_cache.shape[2] * kv_cache.element_size(), _num_sms(device.index or 0), **choices,
     )
     num_splits = config["num_splits"]
     branches_per_program = config["BRANCHES_PER_PROGRAM"]

@@ -473,23 +473,6 @@ def packed_sequence_mask(sequence_ids: torch.Tensor, dtype: torch.dtype) -> torc
     )
 
 
-def packed_causal_mask(
-    cu_seq_lens_q: torch.Tensor, cu_seq_lens_k: torch.Tensor, query_positions: torch.Tensor, dtype: torch.dtype
-) -> torch.Tensor:
-    """Additive mask [1, 1, T, S] for sequences packed in one row with their cached tokens (continuous batching):
-    query t of sequence n, at position p, sees the keys of sequence n at positions <= p. cu_seq_lens_q [n + 1] and
-    cu_seq_lens_k [n + 1]: where each sequence's queries and keys (its whole sequence so far) start; query_positions
-    [T]."""
-    device = query_positions.device
-    query_sequence = torch.bucketize(torch.arange(len(query_positions), device=device), cu_seq_lens_q[1:], right=True)
-    keys = torch.arange(int(cu_seq_lens_k[-1]), device=device)
-    key_sequence = torch.bucketize(keys, cu_seq_lens_k[1:], right=True)
-    key_positions = keys - cu_seq_lens_k[key_sequence]
-    allowed = (query_sequence[:, None] == key_sequence[None, :]) & (key_positions[None, :] <= query_positions[:, None])
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
-    return mask[None, None]
-
-
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, is_causal=None, **kwargs):
     """Plain softmax attention, softmax in float32 or the inputs' wider dtype: query [bsz, heads, T, d], key [bsz, heads, S, d], value
     [bsz, heads, S, d_v], additive attention_mask [bsz|1, 1, T, S] or None (causal when T > 1) -> [bsz, T, heads, d_v]
@@ -665,15 +648,9 @@ class MLRAAttention(nn.Module):
             kv_states = dequantize_latent_rows(
                 kv_states, self.num_latent_blocks, self.latent_block_dim, self.qk_rope_head_dim, hidden_states.dtype
             )
-        # continuous batching packs many sequences in one row: what counts is each one's new tokens
-        paged = isinstance(cache, MLRAPagedLatent)
-        new_tokens = cache.max_new_tokens if paged else q_len
-        if paged and decode_kernel_inputs is not None:  # one kernel row per sequence
-            attn_output, attn_weights = self.absorbed_attention(
-                cache.to_rows(q_nope), cache.to_rows(q_rope), kv_states, None, decode_kernel_inputs
-            )
-            attn_output = cache.from_rows(attn_output)
-        elif decode_kernel_inputs is not None or (cache is not None and new_tokens <= self.config.absorbed_max_query_len):
+        if isinstance(cache, MLRAPagedLatent):  # continuous batching: many sequences packed in one row
+            attn_output, attn_weights = self.paged_attention(q_nope, q_rope, kv_states, cache), None
+        elif decode_kernel_inputs is not None or (cache is not None and q_len <= self.config.absorbed_max_query_len):
             attn_output, attn_weights = self.absorbed_attention(
                 q_nope, q_rope, kv_states, attention_mask, decode_kernel_inputs
             )
@@ -684,6 +661,36 @@ class MLRAAttention(nn.Module):
         if self.config.attention_output_gate:
             attn_output = attn_output * torch.sigmoid(self.o_gate_proj(hidden_states))
         return self.o_proj(attn_output), attn_weights
+
+    def paged_attention(self, q_nope, q_rope, kv_states, paged: MLRAPagedLatent) -> torch.Tensor:
+        """Continuous batching: each sequence of the packed batch attends to its own rows of kv_states only, so memory
+        and work are linear in the batch's tokens (no scores between sequences). Sequences with at most
+        `absorbed_max_query_len` new tokens attend in absorbed form: through the fused kernel where it runs (one
+        kernel row per sequence, `paged.kernel_inputs`, without a host synchronisation), else one at a time; longer
+        ones (prefill chunks) expand the latent, one at a time, causal from their first new token.
+
+        q_nope [1, T, h, d_n], q_rope [1, T, h, d_r], kv_states [1, S, d_c + d_r] (sequence after sequence, as `paged`
+        delimits them) -> [1, T, h, d_v] (zeros for padding tokens)."""
+        longest_absorbed = self.config.absorbed_max_query_len
+        sequences = paged.sequences if paged.kernel_inputs is None or paged.max_new_tokens > longest_absorbed else []
+        if paged.kernel_inputs is not None:
+            rows, _ = self.absorbed_attention(
+                paged.to_rows(q_nope), paged.to_rows(q_rope), kv_states, None, paged.kernel_inputs
+            )
+            output = paged.from_rows(rows)
+        else:
+            output = q_nope.new_zeros(*q_nope.shape[:3], self.v_head_dim)
+        for queries, keys in sequences:
+            q_len, kv_len = queries.stop - queries.start, keys.stop - keys.start
+            absorbed = q_len <= longest_absorbed
+            if absorbed and paged.kernel_inputs is not None:
+                continue  # one of the kernel's rows
+            causal = q_len == kv_len and not absorbed  # a whole prompt at once: the attention's own causal rule
+            query_slots = torch.arange(kv_len - q_len, kv_len, device=q_nope.device)
+            mask = None if q_len == 1 or causal else attention_mask_for_slots(None, query_slots, kv_len, q_nope.dtype)
+            attend = self.absorbed_attention if absorbed else self.expanded_attention
+            output[:, queries], _ = attend(q_nope[:, queries], q_rope[:, queries], kv_states[:, keys], mask)
+        return output
 
     def expanded_attention(
         self, q_nope, q_rope, kv_states, attention_mask, **kwargs
@@ -908,7 +915,7 @@ class MLRAModel(MLRAPreTrainedModel):
         to the config's; attentions come from the eager implementation (see `MLRAAttention.forward`).
 
         Continuous batching passes a PagedAttentionCache, its sequences packed in one row with their positions, their
-        block-diagonal causal mask [1, 1, T, S] and the cache's read/write indices (in kwargs)."""
+        cumulative lengths and the cache's read/write indices (in kwargs); its block-diagonal mask is not read."""
         cache = _take_cache_argument(cache, kwargs)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -918,7 +925,7 @@ class MLRAModel(MLRAPreTrainedModel):
         if inputs_embeds.shape[1] == 0:
             raise ValueError(f"the input holds no tokens (shape {list(inputs_embeds.shape[:2])}): give at least one")
         if is_paged_cache(cache):
-            return self._forward_paged(inputs_embeds, attention_mask, position_ids, cache, kwargs)
+            return self._forward_paged(inputs_embeds, position_ids, cache, kwargs)
         use_cache = use_cache if use_cache is not None else self.config.use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False
@@ -994,44 +1001,25 @@ class MLRAModel(MLRAPreTrainedModel):
         hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_FIELD: cache})
 
-    def _forward_paged(self, inputs_embeds, attention_mask, position_ids, cache, batch_kwargs) -> BaseModelOutputWithPast:
+    def _forward_paged(self, inputs_embeds, position_ids, cache, batch_kwargs) -> BaseModelOutputWithPast:
         """One step of continuous batching: the sequences packed in inputs_embeds [1, T, d] write their latent rows
-        into the paged cache and attend to their own rows only. Where every sequence has at most 16 new tokens (decode
-        steps, short prompts or suffixes), the fused kernel (decode_kernel="triton") runs one row per sequence, reading
-        only that sequence's rows; otherwise the additive mask [1, 1, T, S] (built from cu_seq_lens_q / cu_seq_lens_k
-        when the batch comes without one, as for flash implementations)."""
+        into the paged cache and attend to their own rows only (`MLRAAttention.paged_attention`). Where the fused
+        kernel runs (`config.decode_kernel`: "auto" on CUDA), the sequences with at most `absorbed_max_query_len` new
+        tokens are its rows."""
         if self.config.cache_dtype is not None:
             logger.warning_once(
                 f"config.cache_dtype={self.config.cache_dtype!r} applies to MLRACache; the pages of continuous "
                 "batching hold the latent in the dtype transformers gives them (the model's)"
             )
         paged = MLRAPagedLatent(cache, batch_kwargs)
-        key_offsets = paged.key_offsets()
-        decode_kernel_inputs = None
-        new_tokens = paged.max_new_tokens
-        # The kernel runs here only when asked for by name (decode_kernel="triton"), not under "auto": on an H200 its
-        # tokens differed from generate()'s for long prompts (README, "Continuous batching"), cause still open.
-        if (
-            self.config.decode_kernel == "triton"
-            and not batch_kwargs.get("output_attentions", False)
-            and use_decode_kernel(self.config, new_tokens, inputs_embeds.dtype, inputs_embeds.device)
-        ):
-            paged.set_rows(batch_kwargs["cu_seq_lens_q"], inputs_embeds.shape[1], new_tokens)
-            decode_kernel_inputs = (key_offsets.diff(), None, key_offsets[:-1])
-            attention_mask = None
-        else:
-            if isinstance(attention_mask, dict):  # one mask per attention type; MLRA has one
-                attention_mask = attention_mask["full_attention"]
-            if attention_mask is None:
-                attention_mask = packed_causal_mask(
-                    batch_kwargs["cu_seq_lens_q"], key_offsets, position_ids[0], inputs_embeds.dtype
-                )
+        row_width = min(paged.max_new_tokens, self.config.absorbed_max_query_len)
+        if use_decode_kernel(self.config, row_width, inputs_embeds.dtype, inputs_embeds.device):
+            paged.use_kernel_rows(inputs_embeds.shape[1], row_width)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         for decoder_layer in self.layers:
             hidden_states = decoder_layer(
-                hidden_states, position_embeddings, attention_mask, cache=paged,
-                decode_kernel_inputs=decode_kernel_inputs, position_ids=position_ids,
+                hidden_states, position_embeddings, None, cache=paged, position_ids=position_ids
             )
         hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_FIELD: cache})

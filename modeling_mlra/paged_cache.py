@@ -5,13 +5,14 @@ transformers' continuous batching (`generate_batch`, `init_continuous_batching`,
 `num_key_value_heads` x `head_dim` values. `MLRAConfig` declares one head of (d_c + d_r) / 2 values, so the pages hold
 exactly the latent row `MLRACache` keeps (d_c + d_r values): its first half in the key page, its second half in the
 value page. `MLRAPagedLatent` writes and reads the rows through the paged cache's own `update` (the release's index
-arithmetic, prefix sharing and forking stay transformers'), tells the attention how many new tokens each sequence of
-the packed batch has (decode steps attend in absorbed form on the latent), and lays the packed queries out as one row
-per sequence for the fused decode kernel.
+arithmetic, prefix sharing and forking stay transformers'), tells the attention where each sequence of the packed
+batch has its new tokens and its rows (each attends to its own only: no scores between sequences), and lays the
+packed queries out as one row per sequence for the fused decode kernel.
 
 The paged cache's call convention changed during 5.x; both are handled here (tested on transformers 5.17 and 5.24).
 """
 
+import functools
 import inspect
 
 import torch
@@ -38,6 +39,10 @@ class MLRAPagedLatent:
     """One forward pass of continuous batching on a `PagedAttentionCache`: the packed batch of sequences (all in one
     row, `cu_seq_lens_q` / `cu_seq_lens_k` delimit them) and the paged cache that holds their latent rows.
 
+    Each sequence attends to its own rows only, found from the cumulative lengths: the block-diagonal mask continuous
+    batching builds for sdpa and eager ([1, 1, T, pages + T]) is never read. Sequences with few new tokens can run
+    as rows of the fused decode kernel (`use_kernel_rows`), the others one at a time (`sequences`).
+
     Args:
         cache: the `PagedAttentionCache` continuous batching passed to the model.
         batch_kwargs: the other keyword arguments it passed (read/write indices, cumulative lengths, ...).
@@ -52,30 +57,52 @@ class MLRAPagedLatent:
         self.cache = cache
         self.batch_kwargs = batch_kwargs
         self.update_takes_kwargs = _update_takes_kwargs(cache)
+        self.kernel_inputs = None
 
-    def set_rows(self, cu_seq_lens_q: torch.Tensor, num_tokens: int, new_tokens: int) -> None:
-        """Lay the packed queries out as one row of `new_tokens` per sequence (the decode kernel's [bsz, T] grid),
-        each sequence's tokens at the end of its row: the kernel counts a row's new tokens from its end, and the
-        leading slots of a shorter sequence hold zero queries whose outputs are dropped. Tokens past the last
-        sequence (padding, with CUDA graphs) go to a spare row. No host synchronisation."""
-        ends = cu_seq_lens_q[1:].long()
-        self.num_rows, self.row_width = ends.shape[0], new_tokens
+    def use_kernel_rows(self, num_tokens: int, row_width: int) -> None:
+        """Lay the packed queries out as the fused kernel's grid [sequences, row_width], for the sequences with at
+        most `row_width` new tokens: each one's tokens at the end of its row (the kernel counts a row's new tokens
+        from its end; the leading slots of a shorter sequence hold zero queries whose outputs are dropped). Tokens of
+        longer sequences (attended one at a time, `sequences`) and padding tokens past the last sequence (CUDA graphs)
+        go to a spare row, and a longer sequence's row reads no keys. Sets `kernel_inputs`: (keys per row, no key
+        mask, each row's first key in the rows `update` returns). No host synchronisation."""
+        cu_seq_lens_q = self.batch_kwargs["cu_seq_lens_q"]
+        starts, ends = cu_seq_lens_q[:-1].long(), cu_seq_lens_q[1:].long()
+        self.num_rows, self.row_width = ends.shape[0], row_width
+        in_kernel = ends - starts <= row_width
         tokens = torch.arange(num_tokens, device=ends.device)
-        sequence = torch.bucketize(tokens, ends, right=True)
-        padding = sequence == self.num_rows
-        in_row = new_tokens - (ends[sequence.clamp(max=self.num_rows - 1)] - tokens)
-        self.token_slots = sequence * new_tokens + torch.where(padding, tokens % new_tokens, in_row)
+        sequence = torch.bucketize(tokens, ends, right=True)  # num_rows for padding tokens
+        known = sequence.clamp(max=self.num_rows - 1)
+        spare = (sequence == self.num_rows) | ~in_kernel[known]
+        in_row = row_width - (ends[known] - tokens)
+        self.token_slots = torch.where(
+            spare, self.num_rows * row_width + tokens % row_width, sequence * row_width + in_row
+        )
+        key_offsets = self.key_offsets()
+        self.kernel_inputs = (torch.where(in_kernel, key_offsets.diff(), 0), None, key_offsets[:-1])
 
     def to_rows(self, packed: torch.Tensor) -> torch.Tensor:
-        """[1, T, ...] packed queries -> [sequences, new_tokens, ...] rows (see `set_rows`)."""
+        """[1, T, ...] packed queries -> [sequences, row_width, ...] kernel rows (see `use_kernel_rows`)."""
         grid = packed.new_zeros((self.num_rows + 1) * self.row_width, *packed.shape[2:])
         grid[self.token_slots] = packed[0]
         return grid[: self.num_rows * self.row_width].unflatten(0, (self.num_rows, self.row_width))
 
     def from_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """[sequences, new_tokens, ...] -> [1, T, ...], the packed tokens' outputs (padding tokens get zeros)."""
+        """[sequences, row_width, ...] -> [1, T, ...], the packed tokens' outputs (tokens outside the rows: zeros)."""
         flat = torch.cat([rows.flatten(0, 1), rows.new_zeros(self.row_width, *rows.shape[2:])])
         return flat[self.token_slots].unsqueeze(0)
+
+    @functools.cached_property
+    def sequences(self) -> list[tuple[slice, slice]]:
+        """Per sequence with new tokens: (its tokens in the packed batch, its rows in what `update` returns; the new
+        tokens are its last rows). Read on the host: one synchronisation per forward pass."""
+        queries = self.batch_kwargs["cu_seq_lens_q"].tolist()
+        keys = self.key_offsets().tolist()
+        return [
+            (slice(queries[n], queries[n + 1]), slice(keys[n], keys[n + 1]))
+            for n in range(len(queries) - 1)
+            if queries[n + 1] > queries[n]
+        ]
 
     @property
     def max_new_tokens(self) -> int:

@@ -10,7 +10,7 @@ from transformers.generation.continuous_batching import ContinuousBatchingManage
 import modeling_mlra.modeling_mlra
 from modeling_mlra import MLRACache
 from modeling_mlra.mlra_decode_kernel import mlra_decode_attention
-from modeling_mlra.modeling_mlra import packed_causal_mask
+from modeling_mlra.modeling_mlra import MLRAAttention
 from modeling_mlra.paged_cache import paged_cache_bytes_per_token
 
 try:  # the batch and page sizes are named differently across 5.x: `page_size` (>= 5.2x) or `block_size`
@@ -79,9 +79,9 @@ def test_sampling_with_top_k_one_is_greedy_and_sampling_stays_in_the_vocabulary(
 
 @pytest.mark.parametrize("member", ["mla", "mlra_2"])
 def test_decode_kernel_runs_one_row_per_sequence_of_the_packed_batch(member, monkeypatch):
-    """decode_kernel="triton" (Triton's interpreter on the CPU): steps where every sequence has few new tokens run the
-    fused kernel, one row per sequence reading only its own cached rows (a 2-token and a 4-token prompt together,
-    then decode steps); the tokens equal the PyTorch path's, for each request alone."""
+    """decode_kernel="triton" (Triton's interpreter on the CPU): sequences with few new tokens run as rows of the fused
+    kernel, each reading only its own cached rows, also in steps where a long prompt prefills a chunk beside them
+    (expanded, on its own); the tokens equal the PyTorch path's, for each request alone."""
     launches = []
 
     def counted(q_absorbed, *args, row_starts=None, **kwargs):
@@ -91,9 +91,10 @@ def test_decode_kernel_runs_one_row_per_sequence_of_the_packed_batch(member, mon
     monkeypatch.setattr(modeling_mlra.modeling_mlra, "mlra_decode_attention", counted)
     model = tiny_model(seed=7, decode_kernel="triton", **FAMILY[member])
     config = greedy_config(max_new_tokens=6)
-    prompts = [[5, 9], [3, 1, 4, 1]]
+    prompts = [[5, 9], [3, 1, 4, 1], PROMPTS[2]]  # 2 and 4 new tokens (absorbed_max_query_len 4), then a 70-token one
     results = model.generate_batch(prompts, generation_config=config, continuous_batching_config=small_batches())
-    assert ((2, 4), True) in launches and ((2, 1), True) in launches  # both prompts, then both decode steps
+    assert ((3, 4), True) in launches  # the short prompts as rows of 4 beside the long prompt's first chunk
+    assert ((3, 1), True) in launches  # decode steps of all three
     model.config.decode_kernel = "torch"
     for result, prompt in zip(results.values(), prompts):
         assert result.generated_tokens == generate_alone(model, prompt, config)
@@ -164,13 +165,43 @@ def test_pages_hold_the_latent_row_of_mlra_cache():
     assert paged_cache_bytes_per_token(paged) == cache.bytes_per_token
 
 
-def test_packed_causal_mask_keeps_each_sequence_to_its_own_past():
-    # two sequences: 1 new token at position 3 (4 keys), then 2 new tokens at positions 0 and 1 (2 keys)
-    mask = packed_causal_mask(
-        torch.tensor([0, 1, 3]), torch.tensor([0, 4, 6]), torch.tensor([3, 0, 1]), torch.float32
-    )[0, 0]
-    allowed = mask == 0
-    expected = torch.tensor(
-        [[1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 1, 0], [0, 0, 0, 0, 1, 1]], dtype=torch.bool
-    )
-    assert torch.equal(allowed, expected)
+def test_no_attention_reads_the_rows_of_another_request(monkeypatch):
+    """Each request attends over its own rows only (memory linear in the batch's tokens): no call of the attention
+    sees more rows than the longest request holds, where attending over the packed batch builds scores of every query
+    against every key of every request (on an H200, 94.5 GiB at 256 requests x 1K)."""
+    rows_seen = []
+    for path in ("absorbed_softmax", "expanded_attention"):
+        original = getattr(MLRAAttention, path)
+
+        def recorded(self, q_nope, q_rope, kv_states, *args, original=original, **kwargs):
+            rows_seen.append(kv_states.shape[1])
+            return original(self, q_nope, q_rope, kv_states, *args, **kwargs)
+
+        monkeypatch.setattr(MLRAAttention, path, recorded)
+    model = tiny_model(seed=10)
+    config = greedy_config()
+    results = model.generate_batch(PROMPTS, generation_config=config, continuous_batching_config=small_batches())
+    assert all(result.error is None for result in results.values())
+    assert max(rows_seen) <= max(len(prompt) for prompt in PROMPTS) + config.max_new_tokens
+
+
+def test_tokens_do_not_depend_on_the_mask_continuous_batching_passes(monkeypatch):
+    """For sdpa and eager, continuous batching passes a block-diagonal mask [1, 1, T, pages + T]; CUDA's memory-
+    efficient sdpa kernel misreads its rows past 2^32 elements (uint32 row offsets: on an H200, with millions of
+    pages, the 700- and 1800-token prompts of benchmarks/gpu_check.py got wrong tokens). The attention finds each
+    request's rows from the cumulative lengths instead: a mask that allows every key changes no token."""
+    model = tiny_model(seed=9)
+    config = greedy_config()
+    alone = [generate_alone(model, prompt, config) for prompt in PROMPTS]
+    forward = model.forward
+
+    def with_a_wrong_mask(*args, attention_mask=None, **kwargs):
+        if isinstance(attention_mask, dict):
+            attention_mask = {name: torch.zeros_like(mask) for name, mask in attention_mask.items()}
+        elif attention_mask is not None:
+            attention_mask = torch.zeros_like(attention_mask)
+        return forward(*args, attention_mask=attention_mask, **kwargs)
+
+    monkeypatch.setattr(model, "forward", with_a_wrong_mask)
+    results = model.generate_batch(PROMPTS, generation_config=config, continuous_batching_config=small_batches())
+    assert [result.generated_tokens for result in results.values()] == alone
