@@ -20,7 +20,7 @@ MHA (Llama class) whose pages hold exactly DeepseekV3's expanded keys and values
 token and layer = 24 x (192 + 128).
 
     timeout 350 python benchmarks/continuous_batching.py --out $OUT/continuous_batching_h200 --stop-after-s 240  # H200
-    python benchmarks/continuous_batching.py --models mlra_4 --stop-after-s 120 --out $OUT/...  # one model, all its time
+    python benchmarks/continuous_batching.py --models mlra_4 --points 64x8192 --out ...  # a subset, in that order
     python benchmarks/continuous_batching.py --quick --out /tmp/cb_quick                                # CPU, tiny
 """
 
@@ -217,6 +217,7 @@ def main() -> None:
     parser.add_argument("--max-memory-percent", type=float, default=0.9)
     parser.add_argument("--stop-after-s", type=float, default=300, help="time budget of the whole run")
     parser.add_argument("--models", nargs="*", help="a subset of: mlra_4 deepseek_v3 mha_deepseek_v3_bytes llama_gqa8")
+    parser.add_argument("--points", nargs="*", help="REQUESTSxCONTEXT points to run, in order (default: all)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -225,6 +226,8 @@ def main() -> None:
         args.max_batch_tokens = min(args.max_batch_tokens, 64)
     builders = build_models(args.quick, device, dtype)
     points = QUICK_POINTS if args.quick else POINTS
+    if args.points:
+        points = [tuple(int(part) for part in point.split("x")) for point in args.points]
     results = dict(
         device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", versions=software_versions(),
         dtype=str(dtype), new_tokens=args.new_tokens, max_batch_tokens=args.max_batch_tokens, models=[],
