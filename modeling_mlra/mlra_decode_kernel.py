@@ -92,11 +92,11 @@ MULTI_BRANCH_VALUES_PER_THREAD = 64  # several branches per program: one query t
 @functools.cache
 def launch_config(
     bsz: int, num_groups: int, heads_per_group: int, num_branches: int, latent_block_dim: int, rope_dim: int,
-    num_new_tokens: int, capacity: int, token_bytes: int, num_sms: int, **choices,
+    num_new_tokens: int, capacity: int, token_bytes: int, num_sms: int, operand_bytes: int = 2, **choices,
 ) -> dict:
     """Tiles, warps, branches per program and sequence splits, from shapes only (no tensor values: CUDA-graph safe).
 
-    `choices` overrides a default (benchmark sweeps): num_warps, num_stages, BLOCK_N, BRANCHES_PER_PROGRAM, MIN_ROWS
+    operand_bytes: the queries' element size (4: float32). `choices` overrides a default (benchmark sweeps): num_warps, num_stages, BLOCK_N, BRANCHES_PER_PROGRAM, MIN_ROWS
     (query rows padded up to this; 64 lets Hopper's wgmma run the dots), num_splits, programs_per_sm.
 
     Defaults from the H200 sweep (benchmarks/results/decode_kernel_h200.md): one softmax branch per program with
@@ -122,6 +122,10 @@ def launch_config(
     if num_branches % branches_per_program:
         branches_per_program = 1
     max_rows = max(16, ACCUMULATOR_VALUES_PER_THREAD * threads // (branches_per_program * block_d))
+    if operand_bytes == 4:
+        # float32 operands (exact "ieee" dots on the FMA units, every tile in float32): for sm_90, 128 query rows of a
+        # published layer spilled 20 KB per thread and took 70 s to compile, 32 rows 9 KB and 12 s
+        max_rows = min(max_rows, 32)
     block_h = min(heads, max(1, max_rows // block_t))
     block_m = max(choices.get("MIN_ROWS", 16), block_h * block_t)
     head_tiles = triton.cdiv(heads_per_group, block_h)
@@ -371,7 +375,8 @@ def _decode_attention(
     capacity = kv_cache.shape[1] if row_starts is None else triton.next_power_of_2(kv_cache.shape[1])
     config = launch_config(
         bsz, num_groups, heads_per_group, num_branches, latent_block_dim, rope_dim, num_new_tokens,
-        capacity, kv_cache.shape[2] * kv_cache.element_size(), _num_sms(device.index or 0), **choices,
+        capacity, kv_cache.shape[2] * kv_cache.element_size(), _num_sms(device.index or 0),
+        operand_bytes=q_absorbed.element_size(), **choices,
     )
     num_splits = config["num_splits"]
     branches_per_program = config["BRANCHES_PER_PROGRAM"]

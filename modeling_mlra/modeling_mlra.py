@@ -1005,15 +1005,19 @@ class MLRAModel(MLRAPreTrainedModel):
         """One step of continuous batching: the sequences packed in inputs_embeds [1, T, d] write their latent rows
         into the paged cache and attend to their own rows only (`MLRAAttention.paged_attention`). Where the fused
         kernel runs (`config.decode_kernel`: "auto" on CUDA), the sequences with at most `absorbed_max_query_len` new
-        tokens are its rows."""
+        tokens are its rows, as wide as the most new tokens among them."""
         if self.config.cache_dtype is not None:
             logger.warning_once(
                 f"config.cache_dtype={self.config.cache_dtype!r} applies to MLRACache; the pages of continuous "
                 "batching hold the latent in the dtype transformers gives them (the model's)"
             )
         paged = MLRAPagedLatent(cache, batch_kwargs)
-        row_width = min(paged.max_new_tokens, self.config.absorbed_max_query_len)
-        if use_decode_kernel(self.config, row_width, inputs_embeds.dtype, inputs_embeds.device):
+        longest_absorbed = self.config.absorbed_max_query_len
+        row_width = paged.max_new_tokens
+        if row_width > longest_absorbed:  # a prefill chunk (the host knows the lengths): rows as wide as the others
+            widths = [queries.stop - queries.start for queries, _ in paged.sequences]
+            row_width = max((width for width in widths if width <= longest_absorbed), default=0)
+        if row_width and use_decode_kernel(self.config, row_width, inputs_embeds.dtype, inputs_embeds.device):
             paged.use_kernel_rows(inputs_embeds.shape[1], row_width)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
