@@ -5,29 +5,29 @@
 
 Ours (MLRA-4, MLA, GLA-2) beside transformers' Llama (8 KV heads) and DeepseekV3 (dense) of the same ~2.9B size,
 bfloat16, random weights, 24 layers, a static cache of each model's own kind holding `context` random tokens
-(benchmarks/common.py: the layout each model's forward writes, checked). Per model and batch x context:
-- graph step: the model's eager decode step (one token, `logits_to_keep=1`) captured in a CUDA graph; the cache is
-  rewound to `context` before every replay (outside the timed events); median of replays;
-- compiled step: `torch.compile(step, fullgraph=True, dynamic=False)` (inductor, default mode; one compiled
-  function per model, recompiled per shape: a static cache's capacity is a constant of the graph, ours and
-  transformers' alike), captured the same way, at --compiled-shapes (Llama and DeepseekV3:
-  --reference-compiled-shapes, MLA and GLA-2: --small-compiled-shapes; the compiles dominate the run); its
-  logits against the eager step's (bfloat16);
-- floor: (parameter bytes + cached bytes read) / device-to-device copy rate measured in this run;
-- kernels of one compiled step (torch.profiler, outside a graph): how many, their summed time, the top ones, and
-  for ours the fused decode kernel's share (`mlra_decode_kernel.py`);
-- generate(cache_implementation="static") at batch 1 with each model's automatic compile (ours:
-  `MLRAForCausalLM._default_compile_config`; transformers': its `CompileConfig()`), several calls of different
-  lengths: the first call's time (compile included), recompiles after it (dynamo's graph count), total tokens/s of
-  256 new tokens (16-token prompt) and the median streamed interval (IntervalStreamer: when each token reaches
-  the host), and ours' greedy tokens against eager generate()'s (generate_interval.py: per-step loop vs deferred);
-- a cProfile of one compiled generate() call of ours (the host's work per token) and the compile time again in a
-  second process with the compile caches warm;
-- last, MLRA-4's compiled step at 1 x 16 under other inductor settings (--inductor-variants): `freezing` (weights
-  as constants: inductor then concatenates the projections that read the same input, q_a_proj with
-  kv_a_proj_with_mqa and gate_proj with up_proj, into one GEMM each) and `coordinate_descent_tuning`.
-Every part is in its own try/except, rows are written as they come (.json, .md), the plot at the end; parts not
-started by --stop-after-s are recorded as skipped.
+(benchmarks/common.py: the layout each model's forward writes, checked). In three phases, so that every shape is
+reached before the compiles take the time (--stop-after-s: what is not started is recorded as skipped):
+1. graph step of every model at every shape: the model's eager decode step (one token, `logits_to_keep=1`)
+   captured in a CUDA graph; the cache is rewound to `context` before every replay (outside the timed events);
+   median of replays; floor: (parameter bytes + cached bytes read) / device-to-device copy rate measured in this
+   run;
+2. compiled step at each --compiled entry, most wanted first: `torch.compile(step, fullgraph=True, dynamic=False)`
+   (inductor, default mode; one compiled function per model, recompiled per shape: a static cache's capacity is a
+   constant of the graph, ours and transformers' alike), captured the same way; its logits against the eager
+   step's (bfloat16); at --profile-shapes the kernels of one compiled step (torch.profiler, outside a graph): how
+   many, their summed time, the top ones, and for ours the fused decode kernel's share (`mlra_decode_kernel.py`).
+   Ours run their projections through the Triton GEMV there (`decode_gemv.py`, decode_kernel="auto");
+3. generate(cache_implementation="static") at batch 1 with each model's automatic compile (ours:
+   `MLRAForCausalLM._default_compile_config`; transformers': its `CompileConfig()`), several calls of different
+   lengths: the first call's time (compile included), recompiles after it (dynamo's graph count), total tokens/s of
+   256 new tokens (16-token prompt) and the median streamed interval (IntervalStreamer: when each token reaches
+   the host), ours' greedy tokens against eager generate()'s (generate_interval.py: per-step loop vs deferred), and
+   a cProfile of one compiled
+   generate() call of ours (the host's work per token); the compile time again in a second process with the
+   compile caches warm; last, MLRA-4's graph and compiled step at the first shape under --variants
+   (`variant_setting`): `cublas_projections` (the projections through cuBLAS, as before the GEMV), or an inductor
+   setting such as `coordinate_descent_tuning` or `freezing` (weights as constants).
+Every part is in its own try/except, rows are written as they come (.json, .md), the plot at the end.
 """
 
 import argparse
@@ -40,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import time
+import unittest.mock
 from pathlib import Path
 
 import torch
@@ -69,12 +70,19 @@ from common import (  # noqa: E402
 )
 from transformers import CompileConfig  # noqa: E402
 
-from modeling_mlra import MLRAConfig, MLRAForCausalLM  # noqa: E402  (common puts the repository first)
+import modeling_mlra.modeling_mlra  # noqa: E402  (common puts the repository first)
+from modeling_mlra import MLRAConfig, MLRAForCausalLM  # noqa: E402
 from modeling_mlra.modeling_mlra import CACHE_FIELD  # noqa: E402
 
 OURS = ("mlra_4", "mla", "gla_2")
 MODELS = ("mlra_4", "llama_gqa", "deepseek_v3", "mla", "gla_2")  # the most wanted first
 SHAPES = ("1x16", "1x32768", "16x16", "16x32768", "1x131072")
+# compiled steps, most wanted first: the targets' shapes, then each model's 1 x 16, then the references at 16 x 32K
+COMPILED = (
+    "mlra_4:1x16", "mlra_4:16x32768", "mlra_4:1x32768", "llama_gqa:1x16", "deepseek_v3:1x16", "mla:1x16",
+    "gla_2:1x16", "llama_gqa:16x32768", "deepseek_v3:16x32768", "mlra_4:16x16", "mlra_4:1x131072",
+    "llama_gqa:1x32768", "deepseek_v3:1x32768",
+)
 GB = 1e9
 QUICK_SHAPES = dict(
     hidden_size=64, num_attention_heads=4, kv_lora_rank=32, qk_nope_head_dim=16, v_head_dim=16, qk_rope_head_dim=8,
@@ -173,30 +181,50 @@ def kernel_profile(fn, device, top: int = 8) -> dict:
                 top=[dict(name=name[:90], us=us, count=sum(e.name == name for e in kernels)) for name, us in tops])  # fmt: skip
 
 
-def measure_shape(model, compiled, name, batch, context, args, device, report, floor_of) -> None:
+def measure_graph(model, name, batch, context, args, device, report, floor_of) -> dict:
+    """The graph step of `model` at batch x context: its row, recorded."""
     row = dict(part="step", model=name, batch=batch, context=context)
     cache = random_cache(model, batch, context, reserve=args.reserve, static=True)
-    step = Step(model, compiled, cache, batch, context, device)
+    step = Step(model, None, cache, batch, context, device)
     row["floor_ms"] = floor_of(cache, context)
     with torch.no_grad():
         replay, _ = step.graph(step.eager)
         row["graph_ms"] = step.time_replays(replay, args)
         step._graph = None
-        if compiled is not None:
-            compile_fn = lambda: compiled(step.ids, cache)  # noqa: E731
-            start = time.perf_counter()
-            step.run(compile_fn)
-            synchronize(device)
-            row["first_compiled_call_s"] = time.perf_counter() - start
-            reference = step.run(step.eager).float()
-            compiled_logits = step.run(compile_fn).float()
-            row["compiled_vs_eager"] = ((compiled_logits - reference).abs().max() / reference.abs().max()).item()
-            replay, _ = step.graph(compile_fn)
-            row["compiled_ms"] = step.time_replays(replay, args)
-            step._graph = None
-            if (batch, context) in args.profile_shapes:
-                row.update(kernel_profile(lambda: step.run(compile_fn), device))
     report.record(row)
+    return row
+
+
+def measure_compiled(model, compiled, row, args, device, report) -> None:
+    """The compiled step at the shape of `row` (its first call timed, its logits against the eager step's, its
+    replays and kernels), added to `row`."""
+    batch, context = row["batch"], row["context"]
+    cache = random_cache(model, batch, context, reserve=args.reserve, static=True)
+    step = Step(model, compiled, cache, batch, context, device)
+    with torch.no_grad():
+        compile_fn = lambda: compiled(step.ids, cache)  # noqa: E731
+        start = time.perf_counter()
+        step.run(compile_fn)
+        synchronize(device)
+        row["first_compiled_call_s"] = time.perf_counter() - start
+        reference = step.run(step.eager).float()
+        compiled_logits = step.run(compile_fn).float()
+        row["compiled_vs_eager"] = ((compiled_logits - reference).abs().max() / reference.abs().max()).item()
+        replay, _ = step.graph(compile_fn)
+        row["compiled_ms"] = step.time_replays(replay, args)
+        step._graph = None
+        if (batch, context) in args.profile_shapes:
+            row.update(kernel_profile(lambda: step.run(compile_fn), device))
+    report.write()
+    print(json.dumps(row), flush=True)
+
+
+def variant_setting(variant: str):
+    """What a --variants entry changes: `cublas_projections`, the step with the projections through cuBLAS (the Triton
+    GEMV of `modeling_mlra/decode_gemv.py` off); any other name, that inductor setting set to True."""
+    if variant == "cublas_projections":
+        return unittest.mock.patch.object(modeling_mlra.modeling_mlra, "use_decode_gemv", lambda config, x: False)
+    return torch._inductor.config.patch({variant: True})
 
 
 def compiled_step(model, args):
@@ -305,21 +333,28 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "",
         "## Decode step, ms",
         "",
-        "| model | batch x context | graph | compiled | floor | compiled / floor | vs llama_gqa | vs deepseek_v3 "
-        "| compiled vs eager logits | kernels | kernel ms | decode kernel ms |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | batch x context | graph | compiled | floor | compiled / floor | compiled vs llama_gqa "
+        "| compiled vs deepseek_v3 | graph vs llama_gqa | graph vs deepseek_v3 | compiled vs eager logits | kernels "
+        "| kernel ms | decode kernel ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     compiled = {(r["model"], r["batch"], r["context"]): r.get("compiled_ms") for r in steps}
+    graph = {(r["model"], r["batch"], r["context"]): r.get("graph_ms") for r in steps}
     for r in steps:
         if "error" in r:
-            lines.append(f"| {r['model']} | {shape_label(r['batch'], r['context'])} | {r['error']} |" + " |" * 10)
+            lines.append(f"| {r['model']} | {shape_label(r['batch'], r['context'])} | {r['error']} |" + " |" * 12)
             continue
         key = (r["batch"], r["context"])
+        compiled_cell = fmt(r.get("compiled_ms"), ".2f")
+        if "compiled_error" in r:
+            compiled_cell = r["compiled_error"][:60]
         lines.append(
-            f"| {r['model']} | {shape_label(*key)} | {fmt(r.get('graph_ms'), '.2f')} | {fmt(r.get('compiled_ms'), '.2f')} "
+            f"| {r['model']} | {shape_label(*key)} | {fmt(r.get('graph_ms'), '.2f')} | {compiled_cell} "
             f"| {fmt(r.get('floor_ms'), '.2f')} | {fmt(ratio(r.get('compiled_ms'), r.get('floor_ms')), '.2f')} "
             f"| {fmt(ratio(r.get('compiled_ms'), compiled.get(('llama_gqa', *key))), '.2f')} "
             f"| {fmt(ratio(r.get('compiled_ms'), compiled.get(('deepseek_v3', *key))), '.2f')} "
+            f"| {fmt(ratio(r.get('graph_ms'), graph.get(('llama_gqa', *key))), '.2f')} "
+            f"| {fmt(ratio(r.get('graph_ms'), graph.get(('deepseek_v3', *key))), '.2f')} "
             f"| {fmt(r.get('compiled_vs_eager'), '.1e')} | {fmt(r.get('kernels'), 'd')} "
             f"| {fmt(r.get('kernel_us') and r['kernel_us'] / 1e3, '.2f')} "
             f"| {fmt(r.get('decode_kernel_us') and r['decode_kernel_us'] / 1e3, '.2f')} |"
@@ -382,10 +417,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny shapes, float32, on the CPU: checks the script")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), help="batch x context, e.g. 1x16 16x32768")
-    parser.add_argument("--compiled-shapes", nargs="*", default=["1x16", "1x32768", "16x32768"])
-    parser.add_argument("--small-compiled-shapes", nargs="*", default=["1x16"], help="compiled shapes of mla, gla_2")
-    parser.add_argument("--reference-compiled-shapes", nargs="*", default=["1x16", "16x32768"],
-                        help="compiled shapes of llama_gqa and deepseek_v3")  # fmt: skip
+    parser.add_argument("--compiled", nargs="*", default=list(COMPILED),
+                        help="compiled steps, most wanted first, as model:batch x context (e.g. mlra_4:1x16)")
     parser.add_argument("--profile-shapes", nargs="*", default=["1x16", "16x32768", "1x32768"])
     parser.add_argument("--generate-models", nargs="*", default=["mlra_4", "llama_gqa", "deepseek_v3"])
     parser.add_argument("--layers", type=int, default=24)
@@ -397,19 +430,19 @@ def main(argv=None):
     parser.add_argument("--replay-budget-s", type=float, default=1.0)
     parser.add_argument("--backend", default="inductor")
     parser.add_argument("--stop-after-s", type=float, default=470.0)
-    parser.add_argument("--inductor-variants", nargs="*", default=["freezing", "coordinate_descent_tuning"])
+    parser.add_argument("--variants", nargs="*", default=["cublas_projections", "coordinate_descent_tuning"],
+                        help="MLRA-4's compiled step at the first shape under other settings (`variant_setting`)")
+    parser.add_argument("--no-warm-compile", action="store_true", help="skip the compile in a second process")
     parser.add_argument("--warm-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     parse = lambda shapes: [tuple(int(x) for x in s.split("x")) for s in shapes]  # noqa: E731
     if args.quick:
         args.layers, args.shapes, args.new_tokens, args.check_tokens = 2, ["1x16", "1x64", "2x64"], 24, 8
         args.backend, args.replays, args.profile_shapes = "eager", 3, []
-        args.compiled_shapes, args.small_compiled_shapes = ["1x16", "2x64"], ["1x16"]
-        args.reference_compiled_shapes = ["1x16"]
-        args.inductor_variants = args.inductor_variants[:1]
+        args.compiled = [f"{name}:1x16" for name in args.models] + ["mlra_4:2x64"]
+        args.variants = args.variants[:1]
     args.shapes, args.profile_shapes = parse(args.shapes), parse(args.profile_shapes)
-    args.compiled_shapes, args.small_compiled_shapes = parse(args.compiled_shapes), parse(args.small_compiled_shapes)
-    args.reference_compiled_shapes = parse(args.reference_compiled_shapes)
+    args.compiled = [(entry.split(":")[0], *parse([entry.split(":")[1]])[0]) for entry in args.compiled]
     args.max_positions = max(c for _, c in args.shapes) + args.reserve + args.new_tokens + 64
     if args.warm_child:
         print(json.dumps(warm_compile_child(args)))
@@ -437,75 +470,88 @@ def main(argv=None):
     def skipped(row):
         report.record(dict(row, error=f"skipped: past --stop-after-s {args.stop_after_s:.0f}"))
 
-    for name in args.models:
-        if out_of_time():
-            skipped(dict(part="step", model=name, batch=0, context=0))
-            continue
-        try:
+    models, rows = {}, {}  # built models (with their floor function), step rows by (model, batch, context)
+
+    def model_of(name):
+        if name not in models:
             model = build_model(name, args, device, dtype)
             check_cache_layout(model, static=True)
-            weights = parameter_bytes(model)
-            copy = meta["copy_gb_s"]
+            weights, copy = parameter_bytes(model), meta["copy_gb_s"]
             floor_of = lambda cache, context: (weights + cache_bytes_read(cache, context)) / (copy * GB) * 1e3 if copy else None  # noqa: E731,E501
-            compiled = compiled_step(model, args)
-            for batch, context in args.shapes:
-                if out_of_time():
-                    skipped(dict(part="step", model=name, batch=batch, context=context))
-                    continue
-                compiled_shapes = dict(mla=args.small_compiled_shapes, gla_2=args.small_compiled_shapes,
-                                       llama_gqa=args.reference_compiled_shapes,
-                                       deepseek_v3=args.reference_compiled_shapes).get(name, args.compiled_shapes)  # fmt: skip
-                with_compile = (batch, context) in compiled_shapes
-                try:
-                    measure_shape(model, compiled if with_compile else None, name, batch, context, args, device,
-                                  report, floor_of)  # fmt: skip
-                except Exception as error:  # noqa: BLE001 - one shape's failure must not lose the rest
-                    report.record(dict(part="step", model=name, batch=batch, context=context, error=error_text(error)))
-                release(device)
-            if name in args.generate_models:
-                if out_of_time():
-                    skipped(dict(part="generate", model=name))
-                else:
-                    try:
-                        measure_generate(model, name, args, device, report)
-                    except Exception as error:  # noqa: BLE001
-                        report.record(dict(part="generate", model=name, error=error_text(error)))
-            if name == "mlra_4" and device.type == "cuda" and not out_of_time():
-                child = [sys.executable, __file__, "--warm-child", "--layers", str(args.layers), "--prompt",
-                         str(args.prompt), "--shapes", *[f"{b}x{c}" for b, c in args.shapes]]  # fmt: skip
-                result = subprocess.run(child, capture_output=True, text=True, timeout=240)
-                lines = result.stdout.strip().splitlines()
-                row = dict(part="compile", model=name)
-                row.update(json.loads(lines[-1]) if result.returncode == 0 and lines else
-                           dict(error=result.stderr.strip().splitlines()[-1][:200] if result.stderr.strip() else "?"))
-                first = next((r.get("first_compiled_call_s") for r in report.rows if r["part"] == "step"
-                              and r["model"] == name and "first_compiled_call_s" in r), None)  # fmt: skip
-                row["first_process_compile_s"] = first
-                report.record(row)
-        except Exception as error:  # noqa: BLE001 - a model that fails to build must not lose the others
-            report.record(dict(part="error", model=name, error=error_text(error)))
-        model = compiled = None
-        torch._dynamo.reset()
+            models[name] = (model, floor_of, compiled_step(model, args))
+        return models[name]
+
+    # 1. The graph step of every model at every shape: cheap, so every shape is reached before the compiles.
+    for name in args.models:
+        for batch, context in args.shapes:
+            if out_of_time():
+                skipped(dict(part="step", model=name, batch=batch, context=context))
+                continue
+            try:
+                model, floor_of, _ = model_of(name)
+                rows[name, batch, context] = measure_graph(model, name, batch, context, args, device, report, floor_of)
+            except Exception as error:  # noqa: BLE001 - one shape's failure must not lose the rest
+                report.record(dict(part="step", model=name, batch=batch, context=context, error=error_text(error)))
+            release(device)
+    # 2. Compiled steps, most wanted first (each shape a compile of its own: a static cache's capacity is a constant
+    #    of the graph, ours and transformers' alike).
+    for name, batch, context in args.compiled:
+        row = rows.get((name, batch, context))
+        if name not in args.models or row is None or "error" in row:
+            continue
+        if out_of_time():
+            row["compiled_error"] = f"skipped: past --stop-after-s {args.stop_after_s:.0f}"
+            report.write()
+            continue
+        try:
+            model, _, compiled = model_of(name)
+            measure_compiled(model, compiled, row, args, device, report)
+        except Exception as error:  # noqa: BLE001
+            row["compiled_error"] = error_text(error)
+            report.write()
         release(device)
-    if args.inductor_variants and "mlra_4" in args.models:
-        model = build_model("mlra_4", args, device, dtype)
-        weights, copy = parameter_bytes(model), meta["copy_gb_s"]
-        floor_of = lambda cache, context: (weights + cache_bytes_read(cache, context)) / (copy * GB) * 1e3 if copy else None  # noqa: E731,E501
+    # 3. generate(), the compile in a second process, the variants.
+    for name in args.generate_models:
+        if name not in args.models:
+            continue
+        if out_of_time():
+            skipped(dict(part="generate", model=name))
+            continue
+        try:
+            measure_generate(model_of(name)[0], name, args, device, report)
+        except Exception as error:  # noqa: BLE001
+            report.record(dict(part="generate", model=name, error=error_text(error)))
+        release(device)
+    if "mlra_4" in args.models and device.type == "cuda" and not args.no_warm_compile and not out_of_time():
+        child = [sys.executable, __file__, "--warm-child", "--layers", str(args.layers), "--prompt",
+                 str(args.prompt), "--shapes", *[f"{b}x{c}" for b, c in args.shapes]]  # fmt: skip
+        result = subprocess.run(child, capture_output=True, text=True, timeout=240)
+        lines = result.stdout.strip().splitlines()
+        row = dict(part="compile", model="mlra_4")
+        row.update(json.loads(lines[-1]) if result.returncode == 0 and lines else
+                   dict(error=result.stderr.strip().splitlines()[-1][:200] if result.stderr.strip() else "?"))
+        first = next((r.get("first_compiled_call_s") for r in report.rows if r["part"] == "step"
+                      and r["model"] == "mlra_4" and "first_compiled_call_s" in r), None)  # fmt: skip
+        row["first_process_compile_s"] = first
+        report.record(row)
+    if args.variants and "mlra_4" in args.models:
+        model, floor_of, _ = model_of("mlra_4")
         batch, context = args.shapes[0]
-        for variant in args.inductor_variants:
+        for variant in args.variants:
             name = f"mlra_4 [{variant}]"
             if out_of_time():
                 skipped(dict(part="step", model=name, batch=batch, context=context))
                 continue
             torch._dynamo.reset()
             try:
-                with torch._inductor.config.patch({variant: True}):
-                    measure_shape(model, compiled_step(model, args), name, batch, context, args, device, report, floor_of)
+                with variant_setting(variant):
+                    row = measure_graph(model, name, batch, context, args, device, report, floor_of)
+                    measure_compiled(model, compiled_step(model, args), row, args, device, report)
             except Exception as error:  # noqa: BLE001
                 report.record(dict(part="step", model=name, batch=batch, context=context, error=error_text(error)))
             release(device)
-        model = None
-        release(device)
+    models.clear()
+    release(device)
     meta["elapsed_s"] = time.perf_counter() - started
     report.finish()
     print("\n" + out.with_suffix(".md").read_text(), flush=True)

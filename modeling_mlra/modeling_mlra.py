@@ -26,6 +26,8 @@ from transformers.utils import can_return_tuple, logging
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_mlra import MLRAConfig
+from .decode_gemv import MAX_ROWS as GEMV_MAX_ROWS
+from .decode_gemv import gemv_linears, mlra_gemv
 from .mlra_decode_kernel import fp8_cache_layout, kernel_supports, mlra_decode_attention, triton_available
 from .original_checkpoint import check_finite_weights, find_original_checkpoint, load_original_checkpoint
 from .paged_cache import MLRAPagedLatent, is_paged_cache
@@ -515,6 +517,24 @@ def use_decode_kernel(
     return True
 
 
+def use_decode_gemv(config: MLRAConfig, hidden_states: torch.Tensor) -> bool:
+    """Whether the projections of a decode step (at most 16 rows) run the Triton GEMV (`decode_gemv.py`) as
+    `config.decode_kernel` says: "triton" always; "auto" on CUDA inside torch.compile, where CUDA graphs replay its
+    launches (an eager step is bound by the host, and a cuBLAS launch costs the host less than a Triton one)."""
+    if config.decode_kernel == "torch" or not triton_available():
+        return False
+    return config.decode_kernel == "triton" or (hidden_states.is_cuda and torch.compiler.is_compiling())
+
+
+def project(config: MLRAConfig, hidden_states: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
+    """Each of `linears` applied to hidden_states: in one GEMV launch where `use_decode_gemv` says so and the kernel
+    reads the modules as they are (`decode_gemv.gemv_linears`), else by calling them."""
+    fused = gemv_linears(hidden_states, *linears) if use_decode_gemv(config, hidden_states) else None
+    if fused is None:
+        return tuple(linear(hidden_states) for linear in linears)
+    return fused.split([linear.out_features for linear in linears], dim=-1)
+
+
 def key_mask_for_kernel(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     """The decode kernel's key mask [bsz, S] (nonzero: the key may be attended) from a 2D mask [bsz, S], or from
     the last query row of a prepared 4D mask (additive or boolean); the kernel applies the causal rule itself."""
@@ -624,17 +644,16 @@ class MLRAAttention(nn.Module):
         probabilities of every branch: [bsz, B, h, T, S], branch b of head i attending over latent block
         `latent_block(b, i // hpg)`."""
         bsz, q_len, _ = hidden_states.shape
-        if self.config.q_lora_rank is None:
-            query = self.q_proj(hidden_states)
-        else:
-            q_latent = self.q_a_layernorm(self.q_a_proj(hidden_states)) * self.config.q_latent_scale
-            query = self.q_b_proj(q_latent)
+        # the two projections of hidden_states, one GEMV launch in a compiled decode step
+        query_input = self.q_proj if self.config.q_lora_rank is None else self.q_a_proj
+        query, latent_and_rope = project(self.config, hidden_states, query_input, self.kv_a_proj_with_mqa)
+        if self.config.q_lora_rank is not None:
+            (query,) = project(self.config, self.q_a_layernorm(query) * self.config.q_latent_scale, self.q_b_proj)
         query = query.view(bsz, q_len, self.num_heads, -1)
         q_nope, q_rope = query.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
 
         # the rope key is the projection's last d_r columns (a tensor-parallel rank with a shared latent norm projects
         # the whole latent and its norm keeps the rank's blocks)
-        latent_and_rope = self.kv_a_proj_with_mqa(hidden_states)
         latent, k_rope = latent_and_rope[..., : -self.qk_rope_head_dim], latent_and_rope[..., -self.qk_rope_head_dim :]
         latent = self.kv_a_layernorm(latent) * self.config.kv_latent_scale
         cos, sin = position_embeddings
@@ -660,7 +679,8 @@ class MLRAAttention(nn.Module):
         attn_output = attn_output.reshape(bsz, q_len, self.num_heads * self.v_head_dim)
         if self.config.attention_output_gate:
             attn_output = attn_output * torch.sigmoid(self.o_gate_proj(hidden_states))
-        return self.o_proj(attn_output), attn_weights
+        (output,) = project(self.config, attn_output, self.o_proj)
+        return output, attn_weights
 
     def paged_attention(self, q_nope, q_rope, kv_states, paged: MLRAPagedLatent) -> torch.Tensor:
         """Continuous batching: each sequence of the packed batch attends to its own rows of kv_states only, so memory
@@ -768,7 +788,15 @@ class MLRAAttention(nn.Module):
         # One GEMM per (branch, head) whose rows are every sequence's new tokens, on the weight views as they are: a
         # batch dimension in matmul would broadcast W_UK and W_UV to every sequence, a copy of both at each step.
         rows = q_nope.permute(2, 0, 1, 3).reshape(self.num_heads, bsz * q_len, self.qk_nope_head_dim)
-        q_absorbed = torch.matmul(rows, w_uk).unflatten(2, (bsz, q_len)).permute(2, 0, 1, 3, 4)  # [bsz, B, h, T, d_l]
+        gemv = bsz * q_len <= GEMV_MAX_ROWS and use_decode_gemv(self.config, q_nope) and not (
+            torch.is_grad_enabled() and (rows.requires_grad or w_uk.requires_grad)
+        )
+        if gemv:  # every (branch, head) in one launch: W_UK [B, h, d_n, d_l] read as [B * h, d_l, d_n]
+            q_absorbed = mlra_gemv(rows[:, None], w_uk.transpose(-1, -2).flatten(0, 1)[:, None])
+            q_absorbed = q_absorbed.view(self.num_branches, self.num_heads, bsz * q_len, -1)
+        else:
+            q_absorbed = torch.matmul(rows, w_uk)
+        q_absorbed = q_absorbed.unflatten(2, (bsz, q_len)).permute(2, 0, 1, 3, 4)  # [bsz, B, h, T, d_l]
         probs = None
         if decode_kernel_inputs is not None:
             seq_lens, key_mask, row_starts = decode_kernel_inputs
@@ -779,7 +807,10 @@ class MLRAAttention(nn.Module):
         else:
             mixed, probs = self.absorbed_softmax(q_absorbed, q_rope, kv_states, attention_mask)
         mixed = mixed.permute(1, 2, 0, 3, 4).reshape(self.num_branches, self.num_heads, bsz * q_len, -1)
-        output = torch.matmul(mixed, w_uv.transpose(-1, -2)).sum(dim=0)  # [h, bsz * T, d_v]
+        if gemv:  # the branches as segments of one reduction per head
+            output = mlra_gemv(mixed.transpose(0, 1), w_uv.transpose(0, 1))  # [h, bsz * T, d_v]
+        else:
+            output = torch.matmul(mixed, w_uv.transpose(-1, -2)).sum(dim=0)  # [h, bsz * T, d_v]
         weights = probs if self.config._attn_implementation == "eager" else None
         return output.unflatten(1, (bsz, q_len)).permute(1, 2, 0, 3) * self.config.attn_output_scale, weights
 
@@ -814,13 +845,19 @@ class MLRAAttention(nn.Module):
 class MLRAMLP(nn.Module):
     def __init__(self, config: MLRAConfig):
         super().__init__()
+        self.config = config
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.down_proj.is_residual_output = True  # zero-initialised (paper)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # gate and up in one GEMV launch in a compiled decode step, silu(gate) * up computed there
+        gated = gemv_linears(x, self.gate_proj, self.up_proj, swiglu=True) if use_decode_gemv(self.config, x) else None
+        if gated is None:
+            gated = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        (output,) = project(self.config, gated, self.down_proj)
+        return output
 
 
 class MLRADecoderLayer(GradientCheckpointingLayer):

@@ -1,0 +1,397 @@
+"""The decode step's projections at batch 1 and 16: cuBLAS against the Triton GEMV, and the step with each (issue 16).
+
+    python benchmarks/gemv.py --sweep --out benchmarks/results/gemv_h200     # the GPU run (about a minute)
+    python benchmarks/gemv.py --offline                              # no GPU: compile every launch for sm_90 here
+
+Weights of the 2.9B MLRA-4 layer (bfloat16, random): q_a_proj with kv_a_proj_with_mqa (one launch, outputs side by
+side), q_b_proj, o_proj, gate_proj with up_proj (one launch, SwiGLU), down_proj, the lm_head, and the absorbed
+decode's W_UK fold (24 heads x 4 branches of [128 x 128]) and W_UV (the branches summed), for M = 1 and 16 rows.
+Per shape: cuBLAS as the model calls it (F.linear per weight; torch.matmul for W_UK and W_UV), the Triton GEMV
+(`modeling_mlra/decode_gemv.py`) with the launch the model makes (`gemv_config`) and, with --sweep, other tiles.
+Each time is GPU time per call from CUDA-graph replays of calls over enough copies of the weights to leave L2
+(several hundred MB, so every call reads its weights from memory, as a decode step does), median; bandwidth =
+weight bytes / time, against a device-to-device copy in the same run. The Triton results are checked against
+float32 products on the same inputs (relative error).
+
+Then the whole decode step of the 24-layer MLRA-4 (static cache of 16 tokens, batch 1 and 16): the eager step
+captured in a CUDA graph with the projections through cuBLAS (decode_kernel="auto", eager) and through the GEMV
+(decode_kernel="triton"), its logits against the cuBLAS step's, its kernels (torch.profiler), and the eager step's
+wall time per call (the host's launch cost, which is why "auto" keeps cuBLAS outside torch.compile).
+--offline compiles each launch for sm_90 (Triton's own specialization) and counts, in the SASS, the 16-byte global
+loads (LDG.E.128), all global loads, spills and the matrix instructions.
+"""
+
+import argparse
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+if "--offline" in sys.argv:
+    os.environ.pop("TRITON_INTERPRET", None)
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    Report,
+    cache_tensors,
+    copy_bandwidth,
+    error_text,
+    fmt,
+    gpu_time_ms,
+    published_model,
+    random_cache,
+    release,
+    set_cache_length,
+)
+
+from modeling_mlra import decode_gemv  # noqa: E402
+from modeling_mlra.decode_gemv import SIDE_BY_SIDE, SINGLE, SWIGLU, _gemv, gemv_config  # noqa: E402
+from modeling_mlra.modeling_mlra import CACHE_FIELD  # noqa: E402
+
+H200_SMS = 132
+HEADS, BRANCHES, BLOCK, NOPE, VALUE = 24, 4, 128, 128, 128
+# (name, kind, first weight rows, second weight rows or 0, reduction): the 2.9B MLRA-4 layer and its lm_head
+LINEARS = [
+    ("q_a + kv_a", SIDE_BY_SIDE, 1024, 576, 3072),
+    ("q_b", SINGLE, 4608, 0, 1024),
+    ("o", SINGLE, 3072, 0, 3072),
+    ("gate + up", SWIGLU, 9880, 9880, 3072),
+    ("down", SINGLE, 3072, 0, 9880),
+    ("lm_head", SINGLE, 50304, 0, 3072),
+]
+UP_PROJECTIONS = ["W_UK fold", "W_UV"]
+SWEEP = {
+    1: [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w) for n, k, w in
+        ((4, 512, 4), (8, 512, 4), (16, 256, 4), (4, 1024, 4), (8, 1024, 8), (16, 512, 8))],
+    16: [dict(BLOCK_N=n, BLOCK_K=k, num_stages=s) for n, k, s in
+         ((16, 128, 3), (16, 64, 4), (32, 64, 4), (32, 128, 3), (64, 64, 3))],
+}  # fmt: skip
+SWEPT = ("q_b", "o", "gate + up", "down")  # the shapes --sweep covers (96% of a layer's weight bytes)
+
+
+def make_case(name, rows, device, dtype, copies_bytes):
+    """[(plain(), gemv(choices)) per copy of the weights], weight bytes per call, and a float32 reference check."""
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def draw(*shape, scale=1.0):
+        return (torch.randn(shape, device=device, generator=generator) * scale).to(dtype)
+
+    if name in UP_PROJECTIONS:
+        weight_bytes = BRANCHES * HEADS * (NOPE + VALUE) * BLOCK * dtype.itemsize // 2
+    else:
+        _, kind, n1, n2, k = next(case for case in LINEARS if case[0] == name)
+        weight_bytes = (n1 + n2) * k * dtype.itemsize
+    copies = max(2, min(200, math.ceil(copies_bytes / weight_bytes)))
+    calls = []
+    for _ in range(copies):
+        if name in UP_PROJECTIONS:  # views of one kv_b_proj weight [L, h * (d_n + d_v), d_l], as the model takes them
+            weight = draw(BRANCHES, HEADS * (NOPE + VALUE), BLOCK, scale=0.05)
+            w_uk, w_uv = weight.view(BRANCHES, HEADS, NOPE + VALUE, BLOCK).split([NOPE, VALUE], dim=2)
+            if name == "W_UK fold":
+                x = draw(HEADS, rows, NOPE)
+                plain = lambda x=x, w=w_uk: torch.matmul(x, w)  # noqa: E731
+                gemv = lambda c, x=x, w=w_uk: _gemv(x[:, None], w.transpose(-1, -2).flatten(0, 1)[:, None], None, SINGLE, **c)  # noqa: E731,E501
+                reference = lambda x=x, w=w_uk: torch.matmul(x.float(), w.float()).flatten(0, 1)  # noqa: E731
+            else:
+                x = draw(BRANCHES, HEADS, rows, BLOCK)
+                plain = lambda x=x, w=w_uv: torch.matmul(x, w.transpose(-1, -2)).sum(dim=0)  # noqa: E731
+                gemv = lambda c, x=x, w=w_uv: _gemv(x.transpose(0, 1), w.transpose(0, 1), None, SINGLE, **c)  # noqa: E731
+                reference = lambda x=x, w=w_uv: torch.matmul(x.float(), w.float().transpose(-1, -2)).sum(0)  # noqa: E731
+        else:
+            x = draw(rows, k)
+            w1, w2 = draw(n1, k, scale=0.02), draw(n2, k, scale=0.02) if n2 else None
+            if kind == SWIGLU:
+                plain = lambda x=x, a=w1, b=w2: (F.linear(x, a), F.linear(x, b))  # noqa: E731  (the GEMVs alone)
+                reference = lambda x=x, a=w1, b=w2: F.silu(x.float() @ a.float().T) * (x.float() @ b.float().T)  # noqa: E731
+            elif kind == SIDE_BY_SIDE:
+                plain = lambda x=x, a=w1, b=w2: (F.linear(x, a), F.linear(x, b))  # noqa: E731
+                reference = lambda x=x, a=w1, b=w2: torch.cat([x.float() @ a.float().T, x.float() @ b.float().T], -1)  # noqa: E731
+            else:
+                plain = lambda x=x, a=w1: F.linear(x, a)  # noqa: E731
+                reference = lambda x=x, a=w1: x.float() @ a.float().T  # noqa: E731
+            gemv = lambda c, x=x, a=w1, b=w2, kind=kind: _gemv(  # noqa: E731
+                x[None, None], a[None, None], b[None, None] if b is not None else None, kind, **c)[0]
+        calls.append((plain, gemv, reference))
+    return calls, weight_bytes
+
+
+def relative_error(out, reference) -> float:
+    out = out.float().reshape(reference.shape)
+    return ((out - reference).norm() / reference.norm()).item()
+
+
+def measure_projections(args, device, dtype, copy_gbs, report):
+    names = [case[0] for case in LINEARS] + UP_PROJECTIONS
+    for rows in args.rows:
+        for name in names:
+            try:
+                calls, weight_bytes = make_case(name, rows, device, dtype, args.copies_mb * 2**20)
+            except Exception as error:  # noqa: BLE001
+                report.record(dict(part="projection", shape=name, rows=rows, error=error_text(error)))
+                continue
+
+            def record(variant, fn, check=None):
+                row = dict(part="projection", shape=name, rows=rows, variant=variant, copies=len(calls),
+                           weight_mb=weight_bytes / 1e6)  # fmt: skip
+                try:
+                    if check is not None:
+                        row["relative_error"] = check()
+                    row["us"] = gpu_time_ms(fn, rep=args.rep_ms) * 1e3 / len(calls)
+                    row["gb_s"] = weight_bytes / (row["us"] * 1e-6) / 1e9
+                    row["of_copy_rate"] = row["gb_s"] / copy_gbs
+                except Exception as error:  # noqa: BLE001 - one launch choice failing must not lose the others
+                    row["error"] = error_text(error)
+                report.record(row)
+                return row
+
+            record("cuBLAS", lambda: [plain() for plain, _, _ in calls])
+            default = {}
+            record("triton", lambda: [gemv(default) for _, gemv, _ in calls],
+                   lambda: relative_error(calls[0][1](default), calls[0][2]()))  # fmt: skip
+            if args.sweep and name in SWEPT:
+                for choices in SWEEP[1 if rows == 1 else 16]:
+                    record(f"triton {choices}", lambda c=choices: [gemv(c) for _, gemv, _ in calls],
+                           lambda c=choices: relative_error(calls[0][1](c), calls[0][2]()))  # fmt: skip
+            del calls
+            release(device)
+
+
+def profile_kernels(fn, top=6) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = [e for e in kernels if not e.name.startswith(("Memcpy", "Memset"))]
+    by_name = {}
+    for e in kernels:
+        by_name[e.name] = by_name.get(e.name, 0.0) + e.device_time
+    tops = sorted(by_name.items(), key=lambda item: -item[1])[:top]
+    return dict(kernels=len(kernels), kernel_us=sum(by_name.values()),
+                top=[dict(name=n[:70], us=us, count=sum(e.name == n for e in kernels)) for n, us in tops])  # fmt: skip
+
+
+def measure_steps(args, device, dtype, copy_gbs, report):
+    """The eager decode step of the 24-layer MLRA-4 in a CUDA graph, projections through cuBLAS or the GEMV."""
+    model = published_model("mlra_4", args.layers, device, dtype, max_position_embeddings=4096)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    for batch, context in args.steps:
+        cache = random_cache(model, batch, context, reserve=64, static=True)
+        ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
+        cache_bytes = sum(t.element_size() * t.numel() // t.shape[1] * context for layer in cache_tensors(cache)
+                          for t in layer)  # fmt: skip
+        logits = {}
+        for variant, setting in (("cuBLAS", "auto"), ("triton GEMV", "triton")):
+            row = dict(part="step", batch=batch, context=context, variant=variant,
+                       floor_ms=(weights + cache_bytes) / (copy_gbs * 1e9) * 1e3)  # fmt: skip
+            try:
+                model.config.decode_kernel = setting
+
+                def step():
+                    set_cache_length(cache, context)
+                    return model(ids, logits_to_keep=1, **{CACHE_FIELD: cache}).logits
+
+                with torch.no_grad():
+                    logits[variant] = step().float()
+                    if variant != "cuBLAS":
+                        reference = logits["cuBLAS"]
+                        row["logits_vs_cublas"] = ((logits[variant] - reference).abs().max() / reference.abs().max()).item()
+                    row["graph_ms"] = gpu_time_ms(step, rep=args.rep_ms * 4)
+                    row["graph_of_floor"] = row["graph_ms"] / row["floor_ms"]
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    for _ in range(10):
+                        step()
+                    torch.cuda.synchronize()
+                    row["eager_ms"] = (time.perf_counter() - start) / 10 * 1e3
+                    row.update(profile_kernels(step))
+            except Exception as error:  # noqa: BLE001
+                row["error"] = error_text(error)
+            report.record(row)
+        model.config.decode_kernel = "auto"
+        del cache
+        release(device)
+
+
+def markdown(meta, rows) -> str:
+    lines = [
+        f"# Decode-step projections, cuBLAS against the Triton GEMV: {meta['device']}, {meta['dtype']}",
+        "",
+        f"Versions: torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}  ",
+        f"Copy rate in this run: {fmt(meta.get('copy_gb_s'), '.0f')} GB/s (read + written). How each number is made: "
+        "the docstring of benchmarks/gemv.py.",
+        "",
+        "## Projections: us per call (fraction of the copy rate)",
+        "",
+        "| shape | rows | weight MB | cuBLAS | Triton (model's launch) | best Triton (sweep) | best choice "
+        "| Triton rel. error |",
+        "|---|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    projections = [r for r in rows if r["part"] == "projection" and "us" in r]
+    keys = list(dict.fromkeys((r["shape"], r["rows"]) for r in projections))
+    for shape, count in keys:
+        group = [r for r in projections if (r["shape"], r["rows"]) == (shape, count)]
+        by_variant = {r["variant"]: r for r in group}
+        tritons = [r for r in group if r["variant"].startswith("triton")]
+        best = min(tritons, key=lambda r: r["us"]) if tritons else None
+
+        def cell(r):
+            return "-" if r is None else f"{r['us']:.1f} ({r['of_copy_rate']:.2f})"
+
+        error = by_variant.get("triton", {}).get("relative_error")
+        lines.append(
+            f"| {shape} | {count} | {group[0]['weight_mb']:.1f} | {cell(by_variant.get('cuBLAS'))} "
+            f"| {cell(by_variant.get('triton'))} | {cell(best)} | {best['variant'] if best else '-'} "
+            f"| {fmt(error, '.1e')} |"
+        )
+    failed = [r for r in rows if r["part"] == "projection" and "error" in r]
+    if failed:
+        lines += ["", "Failed: " + "; ".join(f"{r['shape']} x{r['rows']} {r.get('variant', '')}: {r['error']}"
+                                            for r in failed[:12])]  # fmt: skip
+    steps = [r for r in rows if r["part"] == "step"]
+    if steps:
+        lines += [
+            "",
+            "## The 24-layer decode step (eager, in a CUDA graph), projections through cuBLAS or the GEMV",
+            "",
+            "| batch x context | projections | graph ms | floor ms | graph / floor | eager ms per step (host) "
+            "| logits vs cuBLAS | kernels | kernel ms | top kernels |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for r in steps:
+            if "error" in r:
+                lines.append(f"| {r['batch']} x {r['context']} | {r['variant']} | {r['error']} |" + " |" * 7)
+                continue
+            top = "; ".join(f"{t['name']} x{t['count']} {t['us']:.0f} us" for t in r.get("top", []))
+            lines.append(
+                f"| {r['batch']} x {r['context']} | {r['variant']} | {r['graph_ms']:.2f} | {r['floor_ms']:.2f} "
+                f"| {r['graph_of_floor']:.2f} | {r['eager_ms']:.2f} | {fmt(r.get('logits_vs_cublas'), '.1e')} "
+                f"| {r.get('kernels', '-')} | {fmt(r.get('kernel_us') and r['kernel_us'] / 1e3, '.2f')} | {top} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(meta, rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    projections = [r for r in rows if r["part"] == "projection" and "us" in r]
+    counts = sorted({r["rows"] for r in projections})
+    figure, axes = plt.subplots(1, len(counts), figsize=(7 * len(counts), 4.5), squeeze=False)
+    for axis, count in zip(axes[0], counts):
+        shapes = list(dict.fromkeys(r["shape"] for r in projections if r["rows"] == count))
+        for offset, (label, pick) in enumerate((
+            ("cuBLAS", lambda g: [r for r in g if r["variant"] == "cuBLAS"]),
+            ("Triton (model's launch)", lambda g: [r for r in g if r["variant"] == "triton"]),
+            ("best Triton", lambda g: sorted((r for r in g if r["variant"].startswith("triton")), key=lambda r: r["us"])[:1]),
+        )):
+            values = []
+            for shape in shapes:
+                chosen = pick([r for r in projections if r["rows"] == count and r["shape"] == shape])
+                values.append(chosen[0]["of_copy_rate"] if chosen else 0)
+            axis.bar([i + 0.27 * offset for i in range(len(shapes))], values, width=0.27, label=label)
+        axis.set_xticks([i + 0.27 for i in range(len(shapes))], shapes, rotation=30, fontsize=8)
+        axis.set(ylabel="weight bytes / time, fraction of the copy rate", title=f"{count} row(s)")
+        axis.axhline(1.0, color="black", linestyle="--", linewidth=0.8)
+        axis.legend(fontsize=7)
+    figure.suptitle(f"{meta['device']}, {meta['dtype']}: decode-step projections")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def offline(args):
+    """Compile every launch the benchmark makes for sm_90 here and count loads and spills in the SASS."""
+    from compile_decode_kernel import compile_for_hopper, resources_and_sass
+
+    launches = []
+    original_kernel, original_sms = decode_gemv._gemv_kernel, decode_gemv._num_sms
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: launches.append((grid, a, kw))
+
+    decode_gemv._gemv_kernel, decode_gemv._num_sms = Recorder(), lambda index: H200_SMS
+    try:
+        meta = dict(device="meta", dtype=torch.bfloat16)
+        for rows in args.rows:
+            for name, kind, n1, n2, k in LINEARS:
+                for choices in [{}] + (SWEEP[1 if rows == 1 else 16] if args.sweep else []):
+                    second = torch.empty(n2, k, **meta)[None, None] if n2 else None
+                    _gemv(torch.empty(1, 1, rows, k, **meta), torch.empty(n1, k, **meta)[None, None], second, kind,
+                          **choices)  # fmt: skip
+                    launches[-1] = (name, rows, choices) + launches[-1]
+            weight = torch.empty(BRANCHES, HEADS, NOPE + VALUE, BLOCK, **meta)
+            w_uk, w_uv = weight.split([NOPE, VALUE], dim=2)
+            _gemv(torch.empty(HEADS, 1, rows, NOPE, **meta), w_uk.transpose(-1, -2).flatten(0, 1)[:, None], None, SINGLE)
+            launches[-1] = ("W_UK fold", rows, {}) + launches[-1]
+            x = torch.empty(BRANCHES, HEADS, rows, BLOCK, **meta).transpose(0, 1)
+            _gemv(x, w_uv.transpose(0, 1), None, SINGLE)
+            launches[-1] = ("W_UV", rows, {}) + launches[-1]
+    finally:
+        decode_gemv._gemv_kernel, decode_gemv._num_sms = original_kernel, original_sms
+    print("| shape | rows | choices | grid | tile (M x N x K) | warps | stages | registers | stack bytes | shared bytes "
+          "| LDG.E.128 | LDG | LDGSTS | LDL/STL | HMMA |")
+    print("|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    import tempfile
+
+    for name, rows, choices, grid, a, kw in launches:
+        try:
+            compiled = compile_for_hopper(original_kernel, a, kw)
+        except Exception as error:  # noqa: BLE001
+            print(f"| {name} | {rows} | {choices} | failed: {str(error)[:150]} |")
+            continue
+        with tempfile.NamedTemporaryFile(suffix=".sass") as sass_file:
+            counts = resources_and_sass(compiled, Path(sass_file.name))
+            sass = Path(sass_file.name).read_text()
+        wide = len(re.findall(r"\bLDG\.E\.(?:EL\.)?(?:LTC\d+B\.)?128", sass))
+        tile = f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']}"
+        print(f"| {name} | {rows} | {choices or 'model'} | {grid} | {tile} | {kw['num_warps']} | {kw['num_stages']} "
+              f"| {counts['registers']} | {counts['stack bytes']} | {counts['shared bytes']} | {wide} | {counts['LDG']} "
+              f"| {counts['LDGSTS']} | {counts['LDL/STL']} | {counts['HMMA']} |", flush=True)  # fmt: skip
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gemv_h200"))
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--sweep", action="store_true", help="also time other launch choices (SWEEP)")
+    parser.add_argument("--copies-mb", type=float, default=300, help="weight copies per timed graph, in MB")
+    parser.add_argument("--rep-ms", type=float, default=20)
+    parser.add_argument("--steps", nargs="*", default=["1x16"], help="whole-step shapes, batch x context")
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--offline", action="store_true", help="compile for sm_90 here (no GPU) and report the SASS")
+    args = parser.parse_args(argv)
+    args.steps = [tuple(int(v) for v in s.split("x")) for s in args.steps]
+    if args.offline:
+        offline(args)
+        return
+    from common import command_line, software_versions
+
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    meta = dict(command=command_line(argv), device=torch.cuda.get_device_name(device), dtype="bfloat16",
+                **software_versions())  # fmt: skip
+    report = Report(args.out, meta, markdown, plot)
+    meta["copy_gb_s"] = copy_gbs = copy_bandwidth(device)
+    release(device)
+    print(f"copy rate {copy_gbs:.0f} GB/s; model launch choices: " + ", ".join(
+        f"{n} x{r}: {gemv_config(r, n1 + (n2 if k_ == SIDE_BY_SIDE else 0), k, 1, k_, H200_SMS)}"
+        for r in args.rows for n, k_, n1, n2, k in LINEARS), flush=True)  # fmt: skip
+    measure_projections(args, device, dtype, copy_gbs, report)
+    if args.steps:
+        measure_steps(args, device, dtype, copy_gbs, report)
+    report.finish()
+    print("\n" + args.out.with_suffix(".md").read_text(), flush=True)
+
+
+if __name__ == "__main__":
+    main()

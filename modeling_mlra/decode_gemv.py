@@ -1,0 +1,260 @@
+"""Triton GEMV for the projections of a decode step: at most 16 rows of activations against a weight read once.
+
+A decode step of one sequence multiplies one row by every weight matrix of the model: the time is that of reading
+the weights, and cuBLAS reads them at about 0.6 of the copy rate there (split-K kernels plus their reductions,
+benchmarks/results/decode_step_h200.md). This kernel reads each weight tile once with 16-byte loads, spread over
+enough programs to fill the GPU without splitting the reduction, and accumulates in float32:
+
+    out[g, m, n] = sum_s sum_k x[g % Gx, s, m, k] * w[g, s, n, k]
+
+for every batch index g of the weight (the W_UK fold: one per branch and head), segment s (W_UV: the softmax
+branches summed) and output row n. One launch may also read two weights that share the input: their outputs
+side by side (q_a_proj with kv_a_proj_with_mqa) or combined as SwiGLU, silu(x W_gate^T) * (x W_up^T) (gate_proj
+with up_proj), so the projections that read the same activations are one kernel without a fused copy of their
+weights: the checkpoint's parameters are read where they are.
+
+One row (batch 1): each program sums the products of a [BLOCK_K, BLOCK_N] weight tile with the row. Up to 16 rows:
+the rows are padded to 16 and the tiles go through `tl.dot`. `mlra_gemv` is a torch custom op with a fake
+implementation, so torch.compile(fullgraph=True) and CUDA graphs capture it; the model calls it through
+`gemv_linears` (docs/design.md, "Decode projections").
+"""
+
+import functools
+
+import torch
+from torch import nn
+
+from .mlra_decode_kernel import _num_sms, triton, triton_available
+
+if triton is not None:
+    import triton.language as tl
+
+MAX_ROWS = 16  # rows of activations the kernel takes (batch x new tokens); larger GEMMs are cuBLAS's
+SINGLE, SIDE_BY_SIDE, SWIGLU = 0, 1, 2  # how a launch combines its weights
+
+
+@functools.cache
+def gemv_config(rows: int, outputs: int, reduction: int, batches: int, mode: int, num_sms: int, **choices) -> dict:
+    """Tiles and warps from the shapes only (CUDA-graph safe); `choices` overrides any value (benchmarks/gemv.py).
+
+    One row: the weight tile [BLOCK_K, BLOCK_N] is multiplied by the row and summed once after the loop; the tile
+    holds 2K-8K values per weight (at least two 16-byte loads per thread per step, at most 64 float32 products per
+    thread and weight), as few output rows as keep about `programs_per_sm` programs per multiprocessor streaming.
+    More rows: tiles of 16 rows x BLOCK_N through tl.dot, software-pipelined, BLOCK_N as wide as the programs allow.
+    """
+    num_warps = choices.get("num_warps", 4)
+    wanted = choices.get("programs_per_sm", 4) * num_sms
+    weights = 2 if mode == SWIGLU else 1
+    if rows == 1:
+        block_k = choices.get("BLOCK_K") or min(512, max(16, triton.next_power_of_2(reduction)))
+        largest = 64 * 32 * num_warps // weights  # float32 products per program
+        widths = [w for w in (32, 16, 8, 4, 2, 1) if w * block_k <= largest]
+        widths = [w for w in widths if w * block_k >= 512 * num_warps // weights] or widths[:1]
+    else:
+        block_k = choices.get("BLOCK_K") or min(128 // weights, max(16, triton.next_power_of_2(reduction)))
+        widths = [64, 32, 16]
+    block_n = choices.get("BLOCK_N") or next(
+        (w for w in widths if triton.cdiv(outputs, w) * batches >= wanted), widths[-1]
+    )
+    return dict(
+        BLOCK_M=1 if rows == 1 else 16, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
+        num_stages=choices.get("num_stages", 1 if rows == 1 else 3),
+    )
+
+
+def _alignment(stride: int, element_size: int) -> int:
+    """The largest power of two, up to 16 bytes' worth of elements, that divides `stride` (1 for a unit stride:
+    the contiguous axis needs no hint)."""
+    if stride == 1:
+        return 1
+    align = 16 // element_size
+    while stride % align:
+        align //= 2
+    return align
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gemv_tile(
+        acc, x_ptrs, w_ptrs, m_ok, n_ok, k_ok, BLOCK_M: tl.constexpr, MASK_K: tl.constexpr, PRECISION: tl.constexpr
+    ):
+        """acc [BLOCK_M, BLOCK_N] += x tile [BLOCK_M, BLOCK_K] @ weight tile [BLOCK_K, BLOCK_N]; one row: acc
+        [BLOCK_K, BLOCK_N] += the products."""
+        if MASK_K:
+            x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        else:
+            x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
+        if BLOCK_M == 1:  # products kept per k, summed once after the loop
+            acc += tl.trans(x.to(tl.float32)) * w.to(tl.float32)
+        else:
+            acc = tl.dot(x, w, acc, input_precision=PRECISION)
+        return acc
+
+    @triton.jit
+    def _gemv_weight(
+        x_ptr, w_ptr, offs_m, offs_n, m_ok, n_ok, M, K, num_segments,
+        stride_xs, stride_xm, stride_xk, stride_ws, stride_wn, stride_wk,
+        ALIGN_XM: tl.constexpr, ALIGN_WN: tl.constexpr, ALIGN_WK: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        """One weight's tile of outputs [BLOCK_M, BLOCK_N] in float32, over every segment and the whole reduction:
+        whole BLOCK_K steps unmasked along k (so the loads stay 16 bytes wide), then the remainder masked."""
+        offs_k = tl.arange(0, BLOCK_K)
+        x_rows = tl.multiple_of(offs_m * stride_xm, ALIGN_XM)
+        w_rows = tl.multiple_of(offs_n * stride_wn, ALIGN_WN)
+        w_cols = tl.multiple_of(offs_k * stride_wk, ALIGN_WK)
+        acc = tl.zeros((BLOCK_K if BLOCK_M == 1 else BLOCK_M, BLOCK_N), dtype=tl.float32)
+        k_whole = (K // BLOCK_K) * BLOCK_K
+        for s in range(num_segments):
+            x_ptrs = x_ptr + s * stride_xs + x_rows[:, None] + offs_k[None, :] * stride_xk
+            w_ptrs = w_ptr + s * stride_ws + w_cols[:, None] + w_rows[None, :]
+            for k in range(0, k_whole, BLOCK_K):
+                acc = _gemv_tile(acc, x_ptrs, w_ptrs, m_ok, n_ok, offs_k, BLOCK_M, False, PRECISION)
+                x_ptrs += BLOCK_K * stride_xk
+                w_ptrs += BLOCK_K * stride_wk
+            if k_whole < K:
+                acc = _gemv_tile(acc, x_ptrs, w_ptrs, m_ok, n_ok, k_whole + offs_k < K, BLOCK_M, True, PRECISION)
+        if BLOCK_M == 1:
+            out = tl.sum(acc, axis=0)[None, :]
+        else:
+            out = acc
+        return out
+
+    @triton.jit
+    def _gemv_kernel(
+        x_ptr, w_ptr, w2_ptr, out_ptr,
+        M, N, N2, K, num_segments, x_batches,
+        stride_xg, stride_xs, stride_xm, stride_xk,
+        stride_wg, stride_ws, stride_wn, stride_wk,
+        stride_og, stride_om, stride_on,
+        MODE: tl.constexpr, ALIGN_XM: tl.constexpr, ALIGN_WN: tl.constexpr, ALIGN_WK: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        # program -> (tile of outputs, weight batch); SIDE_BY_SIDE: the first weight's tiles, then the second's
+        tile = tl.program_id(0)
+        g = tl.program_id(1)
+        x_ptr += (g % x_batches) * stride_xg
+        w_ptr += g * stride_wg
+        w2_ptr += g * stride_wg
+        out_ptr += g * stride_og
+        offs_m = tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        first_tiles = tl.cdiv(N, BLOCK_N)
+        weight, rows, column = w_ptr, N, N * 0
+        if MODE == 1:
+            if tile >= first_tiles:
+                weight, rows, column, tile = w2_ptr, N2, N, tile - first_tiles
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < rows
+        acc = _gemv_weight(
+            x_ptr, weight, offs_m, offs_n, m_ok, n_ok, M, K, num_segments, stride_xs, stride_xm, stride_xk,
+            stride_ws, stride_wn, stride_wk, ALIGN_XM, ALIGN_WN, ALIGN_WK, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
+        )
+        if MODE == 2:  # silu(gate) * up: gate rows from the first weight, up rows from the second
+            up = _gemv_weight(
+                x_ptr, w2_ptr, offs_m, offs_n, m_ok, n_ok, M, K, num_segments, stride_xs, stride_xm, stride_xk,
+                stride_ws, stride_wn, stride_wk, ALIGN_XM, ALIGN_WN, ALIGN_WK, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
+            )
+            acc = acc * tl.sigmoid(acc) * up
+        out_ptrs = out_ptr + offs_m[:, None] * stride_om + (column + offs_n)[None, :] * stride_on
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _gemv(x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None, mode: int, **choices) -> torch.Tensor:
+    """x [Gx, S, M, K], w (and w2) [G, S, N, K], any strides -> out [G, M, N] (SIDE_BY_SIDE: [G, M, N + N2])."""
+    batches, segments, rows_out, reduction = w.shape
+    x_batches, _, rows, _ = x.shape
+    second_rows = w2.shape[2] if w2 is not None else 0
+    outputs = rows_out + second_rows if mode == SIDE_BY_SIDE else rows_out
+    out = x.new_empty(batches, rows, outputs)
+    config = gemv_config(rows, outputs, reduction, batches, mode, _num_sms(x.device.index or 0), **choices)
+    grid = (triton.cdiv(rows_out, config["BLOCK_N"]) + triton.cdiv(second_rows, config["BLOCK_N"]) * (mode == SIDE_BY_SIDE), batches)
+    size = w.element_size()
+    _gemv_kernel[grid](
+        x, w, w2 if w2 is not None else w, out,
+        rows, rows_out, second_rows, reduction, segments, x_batches,
+        *x.stride(), *w.stride(), *out.stride(),
+        MODE=mode, ALIGN_XM=_alignment(x.stride(2), size), ALIGN_WN=_alignment(w.stride(2), size),
+        ALIGN_WK=_alignment(w.stride(3), size), BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+        BLOCK_K=config["BLOCK_K"], PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    return out
+
+
+if triton is not None:
+
+    @torch.library.custom_op("mlra::gemv", mutates_args=())
+    def _gemv_op(x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None, mode: int) -> torch.Tensor:
+        return _gemv(x, w, w2, mode)
+
+    @_gemv_op.register_fake
+    def _(x, w, w2, mode):
+        outputs = w.shape[2] + (w2.shape[2] if mode == SIDE_BY_SIDE else 0)
+        return x.new_empty(w.shape[0], x.shape[2], outputs)
+
+
+def mlra_gemv(x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None = None, mode: int = SINGLE) -> torch.Tensor:
+    """out [G, M, N] with out[g] = sum_s x[g % Gx, s] @ w[g, s]^T: x [Gx, S, M <= 16, K], w [G, S, N, K] (views of
+    any strides; G a multiple of Gx). With w2 [G, S, N2, K] (the strides of w): SIDE_BY_SIDE gives
+    [G, M, N + N2], x's products with w then w2; SWIGLU (N2 == N) gives silu(x w^T) * (x w2^T)."""
+    if x.shape[2] > MAX_ROWS:
+        raise ValueError(f"mlra_gemv takes at most {MAX_ROWS} rows, got x of shape {tuple(x.shape)}")
+    if w2 is not None and (
+        w2.shape[:2] + w2.shape[3:] != w.shape[:2] + w.shape[3:]
+        or w2.stride()[2:] != w.stride()[2:]
+        or (w.shape[:2] != (1, 1) and w2.stride()[:2] != w.stride()[:2])
+    ):
+        raise ValueError(
+            f"mlra_gemv needs two weights of one layout, got shapes {tuple(w.shape)}, {tuple(w2.shape)} and strides "
+            f"{w.stride()}, {w2.stride()}"
+        )
+    if torch.compiler.is_compiling():
+        return _gemv_op(x, w, w2, mode)
+    # eager: straight to the launch, without the custom op's dispatch overhead
+    return _gemv(x, w, w2, mode)
+
+
+def plain_weights(linears: tuple[nn.Module, ...], x: torch.Tensor) -> list[torch.Tensor] | None:
+    """The weights of `linears` where the kernel computes exactly what calling them would: plain nn.Linear modules
+    (not a subclass such as a tensor-parallel or quantized layer, not wrapped by an adapter such as peft's LoRA),
+    without bias or hooks, whose weights are ordinary tensors in x's dtype and device that need no gradient here;
+    else None (call the modules)."""
+    weights = []
+    for linear in linears:
+        weight = linear.weight if type(linear) is nn.Linear else None
+        if (
+            weight is None
+            or linear.bias is not None
+            or linear._forward_hooks
+            or linear._forward_pre_hooks
+            or "forward" in linear.__dict__  # accelerate's hooks replace it (offloaded weights)
+            or type(weight) not in (nn.Parameter, torch.Tensor)
+            or weight.dtype != x.dtype
+            or weight.device != x.device
+            or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
+        ):
+            return None
+        weights.append(weight)
+    return weights
+
+
+def gemv_linears(x: torch.Tensor, *linears: nn.Module, swiglu: bool = False) -> torch.Tensor | None:
+    """x [..., K] through one or two nn.Linear modules that read it, in one launch: one module's output; two
+    modules' outputs side by side ([..., N1 + N2]); or with swiglu, silu(gate(x)) * up(x). None where the kernel
+    does not apply (more than 16 rows, modules it cannot read, see `plain_weights`): the caller then calls the
+    modules."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    weights = plain_weights(linears, x) if 0 < rows <= MAX_ROWS else None
+    if weights is None or (swiglu and weights[0].shape != weights[1].shape):
+        return None
+    w, w2 = weights[0][None, None], (weights[1][None, None] if len(weights) == 2 else None)
+    mode = SWIGLU if swiglu else SIDE_BY_SIDE if w2 is not None else SINGLE
+    out = mlra_gemv(x.reshape(1, 1, rows, x.shape[-1]), w, w2, mode)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+__all__ = ["MAX_ROWS", "gemv_linears", "mlra_gemv", "triton_available"]

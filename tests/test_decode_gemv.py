@@ -1,0 +1,190 @@
+"""The Triton GEMV of the decode step's projections against plain products and against the model's plain path.
+
+Without a GPU the kernel runs in Triton's interpreter (conftest), with float16/float32 operands; on a GPU the same
+tests run compiled, bfloat16 included.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from conftest import FAMILY, MLRACache, cache_kwargs, random_tokens, tiny_model
+from modeling_mlra import decode_gemv
+from modeling_mlra.decode_gemv import SIDE_BY_SIDE, SINGLE, SWIGLU, gemv_linears, mlra_gemv, triton_available
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def draw(*shape, dtype, seed, scale=1.0):
+    generator = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(shape, generator=generator)).to(dtype).to(DEVICE)
+
+
+def relative_error(out, reference):
+    out, reference = out.double().cpu(), reference.double().cpu()
+    return ((out - reference).norm() / reference.norm()).item()
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Counts the GEMV launches (a test of the fast path must fail if the path is not taken)."""
+    calls = []
+    original = decode_gemv._gemv
+
+    def counted(*args, **kwargs):
+        calls.append(args[3])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(decode_gemv, "_gemv", counted)
+    return calls
+
+
+# (rows, outputs, reduction): one and several rows; outputs and reduction off the tile sizes (masked tails)
+SHAPES = [(1, 40, 72), (3, 24, 600), (16, 64, 256), (1, 96, 1100), (9, 40, 1100)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, outputs, reduction", SHAPES)
+def test_gemv_matches_the_matrix_product(dtype, rows, outputs, reduction):
+    x = draw(rows, reduction, dtype=dtype, seed=1)
+    w = draw(outputs, reduction, dtype=dtype, seed=2)
+    out = mlra_gemv(x[None, None], w[None, None])[0]
+    assert relative_error(out, x.double() @ w.double().T) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, outputs, reduction", SHAPES[:3])
+def test_two_weights_side_by_side_give_both_products(dtype, rows, outputs, reduction):
+    x = draw(rows, reduction, dtype=dtype, seed=3)
+    w, w2 = draw(outputs, reduction, dtype=dtype, seed=4), draw(outputs + 24, reduction, dtype=dtype, seed=5)
+    out = mlra_gemv(x[None, None], w[None, None], w2[None, None], SIDE_BY_SIDE)[0]
+    expected = torch.cat([x.double() @ w.double().T, x.double() @ w2.double().T], dim=-1)
+    assert out.shape == expected.shape and relative_error(out, expected) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, outputs, reduction", SHAPES[:3])
+def test_swiglu_gives_silu_of_the_gate_times_the_up_projection(dtype, rows, outputs, reduction):
+    x = draw(rows, reduction, dtype=dtype, seed=6)
+    gate, up = draw(outputs, reduction, dtype=dtype, seed=7), draw(outputs, reduction, dtype=dtype, seed=8)
+    out = mlra_gemv(x[None, None], gate[None, None], up[None, None], SWIGLU)[0]
+    expected = F.silu(x.double() @ gate.double().T) * (x.double() @ up.double().T)
+    assert relative_error(out, expected) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 5])
+def test_batched_views_give_the_absorbed_up_projections(dtype, rows):
+    """The W_UK fold ([B * h] products of a head's rows, weights read transposed) and W_UV (branches summed as
+    segments), on views of one up-projection weight as the model takes them."""
+    branches, heads, nope, value, block = 2, 3, 8, 6, 16
+    weight = draw(branches, heads, nope + value, block, dtype=dtype, seed=9)
+    w_uk, w_uv = weight.split([nope, value], dim=2)
+    q_nope = draw(heads, rows, nope, dtype=dtype, seed=10)
+    folded = mlra_gemv(q_nope[:, None], w_uk.transpose(-1, -2).flatten(0, 1)[:, None])
+    expected = torch.matmul(q_nope.double(), w_uk.double()).flatten(0, 1)
+    assert relative_error(folded, expected) < TOLERANCE[dtype]
+    mixed = draw(branches, heads, rows, block, dtype=dtype, seed=11)
+    output = mlra_gemv(mixed.transpose(0, 1), w_uv.transpose(0, 1))
+    expected = torch.matmul(mixed.double(), w_uv.double().transpose(-1, -2)).sum(dim=0)
+    assert relative_error(output, expected) < TOLERANCE[dtype]
+
+
+def test_more_than_sixteen_rows_are_refused_by_the_kernel_and_left_to_the_modules():
+    x = draw(17, 32, dtype=torch.float32, seed=12)
+    linear = nn.Linear(32, 8, bias=False, device=DEVICE)
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        mlra_gemv(x[None, None], linear.weight[None, None])
+    with torch.no_grad():
+        assert gemv_linears(x, linear) is None
+
+
+def test_modules_the_kernel_cannot_read_as_they_are_are_left_to_their_forward():
+    x = draw(2, 32, dtype=torch.float32, seed=13)
+    with torch.no_grad():
+        plain = nn.Linear(32, 8, bias=False, device=DEVICE)
+        assert gemv_linears(x, plain) is not None
+        assert gemv_linears(x, nn.Linear(32, 8, device=DEVICE)) is None  # a bias
+        hooked = nn.Linear(32, 8, bias=False, device=DEVICE)
+        hooked.register_forward_hook(lambda *args: None)
+        assert gemv_linears(x, hooked) is None
+
+        class Subclass(nn.Linear):  # e.g. a tensor-parallel row shard, whose forward all-reduces
+            pass
+
+        assert gemv_linears(x, Subclass(32, 8, bias=False, device=DEVICE)) is None
+        assert gemv_linears(x.double(), plain) is None  # another dtype
+    assert gemv_linears(x, plain) is None  # the weight needs its gradient
+
+
+@pytest.mark.parametrize("member", FAMILY)
+def test_decode_steps_through_the_gemv_match_the_plain_path(member, launches):
+    fast = tiny_model(seed=20, **FAMILY[member], decode_kernel="triton").to(DEVICE)
+    plain = tiny_model(seed=20, **FAMILY[member], decode_kernel="torch").to(DEVICE)
+    ids = random_tokens((3, 7), seed=21).to(DEVICE)
+    fast_cache, plain_cache = MLRACache(fast.config), MLRACache(plain.config)
+    with torch.no_grad():
+        fast(ids[:, :6], **cache_kwargs(fast_cache))
+        plain(ids[:, :6], **cache_kwargs(plain_cache))
+        launches.clear()
+        step = fast(ids[:, 6:], **cache_kwargs(fast_cache)).logits
+        expected = plain(ids[:, 6:], **cache_kwargs(plain_cache)).logits
+    # per layer: q (+ kv_a) side by side, q_b unless q is one projection, W_UK, W_UV, o_proj, SwiGLU, down_proj
+    assert launches.count(SWIGLU) == fast.config.num_hidden_layers
+    assert launches.count(SIDE_BY_SIDE) == fast.config.num_hidden_layers
+    assert relative_error(step, expected) < 1e-5
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="bfloat16 through the compiled kernel")
+def test_a_bfloat16_decode_step_through_the_gemv_matches_the_plain_path():
+    fast = tiny_model(seed=22, dtype=torch.bfloat16, decode_kernel="triton").to(DEVICE)
+    plain = tiny_model(seed=22, dtype=torch.bfloat16, decode_kernel="auto").to(DEVICE)  # eager CUDA: cuBLAS
+    ids = random_tokens((16, 5), seed=23).to(DEVICE)
+    fast_cache, plain_cache = MLRACache(fast.config), MLRACache(plain.config)
+    with torch.no_grad():
+        fast(ids[:, :4], **cache_kwargs(fast_cache))
+        plain(ids[:, :4], **cache_kwargs(plain_cache))
+        step = fast(ids[:, 4:], **cache_kwargs(fast_cache)).logits
+        expected = plain(ids[:, 4:], **cache_kwargs(plain_cache)).logits
+    assert relative_error(step, expected) < 2e-2
+
+
+def test_prefill_of_more_than_sixteen_rows_and_training_call_the_modules(launches):
+    model = tiny_model(seed=24, decode_kernel="triton").to(DEVICE)
+    ids = random_tokens((3, 8), seed=25).to(DEVICE)
+    with torch.no_grad():
+        model(ids)  # 24 rows
+    assert launches == []
+    loss = model(ids[:1], labels=ids[:1]).loss  # 8 rows, with gradients
+    loss.backward()
+    assert launches == [] and model.model.layers[0].mlp.gate_proj.weight.grad is not None
+
+
+def test_the_gemv_is_captured_by_torch_compile_without_graph_breaks():
+    linear_a = nn.Linear(32, 16, bias=False, device=DEVICE).requires_grad_(False)
+    linear_b = nn.Linear(32, 16, bias=False, device=DEVICE).requires_grad_(False)
+    x = draw(1, 2, 32, dtype=torch.float32, seed=26)
+
+    def mlp(x):
+        return gemv_linears(x, linear_a, linear_b, swiglu=True) * 2
+
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(mlp)(x)
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(mlp, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), F.silu(linear_a(x)) * linear_b(x) * 2)
+
+
+def test_auto_leaves_eager_steps_to_cublas_and_takes_the_gemv_inside_torch_compile(launches):
+    model = tiny_model(seed=27, decode_kernel="auto").to(DEVICE)
+    ids = random_tokens((1, 1), seed=28).to(DEVICE)
+    with torch.no_grad():
+        model(ids)
+        assert launches == []
+        torch._dynamo.reset()
+        torch.compile(model, fullgraph=True, backend="eager")(ids)
+    assert (len(launches) > 0) == (DEVICE == "cuda")
