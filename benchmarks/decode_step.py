@@ -22,9 +22,8 @@ reached before the compiles take the time (--stop-after-s: what is not started i
    lengths: the first call's time (compile included), recompiles after it (dynamo's graph count), total tokens/s of
    256 new tokens (16-token prompt) and the median streamed interval (IntervalStreamer: when each token reaches
    the host), ours' greedy tokens against eager generate()'s (generate_interval.py: per-step loop vs deferred), and
-   a cProfile of one compiled
-   generate() call of ours (the host's work per token); the compile time again in a second process with the
-   compile caches warm; last, MLRA-4's graph and compiled step at the first shape under --variants
+   a cProfile of one compiled generate() call of ours (the host's work per token); the compile time again in a
+   second process with the compile caches warm; last, MLRA-4's graph and compiled step at the first shape under --variants
    (`variant_setting`): `cublas_projections` (the projections through cuBLAS, as before the GEMV), or an inductor
    setting such as `coordinate_descent_tuning` or `freezing` (weights as constants).
 Every part is in its own try/except, rows are written as they come (.json, .md), the plot at the end.
