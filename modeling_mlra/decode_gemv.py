@@ -39,8 +39,10 @@ def gemv_config(rows: int, outputs: int, reduction: int, batches: int, mode: int
 
     One row: the weight tile [BLOCK_K, BLOCK_N] is multiplied by the row and summed once after the loop; the tile
     holds 2K-8K values per weight (at least two 16-byte loads per thread per step, at most 64 float32 products per
-    thread and weight), as few output rows as keep about `programs_per_sm` programs per multiprocessor streaming.
-    More rows: tiles of 16 rows x BLOCK_N through tl.dot, software-pipelined, BLOCK_N as wide as the programs allow.
+    thread and weight), as few output rows as keep about 4 programs per multiprocessor streaming (within 8% of the
+    best tiles of the H200 sweep at every shape, benchmarks/results/gemv_h200.md). More rows: tiles of 16 rows x
+    BLOCK_N x 128 through tl.dot, software-pipelined; SwiGLU's two weights in 32-wide tiles (the sweep's best for
+    gate_proj with up_proj: 0.83 of the copy rate, against 0.73 in 16-wide ones).
     """
     num_warps = choices.get("num_warps", 4)
     wanted = choices.get("programs_per_sm", 4) * num_sms
@@ -51,8 +53,8 @@ def gemv_config(rows: int, outputs: int, reduction: int, batches: int, mode: int
         widths = [w for w in (32, 16, 8, 4, 2, 1) if w * block_k <= largest]
         widths = [w for w in widths if w * block_k >= 512 * num_warps // weights] or widths[:1]
     else:
-        block_k = choices.get("BLOCK_K") or min(128 // weights, max(16, triton.next_power_of_2(reduction)))
-        widths = [64, 32, 16]
+        block_k = choices.get("BLOCK_K") or min(128, max(16, triton.next_power_of_2(reduction)))
+        widths = [32] if mode == SWIGLU else [64, 32, 16]
     block_n = choices.get("BLOCK_N") or next(
         (w for w in widths if triton.cdiv(outputs, w) * batches >= wanted), widths[-1]
     )
@@ -245,10 +247,12 @@ def plain_weights(linears: tuple[nn.Module, ...], x: torch.Tensor) -> list[torch
 def gemv_linears(x: torch.Tensor, *linears: nn.Module, swiglu: bool = False) -> torch.Tensor | None:
     """x [..., K] through one or two nn.Linear modules that read it, in one launch: one module's output; two
     modules' outputs side by side ([..., N1 + N2]); or with swiglu, silu(gate(x)) * up(x). None where the kernel
-    does not apply (more than 16 rows, modules it cannot read, see `plain_weights`): the caller then calls the
-    modules."""
+    does not apply or is not the faster (the caller then calls the modules): more than 16 rows, modules it cannot
+    read (`plain_weights`), or one module and several rows, where cuBLAS's split-K GEMM reads the weight faster
+    (H200, 16 rows: down_proj 22 us against 41-44, o_proj 10.5 against 12.9; benchmarks/results/gemv_h200.md)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    weights = plain_weights(linears, x) if 0 < rows <= MAX_ROWS else None
+    fits = rows == 1 or (1 < rows <= MAX_ROWS and len(linears) == 2)
+    weights = plain_weights(linears, x) if fits else None
     if weights is None or (swiglu and weights[0].shape != weights[1].shape):
         return None
     w, w2 = weights[0][None, None], (weights[1][None, None] if len(weights) == 2 else None)

@@ -518,9 +518,11 @@ def use_decode_kernel(
 
 
 def use_decode_gemv(config: MLRAConfig, hidden_states: torch.Tensor) -> bool:
-    """Whether the projections of a decode step (at most 16 rows) run the Triton GEMV (`decode_gemv.py`) as
-    `config.decode_kernel` says: "triton" always; "auto" on CUDA inside torch.compile, where CUDA graphs replay its
-    launches (an eager step is bound by the host, and a cuBLAS launch costs the host less than a Triton one)."""
+    """Whether the projections of a decode step run the Triton GEMV (`decode_gemv.py`: every projection of a one-row
+    step; at up to 16 rows the pairs that read one input and the W_UK / W_UV products) as `config.decode_kernel`
+    says: "triton" always; "auto" on CUDA inside torch.compile, where CUDA graphs replay its launches (an eager step
+    is bound by the host, and a Triton launch costs the host more than a cuBLAS one: H200, 54 against 45 ms per
+    eager 24-layer step, benchmarks/results/gemv_h200.md)."""
     if config.decode_kernel == "torch" or not triton_available():
         return False
     return config.decode_kernel == "triton" or (hidden_states.is_cuda and torch.compiler.is_compiling())
@@ -1154,7 +1156,7 @@ class MLRAForCausalLM(MLRAPreTrainedModel, GenerationMixin):
         )
         hidden_states = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        (logits,) = project(self.config, hidden_states[:, slice_indices, :], self.lm_head)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)

@@ -103,8 +103,17 @@ def test_more_than_sixteen_rows_are_refused_by_the_kernel_and_left_to_the_module
         assert gemv_linears(x, linear) is None
 
 
+def test_one_weight_and_several_rows_are_left_to_cublas_two_weights_are_not():
+    x = draw(4, 32, dtype=torch.float32, seed=29)
+    gate, up = (nn.Linear(32, 8, bias=False, device=DEVICE) for _ in range(2))
+    with torch.no_grad():
+        assert gemv_linears(x, gate) is None
+        assert gemv_linears(x[:1], gate) is not None
+        torch.testing.assert_close(gemv_linears(x, gate, up, swiglu=True), F.silu(gate(x)) * up(x))
+
+
 def test_modules_the_kernel_cannot_read_as_they_are_are_left_to_their_forward():
-    x = draw(2, 32, dtype=torch.float32, seed=13)
+    x = draw(1, 32, dtype=torch.float32, seed=13)
     with torch.no_grad():
         plain = nn.Linear(32, 8, bias=False, device=DEVICE)
         assert gemv_linears(x, plain) is not None
@@ -121,11 +130,12 @@ def test_modules_the_kernel_cannot_read_as_they_are_are_left_to_their_forward():
     assert gemv_linears(x, plain) is None  # the weight needs its gradient
 
 
+@pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("member", FAMILY)
-def test_decode_steps_through_the_gemv_match_the_plain_path(member, launches):
+def test_decode_steps_through_the_gemv_match_the_plain_path(member, batch, launches):
     fast = tiny_model(seed=20, **FAMILY[member], decode_kernel="triton").to(DEVICE)
     plain = tiny_model(seed=20, **FAMILY[member], decode_kernel="torch").to(DEVICE)
-    ids = random_tokens((3, 7), seed=21).to(DEVICE)
+    ids = random_tokens((batch, 7), seed=21).to(DEVICE)
     fast_cache, plain_cache = MLRACache(fast.config), MLRACache(plain.config)
     with torch.no_grad():
         fast(ids[:, :6], **cache_kwargs(fast_cache))
@@ -133,9 +143,11 @@ def test_decode_steps_through_the_gemv_match_the_plain_path(member, launches):
         launches.clear()
         step = fast(ids[:, 6:], **cache_kwargs(fast_cache)).logits
         expected = plain(ids[:, 6:], **cache_kwargs(plain_cache)).logits
-    # per layer: q (+ kv_a) side by side, q_b unless q is one projection, W_UK, W_UV, o_proj, SwiGLU, down_proj
-    assert launches.count(SWIGLU) == fast.config.num_hidden_layers
-    assert launches.count(SIDE_BY_SIDE) == fast.config.num_hidden_layers
+    # per layer: q (+ kv_a) side by side, SwiGLU, W_UK and W_UV; one row also q_b (with a q latent), o_proj and
+    # down_proj, and the lm_head once
+    layers, has_q_b = fast.config.num_hidden_layers, fast.config.q_lora_rank is not None
+    assert launches.count(SWIGLU) == launches.count(SIDE_BY_SIDE) == layers
+    assert launches.count(SINGLE) == (layers * (4 + has_q_b) + 1 if batch == 1 else 2 * layers)
     assert relative_error(step, expected) < 1e-5
 
 
