@@ -74,7 +74,9 @@ class MLRAConfig(PreTrainedConfig):
             compressed cache in absorbed form; longer ones (prefill chunks) expand the latent per head.
         decode_kernel (`str`): the absorbed decode's implementation: `"auto"` (the fused Triton kernel on CUDA when
             Triton imports and the shapes are supported, else PyTorch), `"triton"` (always the kernel; an error if
-            it cannot run) or `"torch"` (always the PyTorch path).
+            it cannot run) or `"torch"` (always the PyTorch path). The same setting chooses the Triton GEMV for
+            the projections of decode steps (`decode_gemv.py`): `"auto"` inside torch.compile on CUDA,
+            `"triton"` always, `"torch"` never.
         cache_dtype (`str`, *optional*): `"float8_e4m3fn"` for an fp8 latent cache (latent blocks in e4m3 with a
             float32 scale per token and block, the rope key in the model's dtype); `None` keeps
             the cache in the model's dtype. `MLRACache(config, dtype=...)` and `generate(..., cache_dtype=...)` choose
