@@ -32,6 +32,7 @@ from modeling_mlra import mlra_decode_kernel  # noqa: E402
 K = 1024
 HOPPER = GPUTarget("cuda", 90, 32)
 H200_SMS = 132
+H200_SHARED_PER_SM = 233472  # bytes (228 KB); every program reserves 1 KB more
 
 # (name, heads, latent blocks, branches, block width, batch, context, cache dtype)
 SHAPES = [
@@ -60,8 +61,9 @@ def record_launches(heads, blocks, branches, block_dim, bsz, context, cache_dtyp
     for name in ("_mlra_decode_kernel", "_merge_splits_kernel"):
         recorders[name] = _Recorder(getattr(mlra_decode_kernel, name))
         setattr(mlra_decode_kernel, name, recorders[name])
-    num_sms = mlra_decode_kernel._num_sms
+    num_sms, per_sm = mlra_decode_kernel._num_sms, mlra_decode_kernel._programs_per_sm
     mlra_decode_kernel._num_sms = lambda index: H200_SMS
+    mlra_decode_kernel._programs_per_sm = lambda device, args, constexprs: 2
     try:
         meta = dict(device="meta", dtype=torch.bfloat16)
         if cache_dtype == torch.float8_e4m3fn:  # packed rows: e4m3 latent, float32 scales, bf16 rope key
@@ -78,7 +80,7 @@ def record_launches(heads, blocks, branches, block_dim, bsz, context, cache_dtyp
     finally:
         for name, recorder in recorders.items():
             setattr(mlra_decode_kernel, name, recorder.kernel)
-        mlra_decode_kernel._num_sms = num_sms
+        mlra_decode_kernel._num_sms, mlra_decode_kernel._programs_per_sm = num_sms, per_sm
     return [call for recorder in recorders.values() for call in recorder.calls]
 
 
@@ -102,10 +104,17 @@ def resources_and_sass(compiled, sass_path=None) -> dict:
         sass = subprocess.run([str(cuobjdump), "-sass", cubin.name], capture_output=True, text=True).stdout
     if sass_path is not None:
         sass_path.write_text(sass)
+    registers = int(re.search(r"REG:(\d+)", usage.stdout).group(1))
+    warps = compiled.metadata.num_warps
     counts = {
-        "registers": int(re.search(r"REG:(\d+)", usage.stdout).group(1)),
+        "registers": registers,
         "stack bytes": int(re.search(r"STACK:(\d+)", usage.stdout).group(1)),
         "shared bytes": compiled.metadata.shared,
+        "programs per SM": min(
+            65536 // (-(-registers * 32 // 256) * 256 * warps),
+            H200_SHARED_PER_SM // (compiled.metadata.shared + 1024),
+            64 // warps,
+        ),
     }
     for label, pattern in (("LDGSTS", r"\bLDGSTS"), ("UTMALDG", r"\bUTMALDG"), ("LDG", r"\bLDG\."),
                            ("LDL/STL", r"\b(LDL|STL)\b"), ("HGMMA", r"\bHGMMA"), ("HMMA", r"\bHMMA")):
@@ -126,9 +135,9 @@ def main():
     if options.sass:
         options.sass.mkdir(parents=True, exist_ok=True)
     print(f"triton {triton.__version__}, target sm_90 (H200: {H200_SMS} multiprocessors)")
-    print("| shape | kernel | grid | tile | warps | stages | registers | stack bytes | shared bytes | LDGSTS | UTMALDG "
-          "| LDG | LDL/STL | HGMMA | HMMA |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| shape | kernel | grid | tile | warps | stages | registers | stack bytes | shared bytes | programs per SM "
+          "| LDGSTS | UTMALDG | LDG | LDL/STL | HGMMA | HMMA |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, *shape in SHAPES:
         if options.shapes and not any(part in name for part in options.shapes):
             continue

@@ -12,7 +12,10 @@ Times are GPU time (CUDA-graph replays after a device synchronisation, median); 
 overhead included) is a column of its own. Bandwidth = cache bytes read / kernel time, against a device-to-device copy
 timed in the same run. Also timed: the model's whole absorbed attention (W_UK and W_UV included) through the kernel
 and, up to 512K cached tokens, through the PyTorch path; for (c) one launch per latent block on per-block caches
-[block | rope key] (the authors' structure). --sweep times other launch choices at the large shapes first.
+[block | rope key] (the authors' structure). The kernel's two launches are timed apart (the split attention and the
+merge of the splits, torch.profiler). --sweep, at a few large shapes: other launch choices, and the same launch on a
+cache whose every token is the first one (token stride 0: every read hits L2), the time the multiprocessors need
+when DRAM is out of the way.
 """
 
 import argparse
@@ -25,7 +28,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from modeling_mlra import MLRAConfig  # noqa: E402
-from modeling_mlra.mlra_decode_kernel import _decode_attention, _num_sms, launch_config, mlra_decode_attention  # noqa: E402
+from modeling_mlra.mlra_decode_kernel import _decode_attention, launch_plan, mlra_decode_attention  # noqa: E402
 from modeling_mlra.modeling_mlra import MLRAAttention, dequantize_latent_rows, quantize_latent_rows  # noqa: E402
 
 from common import Panel, Report, copy_bandwidth, error_text, fmt, gpu_time_ms, plot_panels  # noqa: E402
@@ -37,13 +40,13 @@ MLA = ("b: MLA", 64, 1, 1, 512)
 LAYER = ("c: MLRA-4 2.9B layer", 24, 4, 4, 128)
 ROPE = 64
 
-# launch choices timed by --sweep (modeling_mlra.mlra_decode_kernel.launch_config), per latent block width
+# launch choices timed by --sweep (modeling_mlra.mlra_decode_kernel.launch_config), per latent block width; the split
+# count follows each choice's occupancy unless programs_per_sm is given
 SWEEP = {
-    128: [dict(BLOCK_N=n, num_stages=s) for n, s in ((64, 2), (64, 4), (128, 2), (32, 4))]
-    + [dict(programs_per_sm=p) for p in (1, 3, 4)]
-    + [dict(num_warps=8), dict(MIN_ROWS=64), dict(BRANCHES_PER_PROGRAM=1, BLOCK_N=64), dict(num_warps=8, MIN_ROWS=64)],
-    512: [dict(num_stages=2), dict(BLOCK_N=16, num_stages=4), dict(BLOCK_N=64, num_stages=2), dict(programs_per_sm=2),
-          dict(programs_per_sm=1, num_stages=4), dict(num_warps=4, MIN_ROWS=32)],
+    128: [dict(num_stages=2), dict(num_stages=4), dict(BLOCK_N=128, num_stages=2), dict(BLOCK_N=32, num_stages=4),
+          dict(MIN_ROWS=64), dict(programs_per_sm=1)],
+    512: [dict(BLOCK_N=64, num_stages=2), dict(BLOCK_N=32, num_stages=3), dict(BLOCK_N=32, num_stages=2),
+          dict(BLOCK_N=16, num_stages=4)],
 }
 
 
@@ -54,6 +57,17 @@ def time_ms(fn, device) -> float:
     start = time.perf_counter()
     fn()
     return (time.perf_counter() - start) * 1e3
+
+
+def launch_times_us(fn, calls: int = 10) -> dict:
+    """GPU microseconds per call of each kernel fn launches (torch.profiler), by kernel name."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return {event.key: event.device_time_total / calls for event in profile.key_averages() if event.device_time_total}
 
 
 def eager_call_us(fn, device, calls: int = 20) -> float:
@@ -119,10 +133,9 @@ def run_case(case, bsz, context, fp8, copy_gbs, device, dtype, module=None, per_
     scaling = 192**-0.5
     row = dict(case=name, cache="fp8" if fp8 else "bf16", heads=heads, blocks=blocks, branches=branches,
                block_dim=block_dim, batch=bsz, context=context, cache_bytes=cache.nbytes)
-    config = launch_config(bsz, groups, heads // groups, branches, block_dim, ROPE, 1, context,
-                           cache.shape[-1] * cache.element_size(), _num_sms(device.index or 0))
-    row["launch"] = {k: config[k] for k in ("BLOCK_M", "BLOCK_N", "BRANCHES_PER_PROGRAM", "num_splits", "num_warps",
-                                            "num_stages")}
+    plan = launch_plan(q_absorbed, q_rope, cache, seq_lens, None, groups, scaling)
+    row["launch"] = {k: plan[k] for k in ("BLOCK_M", "BLOCK_N", "num_splits", "programs_per_sm", "num_warps",
+                                          "num_stages")}
 
     def kernel():
         return mlra_decode_attention(q_absorbed, q_rope, cache, seq_lens, None, groups, scaling)
@@ -138,12 +151,22 @@ def run_case(case, bsz, context, fp8, copy_gbs, device, dtype, module=None, per_
             try:
                 us = time_ms(lambda: _decode_attention(
                     q_absorbed, q_rope, cache, seq_lens, None, groups, scaling, 0, choices), device) * 1e3
+                splits = launch_plan(q_absorbed, q_rope, cache, seq_lens, None, groups, scaling, 0, choices)["num_splits"]
             except Exception as error:  # a choice that does not compile or fit: recorded, not fatal
-                us = error_text(error)
-            row["sweep"].append(dict(choices, us=us))
+                us, splits = error_text(error), None
+            row["sweep"].append(dict(choices, us=us, splits=splits))
             print("  sweep", name, row["cache"], bsz, context, row["sweep"][-1], flush=True)
+        first_token_only = cache[:, :1].expand(cache.shape)  # token stride 0: every read hits L2
+        row["l2_resident_us"] = time_ms(lambda: mlra_decode_attention(
+            q_absorbed, q_rope, first_token_only, seq_lens, None, groups, scaling), device) * 1e3
     ms = time_ms(kernel, device)
     row["kernel_us"] = ms * 1e3
+    if device.type == "cuda":
+        for kernel_name, us in launch_times_us(kernel).items():
+            if "merge" in kernel_name:
+                row["merge_us"] = us
+            elif "decode" in kernel_name:
+                row["split_kernel_us"] = us
     row["kernel_gbs"] = cache.nbytes / ms / 1e6
     row["of_copy"] = row["kernel_gbs"] / copy_gbs
     row["eager_call_us"] = eager_call_us(kernel, device, calls=20 if ms < 5 else 3)
@@ -190,8 +213,7 @@ def plan(tiny: bool, quick: bool):
     return runs
 
 
-SWEEP_POINTS = {(SHARE[0], 1, 512), (SHARE[0], 1, 1024 * K), (SHARE[0], 1, 128 * K), (MLA[0], 1, 512 * K), (LAYER[0], 16, 32 * K),
-                (LAYER[0], 1, 32 * K)}
+SWEEP_POINTS = {(SHARE[0], 1, 512), (SHARE[0], 1, 1024 * K), (MLA[0], 1, 512 * K), (LAYER[0], 16, 32 * K)}
 
 
 def main():
@@ -233,21 +255,22 @@ def report_markdown(meta, rows) -> str:
         f"{elapsed:.0f} s. Device-to-device copy in the same run: {meta['copy_gbs']:.0f} GB/s. bf16 model, one new "
         "token per row; cache bf16 (1152 bytes per token of the 2.9B layer) or fp8 (672).",
         "",
-        "| case | cache | batch | context | MB read | kernel us | GB/s | of copy | eager call us | per-block us "
-        "| fused vs per-block | attention (kernel) us | attention (PyTorch) us | kernel vs PyTorch | rel. err vs fp32 "
-        "| launch (M, N, branches, splits, warps, stages) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| case | cache | batch | context | MB read | kernel us | GB/s | of copy | split kernel / merge us (profiler) "
+        "| eager call us | per-block us | fused vs per-block | attention (kernel) us | attention (PyTorch) us "
+        "| kernel vs PyTorch | rel. err vs fp32 | launch (M, N, splits, programs per SM, warps, stages) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         launch = row["launch"]
         lines.append(
             f"| {row['case']} | {row['cache']} | {row['batch']} | {row['context'] // K}K | "
             f"{row['cache_bytes'] / 1e6:.0f} | {row['kernel_us']:.1f} | {row['kernel_gbs']:.0f} | {row['of_copy']:.2f} | "
+            f"{fmt(row.get('split_kernel_us'), '.1f')} / {fmt(row.get('merge_us'), '.1f')} | "
             f"{row['eager_call_us']:.0f} | {fmt(row.get('per_block_us'), '.1f')} | "
             f"{fmt(row.get('fused_speedup_vs_per_block'), '.2f')} | {fmt(row.get('attention_kernel_us'), '.1f')} | "
             f"{fmt(row.get('attention_torch_us'), '.1f')} | {fmt(row.get('kernel_speedup_vs_torch'), '.1f')} | "
             f"{fmt(row.get('rel_err_vs_fp32'), '.1e')} | {launch['BLOCK_M']}, {launch['BLOCK_N']}, "
-            f"{launch['BRANCHES_PER_PROGRAM']}, {launch['num_splits']}, {launch['num_warps']}, {launch['num_stages']} |"
+            f"{launch['num_splits']}, {launch['programs_per_sm']}, {launch['num_warps']}, {launch['num_stages']} |"
         )
     by_key = {(r["case"][0], r["cache"], r["batch"], r["context"]): r for r in rows}
     ratios, fp8_ratios = [], []
@@ -264,13 +287,17 @@ def report_markdown(meta, rows) -> str:
     lines += ["", "fp8 / bf16 cache time: " + "; ".join(fp8_ratios)]
     sweeps = [r for r in rows if r.get("sweep")]
     if sweeps:
-        lines += ["", "## Launch-choice sweep (kernel us; the defaults are the table's launch column)", ""]
+        lines += ["", "## Launch-choice sweep (kernel us, splits; the defaults are the table's launch column)", ""]
         for r in sweeps:
             cells = ", ".join(
-                f"{ {k: v for k, v in s.items() if k != 'us'} }: {s['us'] if isinstance(s['us'], str) else fmt(s['us'], '.1f')}"
+                f"{ {k: v for k, v in s.items() if k not in ('us', 'splits')} }: "
+                f"{s['us'] if isinstance(s['us'], str) else fmt(s['us'], '.1f')} ({s['splits']})"
                 for s in r["sweep"]
             )
-            lines.append(f"- {r['case']} {r['cache']} {r['batch']}x{r['context'] // K}K (default {r['kernel_us']:.1f}): {cells}")
+            lines.append(
+                f"- {r['case']} {r['cache']} {r['batch']}x{r['context'] // K}K (default {r['kernel_us']:.1f}; every "
+                f"token the first one, reads from L2: {fmt(r.get('l2_resident_us'), '.1f')}): {cells}"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -7,11 +7,12 @@ One call serves one layer, all heads and all softmax branches:
 with l = b * G + g(i) the latent block that branch b of head i reads (`MLRAConfig.latent_block`). The cache row of a
 token is [c_0 | c_1 | ... | c_{L-1} | kr] (width L * d_l + d_r), the layout `MLRALatentCacheLayer` keeps.
 
-Each program owns (batch row, head group, branch or branches, tile of heads, slice of the sequence). It streams its
-slice of the cache once: per block of tokens it loads the rope key, computes the rope scores once for its branches,
-then loads the latent block of each and runs one online softmax per branch. A second small kernel merges the slices
-by log-sum-exp. The cache may also be the fp8 cache's packed rows (`fp8_cache_layout`), dequantized in registers. The model code calls `mlra_decode_attention`, a torch custom op with a fake implementation, so
-torch.compile(fullgraph=True) and CUDA graphs capture it without a graph break. See docs/design.md ("Fused decode kernel").
+Each program owns (batch row, latent block, tile of heads, slice of the sequence): the heads of one group for one
+softmax branch. It streams its slice of the cache once: per block of tokens it loads the latent block and the rope
+key and runs one online softmax. A second small kernel merges the slices by log-sum-exp. The cache may also be the fp8
+cache's packed rows (`fp8_cache_layout`), converted in registers. The model code calls `mlra_decode_attention`, a torch
+custom op with a fake implementation, so torch.compile(fullgraph=True) and CUDA graphs capture it without a graph
+break. See docs/decode_kernel.md.
 """
 
 import functools
@@ -26,7 +27,6 @@ try:
 except ImportError:  # no Triton (CPU-only installs, macOS): the PyTorch path runs
     triton = None
 
-MAX_BRANCHES = 4  # the kernel unrolls up to four softmax branches per program (every published family member)
 MAX_NEW_TOKENS = 16
 
 
@@ -62,17 +62,15 @@ def kernel_supports(
     cache_dtype: torch.dtype | None = None,
 ) -> bool:
     """Whether `mlra_decode_attention` handles this shape and dtype (else the PyTorch absorbed path runs).
-    cache_dtype: torch.float8_e4m3fn for the fp8 cache (bf16 or fp32 models: the kernel scales probabilities by the
-    cache's scales, which fp16's range would cut), else None (the model's dtype)."""
+    cache_dtype: torch.float8_e4m3fn for the fp8 cache, else None (the model's dtype)."""
     return (
         triton is not None
-        and 1 <= num_branches <= MAX_BRANCHES
+        and num_branches >= 1
         and 1 <= num_new_tokens <= MAX_NEW_TOKENS
         and latent_block_dim <= 512
         and rope_dim <= 128
         and dtype in (torch.float16, torch.bfloat16, torch.float32)
         and cache_dtype in (None, dtype, torch.float8_e4m3fn)
-        and not (cache_dtype == torch.float8_e4m3fn and dtype == torch.float16)
     )
 
 
@@ -83,45 +81,35 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-# fp32 accumulator values per thread ([query rows, d_l] per branch a program runs); beyond these ptxas spills
-# registers on sm_90 (compiled offline: benchmarks/compile_decode_kernel.py)
-ACCUMULATOR_VALUES_PER_THREAD = 128  # one branch per program
-MULTI_BRANCH_VALUES_PER_THREAD = 64  # several branches per program: one query tile and one online softmax state each
+# fp32 accumulator values per thread ([query rows, d_l] per program); beyond these ptxas spills registers on sm_90
+# (compiled offline: benchmarks/compile_decode_kernel.py)
+ACCUMULATOR_VALUES_PER_THREAD = 128
 
 
 @functools.cache
 def launch_config(
     bsz: int, num_groups: int, heads_per_group: int, num_branches: int, latent_block_dim: int, rope_dim: int,
-    num_new_tokens: int, capacity: int, token_bytes: int, num_sms: int, operand_bytes: int = 2, **choices,
+    num_new_tokens: int, capacity: int, token_bytes: int, fp8: bool, operand_bytes: int = 2, **choices,
 ) -> dict:
-    """Tiles, warps, branches per program and sequence splits, from shapes only (no tensor values: CUDA-graph safe).
+    """Tiles and warps, and the bounds of the sequence split, from shapes only (no tensor values: CUDA-graph safe).
 
-    operand_bytes: the queries' element size (4: float32). `choices` overrides a default (benchmark sweeps): num_warps, num_stages, BLOCK_N, BRANCHES_PER_PROGRAM, MIN_ROWS
-    (query rows padded up to this; 64 lets Hopper's wgmma run the dots), num_splits, programs_per_sm.
+    fp8: the cache is the fp8 cache's packed rows; operand_bytes: the queries' element size (4: float32). `choices`
+    overrides a default (benchmark sweeps): num_warps, num_stages, BLOCK_N, MIN_ROWS (query rows padded up to this; 64
+    lets Hopper's wgmma run the dots), num_splits, programs_per_sm.
 
-    Defaults from the H200 sweep (benchmarks/results/decode_kernel_h200.md): one softmax branch per program with
-    64-token blocks (the 2.9B layer 1.2-1.4x faster than two branches per program with 32-token blocks, although the
-    rope key is then read once per branch: the other reads hit L2); 4 warps for latent blocks up to 128 wide, so that
-    several programs share a multiprocessor; 8 warps for wider ones (MLA's 512: all 64 heads in one program, so the
-    cache is read once, and the dots on wgmma), 2 stages so that the tiles fit shared memory. Several branches per
-    program (a choice) fit the register budget by halving. The sequence is split until there are about
-    `programs_per_sm` programs per multiprocessor, while each split reads several times more cache bytes than it
-    writes partial results.
+    One program runs one latent block (one softmax branch of one head group) for a tile of heads, 64 tokens at a
+    time: 4 warps for latent blocks up to 128 wide, so that several programs share a multiprocessor; 8 warps for
+    wider ones (MLA's 512: all 64 heads in one program, so the cache is read once, and the dots on wgmma), 2 stages so
+    that the tiles fit shared memory (from an fp8 cache 32-token blocks and 3 stages: with 64 its converted tiles
+    spill registers). `_decode_attention` then splits the sequence so that the programs fill the
+    multiprocessors once, as many per multiprocessor as fit by registers and shared memory (`_programs_per_sm`),
+    and at most `max_splits`: each split reads several times more cache bytes than it writes partial results.
     """
     block_d = max(16, triton.next_power_of_2(latent_block_dim))
     block_t = triton.next_power_of_2(num_new_tokens)
     heads = triton.next_power_of_2(heads_per_group)
     num_warps = choices.get("num_warps", 8 if block_d >= 256 else 4)
-    threads = 32 * num_warps
-    branches_per_program = choices.get("BRANCHES_PER_PROGRAM", 1)
-    while (
-        branches_per_program > 1
-        and branches_per_program * max(16, heads * block_t) * block_d > MULTI_BRANCH_VALUES_PER_THREAD * threads
-    ):
-        branches_per_program //= 2
-    if num_branches % branches_per_program:
-        branches_per_program = 1
-    max_rows = max(16, ACCUMULATOR_VALUES_PER_THREAD * threads // (branches_per_program * block_d))
+    max_rows = max(16, ACCUMULATOR_VALUES_PER_THREAD * 32 * num_warps // block_d)
     if operand_bytes == 4:
         # float32 operands (exact "ieee" dots on the FMA units, every tile in float32): for sm_90, 128 query rows of a
         # published layer spilled 20 KB per thread and took 70 s to compile, 32 rows 9 KB and 12 s
@@ -129,60 +117,140 @@ def launch_config(
     block_h = min(heads, max(1, max_rows // block_t))
     block_m = max(choices.get("MIN_ROWS", 16), block_h * block_t)
     head_tiles = triton.cdiv(heads_per_group, block_h)
-    programs = bsz * num_groups * head_tiles * (num_branches // branches_per_program)
     partial_bytes = num_new_tokens * num_branches * num_groups * heads_per_group * latent_block_dim * 4
     min_tokens = max(256, 4 * partial_bytes // token_bytes)
-    programs_per_sm = choices.get("programs_per_sm", 1 if num_warps == 8 else 2)
-    num_splits = choices.get("num_splits") or max(
-        1, min(triton.cdiv(programs_per_sm * num_sms, programs), triton.cdiv(capacity, min_tokens), 512)
-    )
+    wide_fp8 = fp8 and block_d > 128
     return dict(
         BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_M=block_m, BLOCK_D=block_d,
-        BLOCK_N=choices.get("BLOCK_N", 64 if branches_per_program == 1 else 32),
-        BRANCHES_PER_PROGRAM=branches_per_program, head_tiles=head_tiles, num_splits=num_splits,
-        num_warps=num_warps, num_stages=choices.get("num_stages", 3 if block_d <= 128 else 2),
+        BLOCK_N=choices.get("BLOCK_N", 32 if wide_fp8 else 64), head_tiles=head_tiles,
+        programs=bsz * num_branches * num_groups * head_tiles, max_splits=min(triton.cdiv(capacity, min_tokens), 512),
+        num_warps=num_warps, num_stages=choices.get("num_stages", 3 if block_d <= 128 or wide_fp8 else 2),
     )
+
+
+def _strides(shape: tuple) -> list:
+    """The strides of a contiguous tensor of this shape."""
+    return [math.prod(shape[dim + 1 :]) for dim in range(len(shape))]
+
+
+_PROGRAMS_PER_SM = {}  # (device, argument dtypes, compile-time choices) -> programs that fit one multiprocessor
+
+
+def _programs_per_sm(device: torch.device, args: list, constexprs: dict) -> int:
+    """How many programs of the compiled kernel run at once on one multiprocessor, by its registers, shared memory and
+    threads (compiled with these arguments, without launching it); 1 in the interpreter."""
+    key = (device.index, tuple(arg.dtype for arg in args if isinstance(arg, torch.Tensor)), tuple(constexprs.items()))
+    if key not in _PROGRAMS_PER_SM:
+        if not torch.cuda.is_available():
+            return 1
+        kernel = _mlra_decode_kernel.warmup(*args, grid=(1,), **constexprs)
+        kernel._init_handles()  # loads the binary, which reports its registers per thread
+        properties = torch.cuda.get_device_properties(device)
+        warps = constexprs["num_warps"]
+        registers_per_warp = -(-kernel.n_regs * 32 // 256) * 256  # allocated in units of 256
+        _PROGRAMS_PER_SM[key] = max(1, min(
+            65536 // (registers_per_warp * warps),
+            properties.shared_memory_per_multiprocessor // (kernel.metadata.shared + 1024),  # 1 KB reserved each
+            properties.max_threads_per_multi_processor // (32 * warps),
+        ))
+    return _PROGRAMS_PER_SM[key]
 
 
 if triton is not None:
 
     @triton.jit
-    def _branch_step(
-        q, cache_ptrs, scale_ptrs, token_ok, d_ok, rope_scores, allowed, scale_log2, m_i, l_i, acc,
-        IS_FP8: tl.constexpr, PRECISION: tl.constexpr,
+    def _e4m3_to(raw, dtype: tl.constexpr):
+        """e4m3 bytes (uint8) -> their values in `dtype`, exactly. For bf16 the default conversion runs through the
+        quarter-rate conversion unit, one instruction per value (cvt.rn.bf16.f16); here e4m3 -> fp16 pairs -> fp32 ->
+        bf16 pairs take two full-rate instructions per value."""
+        if dtype == tl.bfloat16:
+            return tl.inline_asm_elementwise(
+                """{
+                .reg .b16 lo, hi;
+                .reg .b32 h01, h23;
+                .reg .f16 x0, x1, x2, x3;
+                .reg .f32 f0, f1, f2, f3;
+                mov.b32 {lo, hi}, $2;
+                cvt.rn.f16x2.e4m3x2 h01, lo;
+                cvt.rn.f16x2.e4m3x2 h23, hi;
+                mov.b32 {x0, x1}, h01;
+                mov.b32 {x2, x3}, h23;
+                cvt.f32.f16 f0, x0;
+                cvt.f32.f16 f1, x1;
+                cvt.f32.f16 f2, x2;
+                cvt.f32.f16 f3, x3;
+                cvt.rn.bf16x2.f32 $0, f1, f0;
+                cvt.rn.bf16x2.f32 $1, f3, f2;
+                }""",
+                "=r,=r,r", [raw], dtype=tl.bfloat16, is_pure=True, pack=4,
+            )
+        return raw.to(tl.float8e4nv, bitcast=True).to(dtype)
+
+    @triton.jit
+    def _token_block(
+        token_start, end, query_slot, q, q_rope, block_cache, block_scales, rope_key_ptr, key_mask_row, d, r,
+        stride_cs, stride_ss, stride_ks, scale_log2, m_i, l_i, acc, scale_ref,
+        MASKED: tl.constexpr, HAS_KEY_MASK: tl.constexpr, IS_FP8: tl.constexpr, PRECISION: tl.constexpr,
+        LATENT_DIM: tl.constexpr, ROPE_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
-        """One branch's online-softmax update over a block of tokens (scores in log2 units). fp8 cache: the e4m3
-        values convert exactly to the query's dtype (bf16 or fp32) and each token's float32 scale multiplies its
-        score and its probability."""
-        latent = tl.load(cache_ptrs, mask=token_ok[:, None] & d_ok[None, :], other=0.0).to(q.dtype)  # [N, D]
+        """The online-softmax update over one block of BLOCK_N tokens (scores in log2 units).
+
+        MASKED: the block may hold tokens past the split's end or later than a new token's slot (the causal rule).
+        Blocks of tokens before the first new token are visible to every query row: they skip those comparisons, and
+        their loads are unpredicated.
+
+        fp8 cache: the e4m3 values convert exactly to q's dtype (`_e4m3_to`) and each token's float32 scale multiplies
+        its score. The probabilities times the scales enter the second dot divided by `scale_ref`, the largest scale
+        seen so far, so that they are at most 1 (inside fp16's range too); the accumulator is kept in units of
+        scale_ref and rescaled when it grows."""
+        tokens = token_start + tl.arange(0, BLOCK_N)
+        token_ok = tokens < end
+        d_ok = d < LATENT_DIM
+        r_ok = r < ROPE_DIM
+        allowed = None
+        if MASKED:
+            allowed = token_ok[None, :] & (tokens[None, :] <= query_slot[:, None])
+            if HAS_KEY_MASK:
+                key_valid = tl.load(key_mask_row + tokens, mask=token_ok, other=0) != 0
+                allowed = allowed & (key_valid[None, :] | (tokens[None, :] == query_slot[:, None]))
+            latent_mask = token_ok[:, None] & d_ok[None, :]
+            rope_mask = token_ok[:, None] & r_ok[None, :]
+        else:
+            if HAS_KEY_MASK:
+                allowed = (tl.load(key_mask_row + tokens) != 0)[None, :]
+            latent_mask = d_ok[None, :]
+            rope_mask = r_ok[None, :]
+        tokens64 = tokens.to(tl.int64)
+        rope_key = tl.load(rope_key_ptr + tokens64[:, None] * stride_ks + r[None, :], mask=rope_mask, other=0.0)
+        latent_ptrs = block_cache + tokens64[:, None] * stride_cs + d[None, :]
+        if IS_FP8:
+            latent = _e4m3_to(tl.load(latent_ptrs, mask=latent_mask, other=0), q.dtype)
+        else:
+            latent = tl.load(latent_ptrs, mask=latent_mask, other=0.0)  # [N, D]
         scores = tl.dot(q, tl.trans(latent), input_precision=PRECISION)
         if IS_FP8:
-            scales = tl.load(scale_ptrs, mask=token_ok, other=0.0)
+            if MASKED:
+                scales = tl.load(block_scales + tokens64 * stride_ss, mask=token_ok, other=0.0)
+            else:
+                scales = tl.load(block_scales + tokens64 * stride_ss)
             scores = scores * scales[None, :]
-        scores = (scores + rope_scores) * scale_log2
-        scores = tl.where(allowed, scores, float("-inf"))
+        scores = tl.dot(q_rope, tl.trans(rope_key), scores, input_precision=PRECISION) * scale_log2
+        if MASKED or HAS_KEY_MASK:
+            scores = tl.where(allowed, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(scores - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if IS_FP8:
-            p = p * scales[None, :]
+            new_ref = tl.maximum(scale_ref, tl.max(scales, 0))
+            alpha = alpha * (scale_ref / new_ref)
+            p = p * (scales / new_ref)[None, :]
+            scale_ref = new_ref
         acc = acc * alpha[:, None] + tl.dot(p.to(latent.dtype), latent, input_precision=PRECISION)
-        return m_new, l_i, acc
+        return m_new, l_i, acc, scale_ref
 
-    @triton.jit
-    def _store_branch(out_ptr, lse_ptr, acc, m_i, l_i, out_offsets, lse_offsets, row_ok, d_ok, FINAL: tl.constexpr):
-        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-        out = acc / l_safe[:, None]
-        if FINAL:
-            tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-        else:
-            tl.store(out_ptr + out_offsets, out, mask=row_ok[:, None] & d_ok[None, :])
-            lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
-            tl.store(lse_ptr + lse_offsets, lse, mask=row_ok)
-
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_splits"])  # one compiled kernel for every split count
     def _mlra_decode_kernel(
         q_ptr, q_rope_ptr, cache_ptr, scale_ptr, rope_key_ptr, seq_lens_ptr, key_mask_ptr, row_starts_ptr, out_ptr,
         lse_ptr,
@@ -192,22 +260,23 @@ if triton is not None:
         stride_mn,
         stride_on, stride_os, stride_ot, stride_ob, stride_oh,
         stride_ln, stride_ls, stride_lt, stride_lb,
-        scale_log2, num_new_tokens, heads_per_group, latent_block_dim, rope_dim, rope_offset, scales_offset, num_splits,
-        NUM_GROUPS: tl.constexpr, BRANCH_PARTS: tl.constexpr, BRANCHES_PER_PROGRAM: tl.constexpr,
-        HEAD_TILES: tl.constexpr, SPLIT: tl.constexpr,
+        scale_log2, num_new_tokens, heads_per_group, rope_offset, scales_offset, num_splits,
+        NUM_GROUPS: tl.constexpr, NUM_BLOCKS: tl.constexpr, HEAD_TILES: tl.constexpr, SPLIT: tl.constexpr,
+        LATENT_DIM: tl.constexpr, ROPE_DIM: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_ROW_STARTS: tl.constexpr,
-        IS_FP8: tl.constexpr,
-        PRECISION: tl.constexpr,
+        IS_FP8: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        # program -> (batch row, head group, part of the branches, tile of heads), head tiles adjacent so that
-        # programs re-reading the same tokens for other heads run together and hit L2
+        # program -> (batch row, latent block, tile of heads), head tiles adjacent so that programs re-reading the same
+        # tokens for other heads run together and hit L2. Latent block l = b * G + g is read by branch b of the heads
+        # of group g (MLRAConfig.latent_block).
         program = tl.program_id(0)
         split = tl.program_id(1)
         head_tile = program % HEAD_TILES
-        branch0 = (program // HEAD_TILES) % BRANCH_PARTS * BRANCHES_PER_PROGRAM
-        group = (program // (HEAD_TILES * BRANCH_PARTS)) % NUM_GROUPS
-        row = (program // (HEAD_TILES * BRANCH_PARTS * NUM_GROUPS)).to(tl.int64)
+        block = (program // HEAD_TILES) % NUM_BLOCKS
+        branch = block // NUM_GROUPS
+        group = block % NUM_GROUPS
+        row = (program // (HEAD_TILES * NUM_BLOCKS)).to(tl.int64)
 
         # query rows: m = local head * BLOCK_T + new token
         rows = tl.arange(0, BLOCK_M)
@@ -216,44 +285,29 @@ if triton is not None:
         row_ok = (rows < BLOCK_H * BLOCK_T) & (local_head < heads_per_group) & (new_token < num_new_tokens)
         head = group * heads_per_group + local_head
         d = tl.arange(0, BLOCK_D)
-        d_ok = d < latent_block_dim
+        d_ok = d < LATENT_DIM
         r = tl.arange(0, BLOCK_R)
-        r_ok = r < rope_dim
 
         seq_len = tl.load(seq_lens_ptr + row * stride_seq_lens).to(tl.int32)
         query_slot = seq_len - num_new_tokens + new_token  # causal rule among the new tokens
         chunk = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
         start = split * chunk
         end = tl.minimum(start + chunk, seq_len)
+        # whole blocks of tokens before the first new token run unmasked; the rest (at most two blocks) masked
+        unmasked_end = start + tl.maximum(tl.minimum(end, seq_len - num_new_tokens) - start, 0) // BLOCK_N * BLOCK_N
 
-        q_rows = q_ptr + row * stride_qn + new_token * stride_qt + branch0 * stride_qb + head * stride_qh
-        q_mask = row_ok[:, None] & d_ok[None, :]
-        q0 = tl.load(q_rows[:, None] + d[None, :], mask=q_mask, other=0.0)
-        q1 = q0
-        q2 = q0
-        q3 = q0
-        if BRANCHES_PER_PROGRAM > 1:
-            q1 = tl.load(q_rows[:, None] + stride_qb + d[None, :], mask=q_mask, other=0.0)
-        if BRANCHES_PER_PROGRAM > 2:
-            q2 = tl.load(q_rows[:, None] + 2 * stride_qb + d[None, :], mask=q_mask, other=0.0)
-        if BRANCHES_PER_PROGRAM > 3:
-            q3 = tl.load(q_rows[:, None] + 3 * stride_qb + d[None, :], mask=q_mask, other=0.0)
+        q_offsets = row * stride_qn + new_token * stride_qt + branch * stride_qb + head * stride_qh
+        q = tl.load(q_ptr + q_offsets[:, None] + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         q_rope = tl.load(
             q_rope_ptr + row * stride_rn + new_token[:, None] * stride_rt + head[:, None] * stride_rh + r[None, :],
-            mask=row_ok[:, None] & r_ok[None, :],
+            mask=row_ok[:, None] & (r < ROPE_DIM)[None, :],
             other=0.0,
         )
 
-        m0 = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l0 = tl.zeros([BLOCK_M], tl.float32)
-        acc0 = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        m1, l1, acc1 = m0, l0, acc0
-        m2, l2, acc2 = m0, l0, acc0
-        m3, l3, acc3 = m0, l0, acc0
-
-        # branch b of this group reads latent block b * G + group (MLRAConfig.latent_block)
-        first_block = branch0 * NUM_GROUPS + group
-        block_step = NUM_GROUPS * latent_block_dim
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        scale_ref = tl.full([], 1.0e-30, tl.float32)  # fp8: the largest scale so far (any positive start)
         if HAS_ROW_STARTS:  # rows packed along the token axis (continuous batching): row n starts at token row_starts[n]
             first_token = tl.load(row_starts_ptr + row).to(tl.int64)
             row_cache = cache_ptr + first_token * stride_cs
@@ -263,101 +317,140 @@ if triton is not None:
             row_cache = cache_ptr + row * stride_cn
             row_scales = scale_ptr + row * stride_sn
             row_rope_key = rope_key_ptr + row * stride_kn
-        row_scales += scales_offset + first_block
+        block_cache = row_cache + block * LATENT_DIM
+        block_scales = row_scales + scales_offset + block
         row_rope_key += rope_offset
-        for token_start in range(start, end, BLOCK_N):
-            tokens = token_start + tl.arange(0, BLOCK_N)
-            token_ok = tokens < end
-            allowed = token_ok[None, :] & (tokens[None, :] <= query_slot[:, None])
-            if HAS_KEY_MASK:
-                key_valid = tl.load(key_mask_ptr + row * stride_mn + tokens, mask=token_ok, other=0) != 0
-                allowed = allowed & (key_valid[None, :] | (tokens[None, :] == query_slot[:, None]))
-            tokens64 = tokens.to(tl.int64)
-            rope_key = tl.load(
-                row_rope_key + tokens64[:, None] * stride_ks + r[None, :], mask=token_ok[:, None] & r_ok[None, :],
-                other=0.0,
+        key_mask_row = key_mask_ptr + row * stride_mn
+        for token_start in range(start, unmasked_end, BLOCK_N):
+            m_i, l_i, acc, scale_ref = _token_block(
+                token_start, end, query_slot, q, q_rope, block_cache, block_scales, row_rope_key, key_mask_row, d, r,
+                stride_cs, stride_ss, stride_ks, scale_log2, m_i, l_i, acc, scale_ref,
+                False, HAS_KEY_MASK, IS_FP8, PRECISION, LATENT_DIM, ROPE_DIM, BLOCK_N,
             )
-            rope_scores = tl.dot(q_rope, tl.trans(rope_key), input_precision=PRECISION)  # once for all branches
-            block_ptrs = row_cache + tokens64[:, None] * stride_cs + first_block * latent_block_dim + d[None, :]
-            scale_ptrs = row_scales + tokens64 * stride_ss
-            m0, l0, acc0 = _branch_step(
-                q0, block_ptrs, scale_ptrs, token_ok, d_ok, rope_scores, allowed, scale_log2, m0, l0, acc0, IS_FP8,
-                PRECISION,
+        for token_start in tl.range(unmasked_end, end, BLOCK_N, num_stages=1):  # too short to pipeline
+            m_i, l_i, acc, scale_ref = _token_block(
+                token_start, end, query_slot, q, q_rope, block_cache, block_scales, row_rope_key, key_mask_row, d, r,
+                stride_cs, stride_ss, stride_ks, scale_log2, m_i, l_i, acc, scale_ref,
+                True, HAS_KEY_MASK, IS_FP8, PRECISION, LATENT_DIM, ROPE_DIM, BLOCK_N,
             )
-            if BRANCHES_PER_PROGRAM > 1:
-                m1, l1, acc1 = _branch_step(
-                    q1, block_ptrs + block_step, scale_ptrs + NUM_GROUPS, token_ok, d_ok, rope_scores, allowed,
-                    scale_log2, m1, l1, acc1, IS_FP8, PRECISION,
-                )
-            if BRANCHES_PER_PROGRAM > 2:
-                m2, l2, acc2 = _branch_step(
-                    q2, block_ptrs + 2 * block_step, scale_ptrs + 2 * NUM_GROUPS, token_ok, d_ok, rope_scores, allowed,
-                    scale_log2, m2, l2, acc2, IS_FP8, PRECISION,
-                )
-            if BRANCHES_PER_PROGRAM > 3:
-                m3, l3, acc3 = _branch_step(
-                    q3, block_ptrs + 3 * block_step, scale_ptrs + 3 * NUM_GROUPS, token_ok, d_ok, rope_scores, allowed,
-                    scale_log2, m3, l3, acc3, IS_FP8, PRECISION,
-                )
 
-        final = not SPLIT
-        out_offsets = row * stride_on + split * stride_os + new_token[:, None] * stride_ot + branch0 * stride_ob
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        if IS_FP8:
+            out = acc * (scale_ref / l_safe)[:, None]
+        else:
+            out = acc / l_safe[:, None]
+        out_offsets = row * stride_on + split * stride_os + new_token[:, None] * stride_ot + branch * stride_ob
         out_offsets += head[:, None] * stride_oh + d[None, :]
-        lse_offsets = row * stride_ln + split * stride_ls + new_token * stride_lt + branch0 * stride_lb + head
-        _store_branch(out_ptr, lse_ptr, acc0, m0, l0, out_offsets, lse_offsets, row_ok, d_ok, final)
-        if BRANCHES_PER_PROGRAM > 1:
-            _store_branch(
-                out_ptr, lse_ptr, acc1, m1, l1, out_offsets + stride_ob, lse_offsets + stride_lb, row_ok, d_ok, final
-            )
-        if BRANCHES_PER_PROGRAM > 2:
-            _store_branch(
-                out_ptr, lse_ptr, acc2, m2, l2, out_offsets + 2 * stride_ob, lse_offsets + 2 * stride_lb, row_ok,
-                d_ok, final,
-            )
-        if BRANCHES_PER_PROGRAM > 3:
-            _store_branch(
-                out_ptr, lse_ptr, acc3, m3, l3, out_offsets + 3 * stride_ob, lse_offsets + 3 * stride_lb, row_ok,
-                d_ok, final,
-            )
+        out_mask = row_ok[:, None] & d_ok[None, :]
+        if SPLIT:
+            tl.store(out_ptr + out_offsets, out, mask=out_mask)
+            lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
+            lse_offsets = row * stride_ln + split * stride_ls + new_token * stride_lt + branch * stride_lb + head
+            tl.store(lse_ptr + lse_offsets, lse, mask=row_ok)
+        else:
+            tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=out_mask)
 
     @triton.jit
     def _merge_splits_kernel(
-        partial_ptr, lse_ptr, out_ptr, rows_per_batch, latent_block_dim, num_splits,
-        BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+        partial_ptr, lse_ptr, out_ptr, rows_per_batch, num_splits,
+        LATENT_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """One program per (batch row, new token, branch, head): out = sum_s w_s partial_s / sum_s w_s with
-        w_s = 2^(lse_s - max lse). Partials [bsz, splits, rows_per_batch, d_l] fp32, lse [bsz, splits, rows]."""
+        """Program (batch row and query row, slice of BLOCK_D latent columns): out = sum_s w_s partial_s / sum_s w_s
+        with w_s = 2^(lse_s - max lse), in one pass over BLOCK_S splits at a time (all of them for up to BLOCK_S
+        splits: one round trip to memory). Partials [bsz, splits, rows_per_batch, d_l] fp32, lse [bsz, splits, rows]."""
         program = tl.program_id(0)
         batch_row = program // rows_per_batch
         inner = program % rows_per_batch
-        d = tl.arange(0, BLOCK_D)
-        d_ok = d < latent_block_dim
-        top = tl.full([BLOCK_S], float("-inf"), tl.float32)
-        for s0 in range(0, num_splits, BLOCK_S):
-            s = s0 + tl.arange(0, BLOCK_S)
-            lse = tl.load(lse_ptr + (batch_row * num_splits + s) * rows_per_batch + inner, mask=s < num_splits,
-                          other=float("-inf"))
-            top = tl.maximum(top, lse)
-        top_all = tl.max(top, 0)
-        top_all = tl.where(top_all == float("-inf"), 0.0, top_all)
-        total = tl.zeros([BLOCK_S], tl.float32)
-        acc = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_ok = d < LATENT_DIM
+        top = tl.full([], float("-inf"), tl.float32)
+        total = tl.zeros([], tl.float32)
+        acc = tl.zeros([BLOCK_D], tl.float32)
         for s0 in range(0, num_splits, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
             split_rows = (batch_row * num_splits + s) * rows_per_batch + inner
             lse = tl.load(lse_ptr + split_rows, mask=s < num_splits, other=float("-inf"))
-            weights = tl.exp2(lse - top_all)
             partial = tl.load(
-                partial_ptr + split_rows.to(tl.int64)[:, None] * latent_block_dim + d[None, :],
+                partial_ptr + split_rows.to(tl.int64)[:, None] * LATENT_DIM + d[None, :],
                 mask=(s < num_splits)[:, None] & d_ok[None, :],
                 other=0.0,
             )
-            total += weights
-            acc += partial * weights[:, None]
-        denominator = tl.sum(total, 0)
-        denominator = tl.where(denominator == 0.0, 1.0, denominator)
-        out = tl.sum(acc, 0) / denominator
-        tl.store(out_ptr + program.to(tl.int64) * latent_block_dim + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+            new_top = tl.maximum(top, tl.max(lse, 0))
+            safe_top = tl.where(new_top == float("-inf"), 0.0, new_top)
+            rescale = tl.exp2(top - safe_top)
+            weights = tl.exp2(lse - safe_top)
+            acc = acc * rescale + tl.sum(partial * weights[:, None], 0)
+            total = total * rescale + tl.sum(weights, 0)
+            top = new_top
+        out = acc / tl.where(total == 0.0, 1.0, total)
+        tl.store(out_ptr + program.to(tl.int64) * LATENT_DIM + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+
+def launch_plan(
+    q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_groups, scaling, num_splits=0, choices=None, row_starts=None
+) -> dict:
+    """What `_decode_attention` launches for these inputs: `launch_config`'s tiles, num_splits and programs_per_sm,
+    the kernel's compile-time arguments (`constexprs`) and its run-time ones for given partial results
+    (`kernel_args(partial, lse, partial_strides, lse_strides, num_splits)`)."""
+    bsz, num_new_tokens, num_branches, num_heads, latent_block_dim = q_absorbed.shape
+    rope_dim = q_rope.shape[-1]
+    heads_per_group = num_heads // num_groups
+    num_blocks = num_branches * num_groups
+    device = kv_cache.device
+    choices = choices or {}
+    is_fp8 = kv_cache.dtype == torch.uint8
+    # packed rows (continuous batching) hold a different number of tokens at every step: rounded, so that the cached
+    # launch configs stay few
+    capacity = kv_cache.shape[1] if row_starts is None else triton.next_power_of_2(kv_cache.shape[1])
+    config = launch_config(
+        bsz, num_groups, heads_per_group, num_branches, latent_block_dim, rope_dim, num_new_tokens, capacity,
+        kv_cache.shape[2] * kv_cache.element_size(), is_fp8, operand_bytes=q_absorbed.element_size(), **choices,
+    )
+    if is_fp8:  # packed rows of the fp8 cache (`fp8_cache_layout`): the bytes, read as e4m3, float32 and the rope dtype
+        layout = fp8_cache_layout(num_blocks, latent_block_dim, rope_dim, q_rope.dtype)
+        if kv_cache.shape[-1] != layout.row_bytes:
+            raise ValueError(
+                f"fp8 latent cache rows of {kv_cache.shape[-1]} bytes, expected {layout.row_bytes} for {num_blocks} "
+                f"blocks of {latent_block_dim}, rope {rope_dim} in {q_rope.dtype}"
+            )
+        latent, scales, rope_key = kv_cache, kv_cache.view(torch.float32), kv_cache.view(q_rope.dtype)
+        scales_offset, rope_offset = layout.scales_offset // 4, layout.rope_offset // q_rope.element_size()
+    else:
+        latent = scales = rope_key = kv_cache
+        scales_offset, rope_offset = 0, num_blocks * latent_block_dim
+    has_key_mask = key_mask is not None
+    has_row_starts = row_starts is not None
+    constexprs = dict(
+        NUM_GROUPS=num_groups, NUM_BLOCKS=num_blocks, HEAD_TILES=config["head_tiles"], LATENT_DIM=latent_block_dim,
+        ROPE_DIM=rope_dim, BLOCK_H=config["BLOCK_H"], BLOCK_T=config["BLOCK_T"], BLOCK_M=config["BLOCK_M"],
+        BLOCK_N=config["BLOCK_N"], BLOCK_D=config["BLOCK_D"], BLOCK_R=max(16, triton.next_power_of_2(rope_dim)),
+        HAS_KEY_MASK=has_key_mask, HAS_ROW_STARTS=has_row_starts, IS_FP8=is_fp8,
+        PRECISION="ieee" if q_absorbed.dtype == torch.float32 else "tf32",
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+
+    def kernel_args(partial, lse, partial_strides, lse_strides, num_splits):
+        return [
+            q_absorbed, q_rope, latent, scales, rope_key, seq_lens, key_mask if has_key_mask else seq_lens,
+            row_starts if has_row_starts else seq_lens, partial, lse,
+            seq_lens.stride(0), *q_absorbed.stride()[:4], *q_rope.stride()[:3],
+            *latent.stride()[:2], *scales.stride()[:2], *rope_key.stride()[:2], key_mask.stride(0) if has_key_mask else 0,
+            *partial_strides, *lse_strides,
+            scaling * math.log2(math.e), num_new_tokens, heads_per_group, rope_offset, scales_offset, num_splits,
+        ]
+
+    per_sm = None
+    num_splits = num_splits or choices.get("num_splits")
+    if not num_splits:  # fill the multiprocessors once
+        lse_shape = (bsz, 16, num_new_tokens, num_branches, num_heads)  # strides like those of split results
+        per_sm = choices.get("programs_per_sm") or _programs_per_sm(
+            device,
+            kernel_args(torch.float32, torch.float32, _strides(lse_shape + (latent_block_dim,))[:5],
+                        _strides(lse_shape)[:4], 2),
+            {**constexprs, "SPLIT": True},
+        )
+        num_splits = max(1, min(per_sm * _num_sms(device.index or 0) // config["programs"], config["max_splits"]))
+    return dict(config, num_splits=num_splits, programs_per_sm=per_sm, constexprs=constexprs, kernel_args=kernel_args)
 
 
 def _decode_attention(
@@ -365,34 +458,9 @@ def _decode_attention(
 ):
     """The two launches (split attention, merge); `choices` overrides launch-config defaults (benchmark sweeps)."""
     bsz, num_new_tokens, num_branches, num_heads, latent_block_dim = q_absorbed.shape
-    rope_dim = q_rope.shape[-1]
-    heads_per_group = num_heads // num_groups
-    num_blocks = num_branches * num_groups
-    device = kv_cache.device
-    choices = {**(choices or {}), **({"num_splits": num_splits} if num_splits else {})}
-    # packed rows (continuous batching) hold a different number of tokens at every step: rounded, so that the cached
-    # launch configs stay few
-    capacity = kv_cache.shape[1] if row_starts is None else triton.next_power_of_2(kv_cache.shape[1])
-    config = launch_config(
-        bsz, num_groups, heads_per_group, num_branches, latent_block_dim, rope_dim, num_new_tokens,
-        capacity, kv_cache.shape[2] * kv_cache.element_size(), _num_sms(device.index or 0),
-        operand_bytes=q_absorbed.element_size(), **choices,
-    )
-    num_splits = config["num_splits"]
-    branches_per_program = config["BRANCHES_PER_PROGRAM"]
-    is_fp8 = kv_cache.dtype == torch.uint8
-    if is_fp8:  # packed rows of the fp8 cache (`fp8_cache_layout`): three views of the same bytes
-        layout = fp8_cache_layout(num_blocks, latent_block_dim, rope_dim, q_rope.dtype)
-        if kv_cache.shape[-1] != layout.row_bytes:
-            raise ValueError(
-                f"fp8 latent cache rows of {kv_cache.shape[-1]} bytes, expected {layout.row_bytes} for {num_blocks} "
-                f"blocks of {latent_block_dim}, rope {rope_dim} in {q_rope.dtype}"
-            )
-        latent, scales, rope_key = (kv_cache.view(dtype) for dtype in (torch.float8_e4m3fn, torch.float32, q_rope.dtype))
-        scales_offset, rope_offset = layout.scales_offset // 4, layout.rope_offset // q_rope.element_size()
-    else:
-        latent = scales = rope_key = kv_cache
-        scales_offset, rope_offset = 0, num_blocks * latent_block_dim
+    plan = launch_plan(q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_groups, scaling, num_splits, choices,
+                       row_starts)
+    num_splits = plan["num_splits"]
     out = q_absorbed.new_empty(q_absorbed.shape)
     if num_splits == 1:
         partial, lse = out, out  # written directly, normalized; lse unused
@@ -405,35 +473,18 @@ def _decode_attention(
         lse = q_absorbed.new_empty((bsz, num_splits, num_new_tokens, num_branches, num_heads), dtype=torch.float32)
         partial_strides = partial.stride()[:5]
         lse_strides = lse.stride()[:4]
-    has_key_mask = key_mask is not None
-    has_row_starts = row_starts is not None
-    branch_parts = num_branches // branches_per_program
-    grid = (bsz * num_groups * branch_parts * config["head_tiles"], num_splits)
-    _mlra_decode_kernel[grid](
-        q_absorbed, q_rope, latent, scales, rope_key, seq_lens, key_mask if has_key_mask else seq_lens,
-        row_starts if has_row_starts else seq_lens, partial, lse,
-        seq_lens.stride(0), *q_absorbed.stride()[:4],
-        *q_rope.stride()[:3],
-        *latent.stride()[:2], *scales.stride()[:2], *rope_key.stride()[:2],
-        key_mask.stride(0) if has_key_mask else 0,
-        *partial_strides,
-        *lse_strides,
-        scaling * math.log2(math.e), num_new_tokens, heads_per_group, latent_block_dim, rope_dim, rope_offset,
-        scales_offset, num_splits,
-        NUM_GROUPS=num_groups, BRANCH_PARTS=branch_parts, BRANCHES_PER_PROGRAM=branches_per_program,
-        HEAD_TILES=config["head_tiles"], SPLIT=num_splits > 1,
-        BLOCK_H=config["BLOCK_H"], BLOCK_T=config["BLOCK_T"], BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
-        BLOCK_D=config["BLOCK_D"], BLOCK_R=max(16, triton.next_power_of_2(rope_dim)), HAS_KEY_MASK=has_key_mask,
-        HAS_ROW_STARTS=has_row_starts, IS_FP8=is_fp8,
-        PRECISION="ieee" if q_absorbed.dtype == torch.float32 else "tf32",
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    _mlra_decode_kernel[(plan["programs"], num_splits)](
+        *plan["kernel_args"](partial, lse, partial_strides, lse_strides, num_splits), SPLIT=num_splits > 1,
+        **plan["constexprs"],
     )
     if num_splits > 1:
         rows_per_batch = num_new_tokens * num_branches * num_heads
-        _merge_splits_kernel[(bsz * rows_per_batch,)](
-            partial, lse, out, rows_per_batch, latent_block_dim, num_splits,
-            BLOCK_S=16,
-            BLOCK_D=config["BLOCK_D"], num_warps=4,
+        # every split in one load (up to 512 of them), 64 values per thread: narrower column slices for more splits
+        block_s = min(triton.next_power_of_2(num_splits), 512)
+        block_d = min(plan["BLOCK_D"], max(16, 8192 // block_s))
+        _merge_splits_kernel[(bsz * rows_per_batch, triton.cdiv(latent_block_dim, block_d))](
+            partial, lse, out, rows_per_batch, num_splits,
+            LATENT_DIM=latent_block_dim, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4,
         )
     return out
 
