@@ -128,8 +128,9 @@ def main():
     parser.add_argument("--choices", nargs="*", default=[],
                         help="also compile these launch choices, e.g. num_stages=4,BLOCK_N=32 (launch_config)")
     parser.add_argument("--shapes", nargs="*", help="only the shapes whose name contains one of these")
+    parser.add_argument("--skip-defaults", action="store_true", help="only the --choices, not the default launches")
     options = parser.parse_args()
-    variants = [None] + [
+    variants = ([] if options.skip_defaults else [None]) + [
         {key: int(value) for key, value in (item.split("=") for item in text.split(","))} for text in options.choices
     ]
     if options.sass:

@@ -1,15 +1,41 @@
 #!/bin/bash
-# One H200 call (the `run` tool) for the decode kernel: its GPU tests (bf16 included) and the kernel table (bf16 and
-# fp8 caches, the copy rate in the same run; extra arguments go to decode_kernel.py, e.g. --sweep). Files under $OUT.
-#   bash benchmarks/device_run_decode_kernel.sh --sweep
+# One H200 call (the `run` tool) for the decode kernel. Triton's cache is filled with the benchmark's launches first, in
+# parallel processes (compile_decode_kernel.py compiles exactly what a launch compiles), beside the kernel's GPU tests
+# (bf16 included; pytest-xdist if its wheels are carried in .whl/); then the table, --quick --sweep unless other
+# arguments are given (they go to decode_kernel.py). Files under $OUT.
+#   bash benchmarks/device_run_decode_kernel.sh [--sweep ...]
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/decode_kernel_out}
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem,memory.total --format=csv | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+workers=""
+if ls .whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --target /tmp/site .whl/*.whl; then
+  export PYTHONPATH=/tmp/site
+  workers="-n 8"
+fi
 start=$SECONDS
-timeout 240 python3 -m pytest tests/test_decode_kernel.py -q -p no:cacheprovider -x >"$OUT/pytest_decode_kernel.log" 2>&1
-echo "pytest rc=$? in $((SECONDS - start)) s"; tail -4 "$OUT/pytest_decode_kernel.log"
+compile() { python3 benchmarks/compile_decode_kernel.py "$@" 2>&1 | grep "^|"; }
+{
+  for shapes in share layer MLA; do compile --shapes "$shapes" & done
+  for choice in num_stages=2 num_stages=4 BLOCK_N=128,num_stages=2 BLOCK_N=32,num_stages=4 MIN_ROWS=64; do
+    compile --shapes share layer --skip-defaults --choices "$choice" &
+  done
+  for choice in BLOCK_N=64,num_stages=2 BLOCK_N=32,num_stages=3 BLOCK_N=32,num_stages=2 BLOCK_N=16,num_stages=4; do
+    compile --shapes MLA --skip-defaults --choices "$choice" &
+  done
+  wait
+} >"$OUT/compile_decode_kernel.md" &
+compiling=$!
+timeout 100 python3 -m pytest tests/test_decode_kernel.py tests/test_fp8_cache.py tests/test_continuous_batching.py \
+  -q -p no:cacheprovider $workers >"$OUT/pytest_decode_kernel.log" 2>&1
+echo "pytest rc=$? in $((SECONDS - start)) s"; tail -3 "$OUT/pytest_decode_kernel.log"
+wait $compiling
+echo "compiled in $((SECONDS - start)) s"
 start=$SECONDS
-timeout 360 python3 benchmarks/decode_kernel.py "$@" --out "$OUT/decode_kernel_h200" 2>&1 | tee "$OUT/decode_kernel_h200.log" | grep -v "^{"
+arguments=("$@")
+[ ${#arguments[@]} -eq 0 ] && arguments=(--quick --sweep)
+timeout 150 python3 benchmarks/decode_kernel.py "${arguments[@]}" --out "$OUT/decode_kernel_h200" 2>&1 \
+  | tee "$OUT/decode_kernel_h200.log" | grep -v "^{"
 echo "benchmark rc=$? in $((SECONDS - start)) s"
