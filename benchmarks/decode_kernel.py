@@ -13,9 +13,7 @@ overhead included) is a column of its own. Bandwidth = cache bytes read / kernel
 timed in the same run. Also timed: the model's whole absorbed attention (W_UK and W_UV included) through the kernel
 and, up to 512K cached tokens, through the PyTorch path; for (c) one launch per latent block on per-block caches
 [block | rope key] (the authors' structure). The kernel's two launches are timed apart (the split attention and the
-merge of the splits, torch.profiler). --sweep, at a few large shapes: other launch choices, and the same launch on a
-cache whose every token is the first one (token stride 0: every read hits L2), the time the multiprocessors need
-when DRAM is out of the way.
+merge of the splits, torch.profiler). --sweep times other launch choices at a few large shapes.
 """
 
 import argparse
@@ -156,9 +154,6 @@ def run_case(case, bsz, context, fp8, copy_gbs, device, dtype, module=None, per_
                 us, splits = error_text(error), None
             row["sweep"].append(dict(choices, us=us, splits=splits))
             print("  sweep", name, row["cache"], bsz, context, row["sweep"][-1], flush=True)
-        first_token_only = cache[:, :1].expand(cache.shape)  # token stride 0: every read hits L2
-        row["l2_resident_us"] = time_ms(lambda: mlra_decode_attention(
-            q_absorbed, q_rope, first_token_only, seq_lens, None, groups, scaling), device) * 1e3
     ms = time_ms(kernel, device)
     row["kernel_us"] = ms * 1e3
     if device.type == "cuda":
@@ -299,10 +294,7 @@ def report_markdown(meta, rows) -> str:
                 f"{s['us'] if isinstance(s['us'], str) else fmt(s['us'], '.1f')} ({s['splits']})"
                 for s in r["sweep"]
             )
-            lines.append(
-                f"- {r['case']} {r['cache']} {r['batch']}x{r['context'] // K}K (default {r['kernel_us']:.1f}; every "
-                f"token the first one, reads from L2: {fmt(r.get('l2_resident_us'), '.1f')}): {cells}"
-            )
+            lines.append(f"- {r['case']} {r['cache']} {r['batch']}x{r['context'] // K}K (default {r['kernel_us']:.1f}): {cells}")
     return "\n".join(lines) + "\n"
 
 

@@ -97,13 +97,17 @@ def launch_config(
     overrides a default (benchmark sweeps): num_warps, num_stages, BLOCK_N, MIN_ROWS (query rows padded up to this; 64
     lets Hopper's wgmma run the dots), num_splits, programs_per_sm.
 
-    One program runs one latent block (one softmax branch of one head group) for a tile of heads, 64 tokens at a
-    time: 4 warps for latent blocks up to 128 wide, so that several programs share a multiprocessor; 8 warps for
-    wider ones (MLA's 512: all 64 heads in one program, so the cache is read once, and the dots on wgmma), 2 stages so
-    that the tiles fit shared memory (from an fp8 cache 32-token blocks and 3 stages: with 64 its converted tiles
-    spill registers). `_decode_attention` then splits the sequence so that the programs fill the
-    multiprocessors once, as many per multiprocessor as fit by registers and shared memory (`_programs_per_sm`),
-    and at most `max_splits`: each split reads several times more cache bytes than it writes partial results.
+    One program runs one latent block (one softmax branch of one head group) for a tile of heads. Defaults from the
+    H200 sweep (benchmarks/results/decode_kernel_h200_quick.md): 64-token blocks; 4 warps for latent blocks up to 128
+    wide, so that several programs share a multiprocessor, with 16-bit query rows padded to 64 so that the dots run on
+    wgmma (the 2.9B layer's 24 heads: 208 us at 16 x 32K against 228 us on 32-row mma.sync, although the padding
+    multiplies the dots' work by 2.7); 8 warps for wider ones (MLA's 512: all 64 heads in one program, so the cache
+    is read once), 2 stages so that the tiles fit shared memory. From the fp8 cache: 128-token blocks in 2 stages for
+    blocks up to 128 wide (the per-block conversion work amortized: 140 us at 1M for the share against 158), 32-token
+    blocks in 3 stages for wider ones (64 spill registers: 822 us against 427 for MLA at 512K). `_decode_attention`
+    then splits the sequence so that the programs fill the multiprocessors once, as many per multiprocessor as fit by
+    registers and shared memory (`_programs_per_sm`), and at most `max_splits`: each split reads several times more
+    cache bytes than it writes partial results.
     """
     block_d = max(16, triton.next_power_of_2(latent_block_dim))
     block_t = triton.next_power_of_2(num_new_tokens)
@@ -115,16 +119,18 @@ def launch_config(
         # published layer spilled 20 KB per thread and took 70 s to compile, 32 rows 9 KB and 12 s
         max_rows = min(max_rows, 32)
     block_h = min(heads, max(1, max_rows // block_t))
-    block_m = max(choices.get("MIN_ROWS", 16), block_h * block_t)
+    block_m = max(choices.get("MIN_ROWS", 64 if operand_bytes == 2 else 16), block_h * block_t)
     head_tiles = triton.cdiv(heads_per_group, block_h)
     partial_bytes = num_new_tokens * num_branches * num_groups * heads_per_group * latent_block_dim * 4
     min_tokens = max(256, 4 * partial_bytes // token_bytes)
-    wide_fp8 = fp8 and block_d > 128
+    block_n, num_stages = (64, 3) if block_d <= 128 else (64, 2)
+    if fp8:
+        block_n, num_stages = (128, 2) if block_d <= 128 else (32, 3)
     return dict(
-        BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_M=block_m, BLOCK_D=block_d,
-        BLOCK_N=choices.get("BLOCK_N", 32 if wide_fp8 else 64), head_tiles=head_tiles,
-        programs=bsz * num_branches * num_groups * head_tiles, max_splits=min(triton.cdiv(capacity, min_tokens), 512),
-        num_warps=num_warps, num_stages=choices.get("num_stages", 3 if block_d <= 128 or wide_fp8 else 2),
+        BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=choices.get("BLOCK_N", block_n),
+        head_tiles=head_tiles, programs=bsz * num_branches * num_groups * head_tiles,
+        max_splits=min(triton.cdiv(capacity, min_tokens), 512), num_warps=num_warps,
+        num_stages=choices.get("num_stages", num_stages),
     )
 
 

@@ -77,6 +77,7 @@ def test_sampling_with_top_k_one_is_greedy_and_sampling_stays_in_the_vocabulary(
         assert all(0 <= token < model.config.vocab_size for token in result.generated_tokens)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="Triton's interpreter is on only where there is no GPU (conftest)")
 @pytest.mark.parametrize("member", ["mla", "mlra_2"])
 def test_decode_kernel_runs_one_row_per_sequence_of_the_packed_batch(member, monkeypatch):
     """decode_kernel="triton" (Triton's interpreter on the CPU): sequences with few new tokens run as rows of the fused
