@@ -117,13 +117,16 @@ class RowParallelLinear(nn.Linear):
         super().__init__(weight.shape[1], weight.shape[0], bias=False, device="meta", dtype=weight.dtype)
         self.weight = nn.Parameter(weight)
         self.group = group
-        self.group_size = dist.get_world_size(group)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        output = F.linear(hidden_states, self.weight)
-        if self.group_size == 1:  # the sum over one rank: TP 1 runs the unsplit model's step, not 2 no-op launches
-            return output
-        return funcol.all_reduce(output, "sum", self.group)
+        return funcol.all_reduce(F.linear(hidden_states, self.weight), "sum", self.group)
+
+
+def row_parallel_linear(weight: torch.Tensor, group) -> nn.Linear:
+    """A `RowParallelLinear` over `group`; for a group of one rank (the sum over one share is the share) a plain
+    `nn.Linear`, so that TP 1 runs exactly the unsplit model's step, its decode GEMV included (which reads plain
+    `nn.Linear` modules only), not a cuBLAS GEMV and a no-op collective."""
+    return _linear(weight) if dist.get_world_size(group) == 1 else RowParallelLinear(weight, group)
 
 
 class HeldBlocksSharedNorm(nn.Module):
@@ -156,13 +159,14 @@ def _head_rows(weight: torch.Tensor, heads: list[int], num_heads: int) -> torch.
     return weight.unflatten(0, (num_heads, -1))[heads].flatten(0, 1)
 
 
-def shard_attention(attention: nn.Module, shard: LatentShard, group) -> nn.Module:
-    """This rank's attention: an attention of the same class (MLRAAttention) over the shard's local structure,
-    holding slices of `attention`."""
+def shard_attention(attention: nn.Module, shard: LatentShard, group, local_config: MLRAConfig) -> nn.Module:
+    """This rank's attention: an attention of the same class (MLRAAttention) over the shard's local structure
+    (`local_config`, `shard.local_config()`, one object for every layer as in the unsplit model), holding slices of
+    `attention`."""
     config, h = shard.config, shard.config.num_attention_heads
     heads, d_r = shard.heads, config.qk_rope_head_dim
     with torch.device("meta"):
-        local = type(attention)(shard.local_config(), attention.layer_idx)
+        local = type(attention)(local_config, attention.layer_idx)
     if config.q_lora_rank is None:
         local.q_proj = _linear(_head_rows(attention.q_proj.weight, heads, h))
     else:
@@ -186,7 +190,7 @@ def shard_attention(attention: nn.Module, shard: LatentShard, group) -> nn.Modul
     if config.attention_output_gate:
         local.o_gate_proj = _linear(_head_rows(attention.o_gate_proj.weight, heads, h))
     o_columns = _head_rows(attention.o_proj.weight.t(), heads, h).t().contiguous()
-    local.o_proj = RowParallelLinear(o_columns, group)
+    local.o_proj = row_parallel_linear(o_columns, group)
     unset = [name for name, tensor in [*local.named_parameters(), *local.named_buffers()] if tensor.is_meta]
     if unset:
         raise RuntimeError(f"tensor-parallel sharding left attention tensors {unset} unset")
@@ -199,7 +203,7 @@ def shard_mlp(mlp: nn.Module, rank: int, size: int, group) -> nn.Module:
     rows = range(rank * width, (rank + 1) * width)
     mlp.gate_proj = _linear(_rows(mlp.gate_proj.weight, rows))
     mlp.up_proj = _linear(_rows(mlp.up_proj.weight, rows))
-    mlp.down_proj = RowParallelLinear(_rows(mlp.down_proj.weight.t(), rows).t().contiguous(), group)
+    mlp.down_proj = row_parallel_linear(_rows(mlp.down_proj.weight.t(), rows).t().contiguous(), group)
     return mlp
 
 
@@ -243,8 +247,9 @@ def shard_model(model, group=None, device: torch.device | str | None = None):
     if device is None:
         device = _default_device(group)
     decoder = model.model if hasattr(model, "model") else model
+    local_config = shard.local_config()
     for layer in decoder.layers:
-        layer.self_attn = shard_attention(layer.self_attn, shard, group)
+        layer.self_attn = shard_attention(layer.self_attn, shard, group, local_config)
         layer.mlp = shard_mlp(layer.mlp, rank, size, group)
     model.to(device)
     model.tensor_parallel = TensorParallelState(shard, group, torch.device(device))

@@ -7,12 +7,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REFERENCE_DIR, tiny_model
+import torch
+import torch.distributed as dist
+from conftest import REFERENCE_DIR, MLRACache, cache_kwargs, tiny_model
 from tp_worker import run_world
 
-from modeling_mlra import MLRAConfig, MLRAForCausalLM
+from modeling_mlra import MLRAConfig, MLRAForCausalLM, decode_gemv
 from modeling_mlra.cli import main
-from modeling_mlra.tensor_parallel import LatentShard
+from modeling_mlra.decode_gemv import triton_available
+from modeling_mlra.tensor_parallel import LatentShard, shard_model
 
 BASE_MEMBERS = ("mlra_4", "mlra_2", "gla_4", "gla_2", "mla")
 # degrees at which each member is tested (GLA-2 at 4: two ranks share each latent block and split its heads)
@@ -237,3 +240,32 @@ def test_mlra_generate_under_torchrun_splits_the_model_and_only_rank_0_prints(ca
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("tokens/s on cpu") == 1
     assert result.stdout.rpartition("\n[")[0] == single_process_text
+
+
+@pytest.fixture
+def one_rank_group():
+    """A gloo group of this process alone (world size 1), torn down after the test."""
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
+def test_one_rank_split_decodes_through_the_unsplit_models_gemv_launches(one_rank_group, monkeypatch):
+    calls = []
+    original = decode_gemv._gemv
+    monkeypatch.setattr(decode_gemv, "_gemv", lambda *args, **kwargs: calls.append(args[3]) or original(*args, **kwargs))
+    whole = tiny_model(seed=30, decode_kernel="triton")
+    split = shard_model(tiny_model(seed=30, decode_kernel="triton"), one_rank_group)
+    ids = torch.randint(whole.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(31))
+    logits, launches = {}, {}
+    with torch.no_grad():
+        for name, model in (("whole", whole), ("split", split)):
+            cache = MLRACache(model.config)
+            model(ids[:, :6], **cache_kwargs(cache))
+            calls.clear()
+            logits[name] = model(ids[:, 6:], **cache_kwargs(cache)).logits
+            launches[name] = list(calls)
+    # o_proj and down_proj of a one-rank split are the plain linears the GEMV reads (not a cuBLAS product + no-op sum)
+    assert launches["split"] == launches["whole"] and len(launches["whole"]) > 0
+    torch.testing.assert_close(logits["split"], logits["whole"], rtol=1e-5, atol=1e-5)
