@@ -276,6 +276,22 @@ def software_versions() -> dict:
     )  # fmt: skip
 
 
+def run_setting(parser, args, argv: list[str] | None, layers: int) -> tuple[torch.device, torch.dtype, dict]:
+    """A one-GPU measurement's device, dtype and report header: bfloat16 on the GPU, which the measurement needs
+    (parser.error without one); with `args.quick`, float32 on one CPU thread, to check the script."""
+    dtype = torch.float32 if args.quick else torch.bfloat16
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
+    if device.type != "cuda" and not args.quick:
+        parser.error("no CUDA device: the measurement needs a GPU (--quick checks the script on the CPU)")
+    if args.quick:
+        torch.set_num_threads(1)
+    meta = dict(
+        command=command_line(argv), device=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+        dtype=str(dtype).removeprefix("torch."), layers=layers, machine=platform.node(), **software_versions(),
+    )  # fmt: skip
+    return device, dtype, meta
+
+
 def write_results(out: Path, data: dict, markdown: str, command: str | None = None) -> None:
     """OUT.json (`data` and the command) and OUT.md (`markdown` with the command under its title line)."""
     out = Path(out)

@@ -33,7 +33,6 @@ import argparse
 import cProfile
 import io
 import json
-import platform
 import pstats
 import statistics
 import subprocess
@@ -51,7 +50,6 @@ from common import (  # noqa: E402
     Report,
     cache_tensors,
     check_cache_layout,
-    command_line,
     copy_bandwidth,
     deepseek_v3_config,
     error_text,
@@ -61,8 +59,8 @@ from common import (  # noqa: E402
     published_model,
     random_cache,
     release,
+    run_setting,
     set_cache_length,
-    software_versions,
     synchronize,
     timed_ms,
     transformers_model,
@@ -449,16 +447,7 @@ def main(argv=None):
     out = args.out or Path("/tmp/decode_step_quick" if args.quick else "benchmarks/results/decode_step_h200")
     args.out = out
     started = time.perf_counter()
-    dtype = torch.float32 if args.quick else torch.bfloat16
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
-    if device.type != "cuda" and not args.quick:
-        parser.error("no CUDA device: the measurement needs a GPU (--quick checks the script on the CPU)")
-    if args.quick:
-        torch.set_num_threads(1)
-    meta = dict(
-        command=command_line(argv), device=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
-        dtype=str(dtype).removeprefix("torch."), layers=args.layers, machine=platform.node(), **software_versions(),
-    )  # fmt: skip
+    device, dtype, meta = run_setting(parser, args, argv, args.layers)
     report = Report(out, meta, markdown, plot)
     meta["copy_gb_s"] = copy_bandwidth(device) if device.type == "cuda" else None
     release(device)

@@ -28,7 +28,6 @@ import argparse
 import contextlib
 import cProfile
 import io
-import platform
 import pstats
 import statistics
 import sys
@@ -42,13 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     IntervalStreamer,
     Report,
-    command_line,
     error_text,
     fmt,
     llama_gqa_config,
     published_model,
     release,
-    software_versions,
+    run_setting,
     synchronize,
     transformers_model,
 )
@@ -324,16 +322,7 @@ def main(argv=None):
     default = "/tmp/generate_interval_quick" if args.quick else "benchmarks/results/generate_interval_h200"
     out = args.out = args.out or Path(default)
     started = time.perf_counter()
-    dtype = torch.float32 if args.quick else torch.bfloat16
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
-    if device.type != "cuda" and not args.quick:
-        parser.error("no CUDA device: the measurement needs a GPU (--quick checks the script on the CPU)")
-    if args.quick:
-        torch.set_num_threads(1)
-    meta = dict(
-        command=command_line(argv), device=torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
-        dtype=str(dtype).removeprefix("torch."), layers=args.layers, machine=platform.node(), **software_versions(),
-    )  # fmt: skip
+    device, dtype, meta = run_setting(parser, args, argv, args.layers)
     report = Report(out, meta, markdown)
     stop = lambda: time.perf_counter() - started > args.stop_after_s  # noqa: E731
     for name in args.models:
