@@ -7,13 +7,18 @@ Shapes (bfloat16 model, cache filled with random values; fp8: the same values th
   (a) the per-GPU share of MLRA-4 under 4-way TP: 64 query heads, one latent block of 128 + rope 64, batch 1,
       128K-1M cached tokens;
   (b) MLA on the same GPU: 64 heads on 512 + 64;
-  (c) one layer of the 2.9B MLRA-4 on one GPU: 24 heads, 4 x 128 + 64, batch 1-64 x 4K-1M tokens.
+  (c) one layer of the 2.9B MLRA-4 on one GPU: 24 heads, 4 x 128 + 64, batch 1-64 x 4K-1M tokens;
+  (d) with --only: (c)'s grid and tile without its shared rope key, 24 heads on one block of 128 + 64 (at batch 4x
+      (c)'s, the same programs per split), the control of docs/decode_kernel.md, "Why 16 x 32K misses".
 Times are GPU time (CUDA-graph replays after a device synchronisation, median); the eager call time (host launch
 overhead included) is a column of its own. Bandwidth = cache bytes read / kernel time, against a device-to-device copy
 timed in the same run. Also timed: the model's whole absorbed attention (W_UK and W_UV included) through the kernel
 and, up to 512K cached tokens, through the PyTorch path; for (c) one launch per latent block on per-block caches
 [block | rope key] (the authors' structure). The kernel's two launches are timed apart (the split attention and the
-merge of the splits, torch.profiler). --sweep times other launch choices at a few large shapes.
+merge of the splits, torch.profiler). --sweep times other launch choices at a few large shapes; --only runs the given
+(case, batch, context) points alone and --choices replaces the sweep's launch choices, e.g.
+
+    python benchmarks/decode_kernel.py --only c:16x32K d:64x32K --sweep --choices MIN_ROWS=32 num_splits=8
 """
 
 import argparse
@@ -36,6 +41,8 @@ FP8 = torch.float8_e4m3fn
 SHARE = ("a: MLRA-4 TP-4 share", 64, 1, 1, 128)  # name, heads, latent blocks, branches, block width
 MLA = ("b: MLA", 64, 1, 1, 512)
 LAYER = ("c: MLRA-4 2.9B layer", 24, 4, 4, 128)
+LAYER_ONE_BLOCK = ("d: 2.9B layer's grid, one block per row", 24, 1, 1, 128)
+CASES = {case[0][0]: case for case in (SHARE, MLA, LAYER, LAYER_ONE_BLOCK)}
 ROPE = 64
 
 # launch choices timed by --sweep (modeling_mlra.mlra_decode_kernel.launch_config), per latent block width; the split
@@ -121,7 +128,8 @@ def reference_attention(q_absorbed, q_rope, cache, num_groups, scaling):
     return torch.einsum("nbgis,nsbgd->nbgid", probs, latent).reshape(bsz, 1, branches, heads, block_dim)
 
 
-def run_case(case, bsz, context, fp8, copy_gbs, device, dtype, module=None, per_block=False, sweep=False):
+def run_case(case, bsz, context, fp8, copy_gbs, device, dtype, module=None, per_block=False, sweep=()):
+    """One table row; sweep: launch choices also timed (launch_config's keyword arguments)."""
     name, heads, blocks, branches, block_dim = case
     groups = blocks // branches
     cache = random_cache(bsz, context, blocks, block_dim, fp8, device, dtype)
@@ -145,7 +153,7 @@ def run_case(case, bsz, context, fp8, copy_gbs, device, dtype, module=None, per_
         row["rel_err_vs_fp32"] = ((out.float() - ref).norm() / ref.norm()).item()
     if sweep:
         row["sweep"] = []
-        for choices in SWEEP[block_dim]:
+        for choices in sweep:
             try:
                 us = time_ms(lambda: _decode_attention(
                     q_absorbed, q_rope, cache, seq_lens, None, groups, scaling, 0, choices), device) * 1e3
@@ -216,6 +224,14 @@ def plan(tiny: bool, quick: bool):
 SWEEP_POINTS = {(SHARE[0], 1, 512), (SHARE[0], 1, 1024 * K), (MLA[0], 1, 512 * K), (LAYER[0], 16, 32 * K)}
 
 
+def parse_point(text):
+    """'c:16x32K' -> (LAYER, 16, 32768)."""
+    letter, size = text.split(":")
+    bsz, context = size.lower().split("x")
+    scale = {"k": K, "m": K * K}.get(context[-1], 1)
+    return CASES[letter], int(bsz), int(context.rstrip("km")) * scale
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/decode_kernel_h200")
@@ -223,6 +239,11 @@ def main():
     parser.add_argument("--tiny", action="store_true", help="small shapes on the CPU (TRITON_INTERPRET=1): the harness")
     parser.add_argument("--sweep", action="store_true", help="also time other launch choices at a few large shapes")
     parser.add_argument("--no-fp8", action="store_true", help="bf16 caches only")
+    parser.add_argument("--only", nargs="*",
+                        help="only these points, case letter:batch x context, e.g. c:16x32K d:64x32K")
+    parser.add_argument("--choices", nargs="*",
+                        help="with --sweep: these launch choices at every point run instead of the built-in sweep, "
+                             "e.g. MIN_ROWS=32 BLOCK_N=128,num_stages=2 num_splits=8")
     options = parser.parse_args()
     device = torch.device("cpu" if options.tiny else "cuda")
     dtype = torch.float32 if options.tiny else torch.bfloat16  # the interpreter computes bf16 dots wrongly
@@ -235,11 +256,18 @@ def main():
     meta = dict(machine=machine, copy_gbs=copy_gbs, started=time.time())
     report = Report(Path(options.out), meta, report_markdown, plot)
     modules = {}
-    for case, bsz, context in plan(options.tiny, options.quick):
+    runs = [parse_point(text) for text in options.only] if options.only else plan(options.tiny, options.quick)
+    custom_sweep = [
+        {key: int(value) for key, value in (item.split("=") for item in text.split(","))}
+        for text in options.choices or []
+    ]
+    for case, bsz, context in runs:
         if case not in modules:
             modules[case] = attention_module(*case[1:], device, dtype)
         for fp8 in (False,) if options.no_fp8 else (False, True):
-            sweep = options.sweep and (case[0], bsz, context) in SWEEP_POINTS
+            sweep = ()
+            if options.sweep and (custom_sweep or (case[0], bsz, context) in SWEEP_POINTS):
+                sweep = custom_sweep or SWEEP[case[4]]
             report.record(run_case(case, bsz, context, fp8, copy_gbs, device, dtype, module=modules[case],
                                    per_block=case is LAYER, sweep=sweep))
     meta["seconds"] = time.time() - meta["started"]
