@@ -220,6 +220,12 @@ def mlra_gemv(x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None = None, 
     return _gemv(x, w, w2, mode)
 
 
+def needs_gradient(*tensors: torch.Tensor) -> bool:
+    """Whether autograd would record a product of these tensors: the GEMV has no backward, so such products are
+    left to PyTorch (training, fine-tuning)."""
+    return torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)
+
+
 def plain_weights(linears: tuple[nn.Module, ...], x: torch.Tensor) -> list[torch.Tensor] | None:
     """The weights of `linears` where the kernel computes exactly what calling them would: plain nn.Linear modules
     (not a subclass such as a tensor-parallel or quantized layer, not wrapped by an adapter such as peft's LoRA),
@@ -237,7 +243,7 @@ def plain_weights(linears: tuple[nn.Module, ...], x: torch.Tensor) -> list[torch
             or type(weight) not in (nn.Parameter, torch.Tensor)
             or weight.dtype != x.dtype
             or weight.device != x.device
-            or (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
+            or needs_gradient(weight, x)
         ):
             return None
         weights.append(weight)
@@ -261,4 +267,4 @@ def gemv_linears(x: torch.Tensor, *linears: nn.Module, swiglu: bool = False) -> 
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
-__all__ = ["MAX_ROWS", "gemv_linears", "mlra_gemv", "triton_available"]
+__all__ = ["MAX_ROWS", "gemv_linears", "mlra_gemv", "needs_gradient", "triton_available"]

@@ -27,7 +27,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_mlra import MLRAConfig
 from .decode_gemv import MAX_ROWS as GEMV_MAX_ROWS
-from .decode_gemv import gemv_linears, mlra_gemv
+from .decode_gemv import gemv_linears, mlra_gemv, needs_gradient
 from .mlra_decode_kernel import fp8_cache_layout, kernel_supports, mlra_decode_attention, triton_available
 from .original_checkpoint import check_finite_weights, find_original_checkpoint, load_original_checkpoint
 from .paged_cache import MLRAPagedLatent, is_paged_cache
@@ -790,9 +790,7 @@ class MLRAAttention(nn.Module):
         # One GEMM per (branch, head) whose rows are every sequence's new tokens, on the weight views as they are: a
         # batch dimension in matmul would broadcast W_UK and W_UV to every sequence, a copy of both at each step.
         rows = q_nope.permute(2, 0, 1, 3).reshape(self.num_heads, bsz * q_len, self.qk_nope_head_dim)
-        gemv = bsz * q_len <= GEMV_MAX_ROWS and use_decode_gemv(self.config, q_nope) and not (
-            torch.is_grad_enabled() and (rows.requires_grad or w_uk.requires_grad)
-        )
+        gemv = bsz * q_len <= GEMV_MAX_ROWS and use_decode_gemv(self.config, q_nope) and not needs_gradient(rows, w_uk)
         if gemv:  # every (branch, head) in one launch: W_UK [B, h, d_n, d_l] read as [B * h, d_l, d_n]
             q_absorbed = mlra_gemv(rows[:, None], w_uk.transpose(-1, -2).flatten(0, 1)[:, None])
             q_absorbed = q_absorbed.view(self.num_branches, self.num_heads, bsz * q_len, -1)

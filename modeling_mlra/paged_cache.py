@@ -104,9 +104,10 @@ class MLRAPagedLatent:
             if queries[n + 1] > queries[n]
         ]
 
-    @property
+    @functools.cached_property
     def max_new_tokens(self) -> int:
-        """The most new tokens any sequence of the batch has (decode steps: 1)."""
+        """The most new tokens any sequence of the batch has (decode steps: 1); read once per forward pass (every
+        layer asks, and without an int in the batch's kwargs it is read from the device)."""
         for key in MAX_QUERY_LENGTH_KEYS:
             if isinstance(self.batch_kwargs.get(key), int):
                 return self.batch_kwargs[key]
