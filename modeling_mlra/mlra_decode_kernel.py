@@ -81,6 +81,10 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def BLOCK_B_DEFAULT(num_branches):
+    return 1
+
+
 # fp32 accumulator values per thread ([query rows, d_l] per program); beyond these ptxas spills registers on sm_90
 # (compiled offline: benchmarks/compile_decode_kernel.py)
 ACCUMULATOR_VALUES_PER_THREAD = 128
@@ -112,8 +116,11 @@ def launch_config(
     block_d = max(16, triton.next_power_of_2(latent_block_dim))
     block_t = triton.next_power_of_2(num_new_tokens)
     heads = triton.next_power_of_2(heads_per_group)
-    num_warps = choices.get("num_warps", 8 if block_d >= 256 else 4)
-    max_rows = max(16, ACCUMULATOR_VALUES_PER_THREAD * 32 * num_warps // block_d)
+    block_b = choices.get("BLOCK_B", BLOCK_B_DEFAULT(num_branches))
+    if num_branches % block_b:
+        raise ValueError(f"BLOCK_B={block_b} branches per program must divide the {num_branches} softmax branches")
+    num_warps = choices.get("num_warps", 8 if block_b * block_d >= 256 else 4)
+    max_rows = max(16, ACCUMULATOR_VALUES_PER_THREAD * 32 * num_warps // (block_b * block_d))
     if operand_bytes == 4:
         # float32 operands (exact "ieee" dots on the FMA units, every tile in float32): for sm_90, 128 query rows of a
         # published layer spilled 20 KB per thread and took 70 s to compile, 32 rows 9 KB and 12 s
@@ -128,7 +135,7 @@ def launch_config(
         block_n, num_stages = (128, 2) if block_d <= 128 else (32, 3)
     return dict(
         BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=choices.get("BLOCK_N", block_n),
-        head_tiles=head_tiles, programs=bsz * num_branches * num_groups * head_tiles,
+        BLOCK_B=block_b, head_tiles=head_tiles, programs=bsz * num_branches // block_b * num_groups * head_tiles,
         max_splits=min(triton.cdiv(capacity, min_tokens), 512), num_warps=num_warps,
         num_stages=choices.get("num_stages", num_stages),
     )
@@ -197,9 +204,13 @@ if triton is not None:
         token_start, end, query_slot, q, q_rope, block_cache, block_scales, rope_key_ptr, key_mask_row, d, r,
         stride_cs, stride_ss, stride_ks, scale_log2, m_i, l_i, acc, scale_ref,
         MASKED: tl.constexpr, HAS_KEY_MASK: tl.constexpr, IS_FP8: tl.constexpr, PRECISION: tl.constexpr,
-        LATENT_DIM: tl.constexpr, ROPE_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+        LATENT_DIM: tl.constexpr, ROPE_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+        NUM_GROUPS: tl.constexpr,
     ):
-        """The online-softmax update over one block of BLOCK_N tokens (scores in log2 units).
+        """The online-softmax update over one block of BLOCK_N tokens (scores in log2 units) for the BLOCK_B branches
+        of one head group that the program runs: q, m_i, l_i, acc and scale_ref are tuples, one entry per branch, whose
+        latent blocks lie NUM_GROUPS blocks apart in the cache row. The rope key is loaded and its scores computed once
+        for all of them (the query's rope part is the same in every branch).
 
         MASKED: the block may hold tokens past the split's end or later than a new token's slot (the causal rule).
         Blocks of tokens before the first new token are visible to every query row: they skip those comparisons, and
@@ -228,33 +239,37 @@ if triton is not None:
             rope_mask = r_ok[None, :]
         tokens64 = tokens.to(tl.int64)
         rope_key = tl.load(rope_key_ptr + tokens64[:, None] * stride_ks + r[None, :], mask=rope_mask, other=0.0)
-        latent_ptrs = block_cache + tokens64[:, None] * stride_cs + d[None, :]
-        if IS_FP8:
-            latent = _e4m3_to(tl.load(latent_ptrs, mask=latent_mask, other=0), q.dtype)
-        else:
-            latent = tl.load(latent_ptrs, mask=latent_mask, other=0.0)  # [N, D]
-        scores = tl.dot(q, tl.trans(latent), input_precision=PRECISION)
-        if IS_FP8:
-            if MASKED:
-                scales = tl.load(block_scales + tokens64 * stride_ss, mask=token_ok, other=0.0)
+        new_m, new_l, new_acc, new_ref = (), (), (), ()
+        for branch in tl.static_range(BLOCK_B):
+            latent_ptrs = block_cache + branch * NUM_GROUPS * LATENT_DIM + tokens64[:, None] * stride_cs + d[None, :]
+            if IS_FP8:
+                latent = _e4m3_to(tl.load(latent_ptrs, mask=latent_mask, other=0), q[branch].dtype)
+                scales_ptrs = block_scales + branch * NUM_GROUPS + tokens64 * stride_ss
+                if MASKED:
+                    scales = tl.load(scales_ptrs, mask=token_ok, other=0.0)
+                else:
+                    scales = tl.load(scales_ptrs)
+                scores = tl.dot(q[branch], tl.trans(latent), input_precision=PRECISION) * scales[None, :]
             else:
-                scales = tl.load(block_scales + tokens64 * stride_ss)
-            scores = scores * scales[None, :]
-        scores = tl.dot(q_rope, tl.trans(rope_key), scores, input_precision=PRECISION) * scale_log2
-        if MASKED or HAS_KEY_MASK:
-            scores = tl.where(allowed, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(scores - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if IS_FP8:
-            new_ref = tl.maximum(scale_ref, tl.max(scales, 0))
-            alpha = alpha * (scale_ref / new_ref)
-            p = p * (scales / new_ref)[None, :]
-            scale_ref = new_ref
-        acc = acc * alpha[:, None] + tl.dot(p.to(latent.dtype), latent, input_precision=PRECISION)
-        return m_new, l_i, acc, scale_ref
+                latent = tl.load(latent_ptrs, mask=latent_mask, other=0.0)  # [N, D]
+                scores = tl.dot(q[branch], tl.trans(latent), input_precision=PRECISION)
+            scores = tl.dot(q_rope, tl.trans(rope_key), scores, input_precision=PRECISION) * scale_log2
+            if MASKED or HAS_KEY_MASK:
+                scores = tl.where(allowed, scores, float("-inf"))
+            m_new = tl.maximum(m_i[branch], tl.max(scores, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i[branch] - m_safe)
+            p = tl.exp2(scores - m_safe[:, None])
+            l_new = l_i[branch] * alpha + tl.sum(p, 1)
+            ref = scale_ref[branch]
+            if IS_FP8:
+                grown_ref = tl.maximum(ref, tl.max(scales, 0))
+                alpha = alpha * (ref / grown_ref)
+                p = p * (scales / grown_ref)[None, :]
+                ref = grown_ref
+            acc_new = acc[branch] * alpha[:, None] + tl.dot(p.to(latent.dtype), latent, input_precision=PRECISION)
+            new_m, new_l, new_acc, new_ref = new_m + (m_new,), new_l + (l_new,), new_acc + (acc_new,), new_ref + (ref,)
+        return new_m, new_l, new_acc, new_ref
 
     @triton.jit(do_not_specialize=["num_splits"])  # one compiled kernel for every split count
     def _mlra_decode_kernel(
@@ -271,18 +286,20 @@ if triton is not None:
         LATENT_DIM: tl.constexpr, ROPE_DIM: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_ROW_STARTS: tl.constexpr,
-        IS_FP8: tl.constexpr, PRECISION: tl.constexpr,
+        IS_FP8: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
     ):
-        # program -> (batch row, latent block, tile of heads), head tiles adjacent so that programs re-reading the same
-        # tokens for other heads run together and hit L2. Latent block l = b * G + g is read by branch b of the heads
-        # of group g (MLRAConfig.latent_block).
+        # program -> (batch row, head group and tile of BLOCK_B branches, tile of heads), head tiles adjacent so that
+        # programs re-reading the same tokens for other heads run together and hit L2. Latent block l = b * G + g is
+        # read by branch b of the heads of group g (MLRAConfig.latent_block): the program's branches read blocks
+        # first_block, first_block + G, ...
         program = tl.program_id(0)
         split = tl.program_id(1)
         head_tile = program % HEAD_TILES
-        block = (program // HEAD_TILES) % NUM_BLOCKS
-        branch = block // NUM_GROUPS
-        group = block % NUM_GROUPS
-        row = (program // (HEAD_TILES * NUM_BLOCKS)).to(tl.int64)
+        unit = (program // HEAD_TILES) % (NUM_BLOCKS // BLOCK_B)
+        first_branch = unit // NUM_GROUPS * BLOCK_B
+        group = unit % NUM_GROUPS
+        first_block = first_branch * NUM_GROUPS + group
+        row = (program // (HEAD_TILES * (NUM_BLOCKS // BLOCK_B))).to(tl.int64)
 
         # query rows: m = local head * BLOCK_T + new token
         rows = tl.arange(0, BLOCK_M)
@@ -302,18 +319,23 @@ if triton is not None:
         # whole blocks of tokens before the first new token run unmasked; the rest (at most two blocks) masked
         unmasked_end = start + tl.maximum(tl.minimum(end, seq_len - num_new_tokens) - start, 0) // BLOCK_N * BLOCK_N
 
-        q_offsets = row * stride_qn + new_token * stride_qt + branch * stride_qb + head * stride_qh
-        q = tl.load(q_ptr + q_offsets[:, None] + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        q_ptrs = q_ptr + (row * stride_qn + new_token * stride_qt + first_branch * stride_qb + head * stride_qh)[:, None]
+        q = ()
+        for branch in tl.static_range(BLOCK_B):
+            q += (tl.load(q_ptrs + branch * stride_qb + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0),)
         q_rope = tl.load(
             q_rope_ptr + row * stride_rn + new_token[:, None] * stride_rt + head[:, None] * stride_rh + r[None, :],
             mask=row_ok[:, None] & (r < ROPE_DIM)[None, :],
             other=0.0,
         )
 
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        scale_ref = tl.full([], 1.0e-30, tl.float32)  # fp8: the largest scale so far (any positive start)
+        # online-softmax state per branch of the program; fp8: the largest scale so far (any positive start)
+        m_i, l_i, acc, scale_ref = (), (), (), ()
+        for branch in tl.static_range(BLOCK_B):
+            m_i += (tl.full([BLOCK_M], float("-inf"), tl.float32),)
+            l_i += (tl.zeros([BLOCK_M], tl.float32),)
+            acc += (tl.zeros([BLOCK_M, BLOCK_D], tl.float32),)
+            scale_ref += (tl.full([], 1.0e-30, tl.float32),)
         if HAS_ROW_STARTS:  # rows packed along the token axis (continuous batching): row n starts at token row_starts[n]
             first_token = tl.load(row_starts_ptr + row).to(tl.int64)
             row_cache = cache_ptr + first_token * stride_cs
@@ -323,38 +345,39 @@ if triton is not None:
             row_cache = cache_ptr + row * stride_cn
             row_scales = scale_ptr + row * stride_sn
             row_rope_key = rope_key_ptr + row * stride_kn
-        block_cache = row_cache + block * LATENT_DIM
-        block_scales = row_scales + scales_offset + block
+        block_cache = row_cache + first_block * LATENT_DIM
+        block_scales = row_scales + scales_offset + first_block
         row_rope_key += rope_offset
         key_mask_row = key_mask_ptr + row * stride_mn
         for token_start in range(start, unmasked_end, BLOCK_N):
             m_i, l_i, acc, scale_ref = _token_block(
                 token_start, end, query_slot, q, q_rope, block_cache, block_scales, row_rope_key, key_mask_row, d, r,
                 stride_cs, stride_ss, stride_ks, scale_log2, m_i, l_i, acc, scale_ref,
-                False, HAS_KEY_MASK, IS_FP8, PRECISION, LATENT_DIM, ROPE_DIM, BLOCK_N,
+                False, HAS_KEY_MASK, IS_FP8, PRECISION, LATENT_DIM, ROPE_DIM, BLOCK_N, BLOCK_B, NUM_GROUPS,
             )
         for token_start in tl.range(unmasked_end, end, BLOCK_N, num_stages=1):  # too short to pipeline
             m_i, l_i, acc, scale_ref = _token_block(
                 token_start, end, query_slot, q, q_rope, block_cache, block_scales, row_rope_key, key_mask_row, d, r,
                 stride_cs, stride_ss, stride_ks, scale_log2, m_i, l_i, acc, scale_ref,
-                True, HAS_KEY_MASK, IS_FP8, PRECISION, LATENT_DIM, ROPE_DIM, BLOCK_N,
+                True, HAS_KEY_MASK, IS_FP8, PRECISION, LATENT_DIM, ROPE_DIM, BLOCK_N, BLOCK_B, NUM_GROUPS,
             )
 
-        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-        if IS_FP8:
-            out = acc * (scale_ref / l_safe)[:, None]
-        else:
-            out = acc / l_safe[:, None]
-        out_offsets = row * stride_on + split * stride_os + new_token[:, None] * stride_ot + branch * stride_ob
+        out_offsets = row * stride_on + split * stride_os + new_token[:, None] * stride_ot + first_branch * stride_ob
         out_offsets += head[:, None] * stride_oh + d[None, :]
         out_mask = row_ok[:, None] & d_ok[None, :]
-        if SPLIT:
-            tl.store(out_ptr + out_offsets, out, mask=out_mask)
-            lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
-            lse_offsets = row * stride_ln + split * stride_ls + new_token * stride_lt + branch * stride_lb + head
-            tl.store(lse_ptr + lse_offsets, lse, mask=row_ok)
-        else:
-            tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+        lse_offsets = row * stride_ln + split * stride_ls + new_token * stride_lt + first_branch * stride_lb + head
+        for branch in tl.static_range(BLOCK_B):
+            l_safe = tl.where(l_i[branch] == 0.0, 1.0, l_i[branch])
+            if IS_FP8:
+                out = acc[branch] * (scale_ref[branch] / l_safe)[:, None]
+            else:
+                out = acc[branch] / l_safe[:, None]
+            if SPLIT:
+                tl.store(out_ptr + out_offsets + branch * stride_ob, out, mask=out_mask)
+                lse = tl.where(l_i[branch] == 0.0, float("-inf"), m_i[branch] + tl.log2(l_safe))
+                tl.store(lse_ptr + lse_offsets + branch * stride_lb, lse, mask=row_ok)
+            else:
+                tl.store(out_ptr + out_offsets + branch * stride_ob, out.to(out_ptr.dtype.element_ty), mask=out_mask)
 
     @triton.jit
     def _merge_splits_kernel(
@@ -431,7 +454,7 @@ def launch_plan(
         ROPE_DIM=rope_dim, BLOCK_H=config["BLOCK_H"], BLOCK_T=config["BLOCK_T"], BLOCK_M=config["BLOCK_M"],
         BLOCK_N=config["BLOCK_N"], BLOCK_D=config["BLOCK_D"], BLOCK_R=max(16, triton.next_power_of_2(rope_dim)),
         HAS_KEY_MASK=has_key_mask, HAS_ROW_STARTS=has_row_starts, IS_FP8=is_fp8,
-        PRECISION="ieee" if q_absorbed.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if q_absorbed.dtype == torch.float32 else "tf32", BLOCK_B=config["BLOCK_B"],
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
 
