@@ -253,13 +253,15 @@ if triton is not None:
             else:
                 latent = tl.load(latent_ptrs, mask=latent_mask, other=0.0)  # [N, D]
                 scores = tl.dot(q[branch], tl.trans(latent), input_precision=PRECISION)
-            scores = tl.dot(q_rope, tl.trans(rope_key), scores, input_precision=PRECISION) * scale_log2
+            scores = tl.dot(q_rope, tl.trans(rope_key), scores, input_precision=PRECISION)
             if MASKED or HAS_KEY_MASK:
                 scores = tl.where(allowed, scores, float("-inf"))
-            m_new = tl.maximum(m_i[branch], tl.max(scores, 1))
+            # the scale applied to the row maximum (the same value: it is positive) and inside the exponential's
+            # argument (one fused multiply-add), not to every score first
+            m_new = tl.maximum(m_i[branch], tl.max(scores, 1) * scale_log2)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = tl.exp2(m_i[branch] - m_safe)
-            p = tl.exp2(scores - m_safe[:, None])
+            p = tl.exp2(scores * scale_log2 - m_safe[:, None])
             l_new = l_i[branch] * alpha + tl.sum(p, 1)
             ref = scale_ref[branch]
             if IS_FP8:
