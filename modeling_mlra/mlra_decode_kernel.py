@@ -237,14 +237,19 @@ if triton is not None:
                 allowed = (tl.load(key_mask_row + tokens) != 0)[None, :]
             latent_mask = d_ok[None, :]
             rope_mask = r_ok[None, :]
-        tokens64 = tokens.to(tl.int64)
-        rope_key = tl.load(rope_key_ptr + tokens64[:, None] * stride_ks + r[None, :], mask=rope_mask, other=0.0)
+        # addresses: the block's first token (64-bit, a scalar) plus offsets within the block that do not change from
+        # block to block (32-bit, computed once outside the token loop)
+        first = token_start.to(tl.int64)
+        local = tl.arange(0, BLOCK_N)
+        rope_key = tl.load(
+            rope_key_ptr + first * stride_ks + (local[:, None] * stride_ks + r[None, :]), mask=rope_mask, other=0.0
+        )
         new_m, new_l, new_acc, new_ref = (), (), (), ()
         for branch in tl.static_range(BLOCK_B):
-            latent_ptrs = block_cache + branch * NUM_GROUPS * LATENT_DIM + tokens64[:, None] * stride_cs + d[None, :]
+            latent_ptrs = block_cache + first * stride_cs + (branch * NUM_GROUPS * LATENT_DIM + local[:, None] * stride_cs + d[None, :])
             if IS_FP8:
                 latent = _e4m3_to(tl.load(latent_ptrs, mask=latent_mask, other=0), q[branch].dtype)
-                scales_ptrs = block_scales + branch * NUM_GROUPS + tokens64 * stride_ss
+                scales_ptrs = block_scales + first * stride_ss + (branch * NUM_GROUPS + local * stride_ss)
                 if MASKED:
                     scales = tl.load(scales_ptrs, mask=token_ok, other=0.0)
                 else:
