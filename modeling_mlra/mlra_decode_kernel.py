@@ -135,7 +135,8 @@ def launch_config(
         block_n, num_stages = (128, 2) if block_d <= 128 else (32, 3)
     return dict(
         BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=choices.get("BLOCK_N", block_n),
-        BLOCK_B=block_b, head_tiles=head_tiles, programs=bsz * num_branches // block_b * num_groups * head_tiles,
+        BLOCK_B=block_b, hoist_offsets=bool(choices.get("HOIST_OFFSETS", not fp8 and block_b * block_d <= 128)),
+        head_tiles=head_tiles, programs=bsz * num_branches // block_b * num_groups * head_tiles,
         max_splits=min(triton.cdiv(capacity, min_tokens), 512), num_warps=num_warps,
         num_stages=choices.get("num_stages", num_stages),
     )
@@ -152,7 +153,9 @@ _PROGRAMS_PER_SM = {}  # (device, argument dtypes, compile-time choices) -> prog
 def _programs_per_sm(device: torch.device, args: list, constexprs: dict) -> int:
     """How many programs of the compiled kernel run at once on one multiprocessor, by its registers, shared memory and
     threads (compiled with these arguments, without launching it); 1 in the interpreter."""
-    key = (device.index, tuple(arg.dtype for arg in args if isinstance(arg, torch.Tensor)), tuple(constexprs.items()))
+    key = (  # the token strides are compile-time constants too
+        device.index, tuple(arg.dtype if isinstance(arg, torch.Tensor) else arg for arg in args), tuple(constexprs.items())
+    )
     if key not in _PROGRAMS_PER_SM:
         if not torch.cuda.is_available():
             return 1
@@ -202,10 +205,10 @@ if triton is not None:
     @triton.jit
     def _token_block(
         token_start, end, query_slot, q, q_rope, block_cache, block_scales, rope_key_ptr, key_mask_row, d, r,
-        stride_cs, stride_ss, stride_ks, scale_log2, m_i, l_i, acc, scale_ref,
+        stride_cs: tl.constexpr, stride_ss: tl.constexpr, stride_ks: tl.constexpr, scale_log2, m_i, l_i, acc, scale_ref,
         MASKED: tl.constexpr, HAS_KEY_MASK: tl.constexpr, IS_FP8: tl.constexpr, PRECISION: tl.constexpr,
         LATENT_DIM: tl.constexpr, ROPE_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-        NUM_GROUPS: tl.constexpr,
+        NUM_GROUPS: tl.constexpr, HOIST_OFFSETS: tl.constexpr,
     ):
         """The online-softmax update over one block of BLOCK_N tokens (scores in log2 units) for the BLOCK_B branches
         of one head group that the program runs: q, m_i, l_i, acc and scale_ref are tuples, one entry per branch, whose
@@ -237,19 +240,24 @@ if triton is not None:
                 allowed = (tl.load(key_mask_row + tokens) != 0)[None, :]
             latent_mask = d_ok[None, :]
             rope_mask = r_ok[None, :]
-        # addresses: the block's first token (64-bit, a scalar) plus offsets within the block that do not change from
-        # block to block (32-bit, computed once outside the token loop)
-        first = token_start.to(tl.int64)
-        local = tl.arange(0, BLOCK_N)
+        if HOIST_OFFSETS:
+            # addresses as the block's first token (a 64-bit scalar) plus offsets within the block, the same for every
+            # block (computed once outside the token loop): fewer address instructions per block, more registers
+            first = tl.cast(token_start, tl.int64)
+            within = tl.arange(0, BLOCK_N)
+        else:
+            first = 0
+            within = tokens.to(tl.int64)
         rope_key = tl.load(
-            rope_key_ptr + first * stride_ks + (local[:, None] * stride_ks + r[None, :]), mask=rope_mask, other=0.0
+            rope_key_ptr + first * stride_ks + (within[:, None] * stride_ks + r[None, :]), mask=rope_mask, other=0.0
         )
         new_m, new_l, new_acc, new_ref = (), (), (), ()
         for branch in tl.static_range(BLOCK_B):
-            latent_ptrs = block_cache + first * stride_cs + (branch * NUM_GROUPS * LATENT_DIM + local[:, None] * stride_cs + d[None, :])
+            latent_offsets = branch * NUM_GROUPS * LATENT_DIM + within[:, None] * stride_cs + d[None, :]
+            latent_ptrs = block_cache + first * stride_cs + latent_offsets
             if IS_FP8:
                 latent = _e4m3_to(tl.load(latent_ptrs, mask=latent_mask, other=0), q[branch].dtype)
-                scales_ptrs = block_scales + first * stride_ss + (branch * NUM_GROUPS + local * stride_ss)
+                scales_ptrs = block_scales + first * stride_ss + (branch * NUM_GROUPS + within * stride_ss)
                 if MASKED:
                     scales = tl.load(scales_ptrs, mask=token_ok, other=0.0)
                 else:
@@ -284,7 +292,7 @@ if triton is not None:
         lse_ptr,
         stride_seq_lens, stride_qn, stride_qt, stride_qb, stride_qh,
         stride_rn, stride_rt, stride_rh,
-        stride_cn, stride_cs, stride_sn, stride_ss, stride_kn, stride_ks,
+        stride_cn, stride_cs: tl.constexpr, stride_sn, stride_ss: tl.constexpr, stride_kn, stride_ks: tl.constexpr,
         stride_mn,
         stride_on, stride_os, stride_ot, stride_ob, stride_oh,
         stride_ln, stride_ls, stride_lt, stride_lb,
@@ -293,7 +301,7 @@ if triton is not None:
         LATENT_DIM: tl.constexpr, ROPE_DIM: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_ROW_STARTS: tl.constexpr,
-        IS_FP8: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr,
+        IS_FP8: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, HOIST_OFFSETS: tl.constexpr,
     ):
         # program -> (batch row, head group and tile of BLOCK_B branches, tile of heads), head tiles adjacent so that
         # programs re-reading the same tokens for other heads run together and hit L2. Latent block l = b * G + g is
@@ -361,12 +369,14 @@ if triton is not None:
                 token_start, end, query_slot, q, q_rope, block_cache, block_scales, row_rope_key, key_mask_row, d, r,
                 stride_cs, stride_ss, stride_ks, scale_log2, m_i, l_i, acc, scale_ref,
                 False, HAS_KEY_MASK, IS_FP8, PRECISION, LATENT_DIM, ROPE_DIM, BLOCK_N, BLOCK_B, NUM_GROUPS,
+                HOIST_OFFSETS,
             )
         for token_start in tl.range(unmasked_end, end, BLOCK_N, num_stages=1):  # too short to pipeline
             m_i, l_i, acc, scale_ref = _token_block(
                 token_start, end, query_slot, q, q_rope, block_cache, block_scales, row_rope_key, key_mask_row, d, r,
                 stride_cs, stride_ss, stride_ks, scale_log2, m_i, l_i, acc, scale_ref,
                 True, HAS_KEY_MASK, IS_FP8, PRECISION, LATENT_DIM, ROPE_DIM, BLOCK_N, BLOCK_B, NUM_GROUPS,
+                HOIST_OFFSETS,
             )
 
         out_offsets = row * stride_on + split * stride_os + new_token[:, None] * stride_ot + first_branch * stride_ob
@@ -462,6 +472,7 @@ def launch_plan(
         BLOCK_N=config["BLOCK_N"], BLOCK_D=config["BLOCK_D"], BLOCK_R=max(16, triton.next_power_of_2(rope_dim)),
         HAS_KEY_MASK=has_key_mask, HAS_ROW_STARTS=has_row_starts, IS_FP8=is_fp8,
         PRECISION="ieee" if q_absorbed.dtype == torch.float32 else "tf32", BLOCK_B=config["BLOCK_B"],
+        HOIST_OFFSETS=config["hoist_offsets"],
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
 
