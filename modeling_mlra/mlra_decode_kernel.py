@@ -133,9 +133,13 @@ def launch_config(
     block_n, num_stages = (64, 3) if block_d <= 128 else (64, 2)
     if fp8:
         block_n, num_stages = (128, 2) if block_d <= 128 else (32, 3)
+    # where registers allow (16-bit cache, one block up to 128 wide per program): fewer instructions per token block
+    # for more registers (the address offsets hoisted out of the loop; the accumulator rescaled lazily)
+    lean = not fp8 and block_b * block_d <= 128
     return dict(
         BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=choices.get("BLOCK_N", block_n),
-        BLOCK_B=block_b, hoist_offsets=bool(choices.get("HOIST_OFFSETS", not fp8 and block_b * block_d <= 128)),
+        BLOCK_B=block_b, hoist_offsets=bool(choices.get("HOIST_OFFSETS", lean)),
+        lazy_rescale=bool(choices.get("LAZY_RESCALE", lean)),
         head_tiles=head_tiles, programs=bsz * num_branches // block_b * num_groups * head_tiles,
         max_splits=min(triton.cdiv(capacity, min_tokens), 512), num_warps=num_warps,
         num_stages=choices.get("num_stages", num_stages),
@@ -173,6 +177,8 @@ def _programs_per_sm(device: torch.device, args: list, constexprs: dict) -> int:
 
 
 if triton is not None:
+    # log2 units: the probabilities grow up to 2^8 before the accumulator is rescaled (lazy rescaling, `_token_block`)
+    RESCALE_THRESHOLD = tl.constexpr(8.0)
 
     @triton.jit
     def _e4m3_to(raw, dtype: tl.constexpr):
@@ -208,7 +214,7 @@ if triton is not None:
         stride_cs: tl.constexpr, stride_ss: tl.constexpr, stride_ks: tl.constexpr, scale_log2, m_i, l_i, acc, scale_ref,
         MASKED: tl.constexpr, HAS_KEY_MASK: tl.constexpr, IS_FP8: tl.constexpr, PRECISION: tl.constexpr,
         LATENT_DIM: tl.constexpr, ROPE_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-        NUM_GROUPS: tl.constexpr, HOIST_OFFSETS: tl.constexpr,
+        NUM_GROUPS: tl.constexpr, HOIST_OFFSETS: tl.constexpr, LAZY_RESCALE: tl.constexpr,
     ):
         """The online-softmax update over one block of BLOCK_N tokens (scores in log2 units) for the BLOCK_B branches
         of one head group that the program runs: q, m_i, l_i, acc and scale_ref are tuples, one entry per branch, whose
@@ -271,19 +277,33 @@ if triton is not None:
                 scores = tl.where(allowed, scores, float("-inf"))
             # the scale applied to the row maximum (the same value: it is positive) and inside the exponential's
             # argument (one fused multiply-add), not to every score first
-            m_new = tl.maximum(m_i[branch], tl.max(scores, 1) * scale_log2)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i[branch] - m_safe)
-            p = tl.exp2(scores * scale_log2 - m_safe[:, None])
-            l_new = l_i[branch] * alpha + tl.sum(p, 1)
-            ref = scale_ref[branch]
+            block_max = tl.max(scores, 1) * scale_log2
+            m_run, l_run, acc_run, ref = m_i[branch], l_i[branch], acc[branch], scale_ref[branch]
             if IS_FP8:
                 grown_ref = tl.maximum(ref, tl.max(scales, 0))
-                alpha = alpha * (ref / grown_ref)
-                p = p * (scales / grown_ref)[None, :]
-                ref = grown_ref
-            acc_new = acc[branch] * alpha[:, None] + tl.dot(p.to(latent.dtype), latent, input_precision=PRECISION)
-            new_m, new_l, new_acc, new_ref = new_m + (m_new,), new_l + (l_new,), new_acc + (acc_new,), new_ref + (ref,)
+            rescale = True
+            if LAZY_RESCALE:
+                # the running maximum, the sum and the accumulator change only when some row's maximum grew by more
+                # than RESCALE_THRESHOLD (log2 units; else the probabilities stay below 2^threshold) or, fp8, the
+                # largest scale grew: one test for the whole program (a branch), usually skipping the rescaling
+                rescale = tl.max((block_max > m_run + RESCALE_THRESHOLD).to(tl.int32), 0) > 0
+                if IS_FP8:
+                    rescale = rescale | (grown_ref > ref)
+            if rescale:
+                m_new = tl.maximum(m_run, block_max)
+                alpha = tl.exp2(m_run - tl.where(m_new == float("-inf"), 0.0, m_new))
+                l_run = l_run * alpha
+                if IS_FP8:
+                    alpha = alpha * (ref / grown_ref)
+                    ref = grown_ref
+                acc_run = acc_run * alpha[:, None]
+                m_run = m_new
+            p = tl.exp2(scores * scale_log2 - tl.where(m_run == float("-inf"), 0.0, m_run)[:, None])
+            l_run += tl.sum(p, 1)
+            if IS_FP8:
+                p = p * (scales / ref)[None, :]
+            acc_run += tl.dot(p.to(latent.dtype), latent, input_precision=PRECISION)
+            new_m, new_l, new_acc, new_ref = new_m + (m_run,), new_l + (l_run,), new_acc + (acc_run,), new_ref + (ref,)
         return new_m, new_l, new_acc, new_ref
 
     @triton.jit(do_not_specialize=["num_splits"])  # one compiled kernel for every split count
@@ -302,6 +322,7 @@ if triton is not None:
         BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_ROW_STARTS: tl.constexpr,
         IS_FP8: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, HOIST_OFFSETS: tl.constexpr,
+        LAZY_RESCALE: tl.constexpr,
     ):
         # program -> (batch row, head group and tile of BLOCK_B branches, tile of heads), head tiles adjacent so that
         # programs re-reading the same tokens for other heads run together and hit L2. Latent block l = b * G + g is
@@ -369,14 +390,14 @@ if triton is not None:
                 token_start, end, query_slot, q, q_rope, block_cache, block_scales, row_rope_key, key_mask_row, d, r,
                 stride_cs, stride_ss, stride_ks, scale_log2, m_i, l_i, acc, scale_ref,
                 False, HAS_KEY_MASK, IS_FP8, PRECISION, LATENT_DIM, ROPE_DIM, BLOCK_N, BLOCK_B, NUM_GROUPS,
-                HOIST_OFFSETS,
+                HOIST_OFFSETS, LAZY_RESCALE,
             )
         for token_start in tl.range(unmasked_end, end, BLOCK_N, num_stages=1):  # too short to pipeline
             m_i, l_i, acc, scale_ref = _token_block(
                 token_start, end, query_slot, q, q_rope, block_cache, block_scales, row_rope_key, key_mask_row, d, r,
                 stride_cs, stride_ss, stride_ks, scale_log2, m_i, l_i, acc, scale_ref,
                 True, HAS_KEY_MASK, IS_FP8, PRECISION, LATENT_DIM, ROPE_DIM, BLOCK_N, BLOCK_B, NUM_GROUPS,
-                HOIST_OFFSETS,
+                HOIST_OFFSETS, LAZY_RESCALE,
             )
 
         out_offsets = row * stride_on + split * stride_os + new_token[:, None] * stride_ot + first_branch * stride_ob
@@ -472,7 +493,7 @@ def launch_plan(
         BLOCK_N=config["BLOCK_N"], BLOCK_D=config["BLOCK_D"], BLOCK_R=max(16, triton.next_power_of_2(rope_dim)),
         HAS_KEY_MASK=has_key_mask, HAS_ROW_STARTS=has_row_starts, IS_FP8=is_fp8,
         PRECISION="ieee" if q_absorbed.dtype == torch.float32 else "tf32", BLOCK_B=config["BLOCK_B"],
-        HOIST_OFFSETS=config["hoist_offsets"],
+        HOIST_OFFSETS=config["hoist_offsets"], LAZY_RESCALE=config["lazy_rescale"],
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
 

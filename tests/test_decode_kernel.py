@@ -9,7 +9,9 @@ import torch
 
 from conftest import FAMILY, MLRACache, cache_kwargs, random_tokens, tiny_model
 from modeling_mlra import MLRAConfig
-from modeling_mlra.mlra_decode_kernel import fp8_cache_layout, mlra_decode_attention, triton_available
+from modeling_mlra.mlra_decode_kernel import (
+    _decode_attention, fp8_cache_layout, launch_config, mlra_decode_attention, triton_available,
+)
 from modeling_mlra.modeling_mlra import dequantize_latent_rows, quantize_latent_rows
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
@@ -121,6 +123,64 @@ def test_kernel_handles_the_published_head_and_latent_sizes():
     seq_lens = torch.tensor([96], device=DEVICE)
     out = mlra_decode_attention(q_absorbed, q_rope, cache, seq_lens, None, groups, 192**-0.5, num_splits=2)
     reference = attention_by_the_equations(q_absorbed, q_rope, cache, seq_lens, None, groups, 192**-0.5)
+    assert relative_error(out, reference) < TOLERANCE[torch.float16]
+
+
+def _masked_ragged_inputs(member, new_tokens, dtype, seed, fp8=False):
+    """Ragged rows with left padding and several new tokens; fp8: the packed rows and the values they hold."""
+    q_absorbed, q_rope, cache, groups = random_inputs(member, 3, new_tokens, 4, 16, 8, 200, dtype, seed)
+    seq_lens = torch.tensor([200, 131, 9], device=DEVICE)
+    key_mask = torch.ones(3, 200, dtype=torch.long, device=DEVICE)
+    key_mask[1, :20] = 0
+    key_mask[2, :3] = 0
+    held = cache
+    if fp8:
+        cache = quantize_latent_rows(cache, 16, 8)
+        held = dequantize_latent_rows(cache, STRUCTURES[member][0], 16, 8, dtype)
+    return q_absorbed, q_rope, cache, held, seq_lens, key_mask, groups
+
+
+@pytest.mark.parametrize("member, branches_per_program", [("mlra_4", 2), ("mlra_4", 4), ("mlra_2", 2)])
+@pytest.mark.parametrize("fp8", [False, True])
+def test_branches_sharing_a_program_each_get_the_attention_of_their_own_latent_block(member, branches_per_program, fp8):
+    """BLOCK_B branches of one head group in one program (the rope key loaded once for all of them)."""
+    q_absorbed, q_rope, cache, held, seq_lens, key_mask, groups = _masked_ragged_inputs(member, 2, torch.float16, 31, fp8)
+    out = _decode_attention(q_absorbed, q_rope, cache, seq_lens, key_mask, groups, 0.2, 3, {"BLOCK_B": branches_per_program})
+    reference = attention_by_the_equations(q_absorbed, q_rope, held, seq_lens, key_mask, groups, 0.2)
+    assert relative_error(out, reference) < TOLERANCE[torch.float16]
+
+
+def test_a_branch_tile_that_does_not_divide_the_branches_is_refused():
+    with pytest.raises(ValueError, match="BLOCK_B=3"):
+        launch_config(1, 1, 4, 4, 128, 64, 1, 1024, 1152, False, BLOCK_B=3)
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+def test_lazy_rescaling_stays_exact_while_the_row_maximum_keeps_growing(fp8):
+    """The accumulator is rescaled only when a row's maximum grows by more than 2^8: scores that grow by hundreds (in
+    log2 units) along the sequence must still give the attention of the equations (the probabilities would overflow
+    if a needed rescaling were skipped)."""
+    q_absorbed, q_rope, cache, held, seq_lens, key_mask, groups = _masked_ragged_inputs(
+        "mlra_4", 2, torch.float32, 32
+    )
+    cache = cache * torch.linspace(0.1, 30, cache.shape[1], device=DEVICE)[:, None]
+    held = cache
+    if fp8:
+        cache = quantize_latent_rows(cache, 16, 8)
+        held = dequantize_latent_rows(cache, 4, 16, 8, torch.float32)
+    out = _decode_attention(q_absorbed, q_rope, cache, seq_lens, key_mask, groups, 1.0, 2, {"LAZY_RESCALE": 1})
+    reference = attention_by_the_equations(q_absorbed, q_rope, held, seq_lens, key_mask, groups, 1.0)
+    assert relative_error(out, reference) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("hoist_offsets, lazy_rescale", [(0, 0), (1, 0), (0, 1), (1, 1)])
+def test_the_lean_token_loop_gives_the_attention_of_the_plain_one(hoist_offsets, lazy_rescale):
+    """Address offsets hoisted out of the token loop and lazy rescaling (the defaults for 16-bit caches with blocks up
+    to 128 wide) against the equations, each on and off."""
+    q_absorbed, q_rope, cache, held, seq_lens, key_mask, groups = _masked_ragged_inputs("mlra_2", 5, torch.float16, 33)
+    choices = {"HOIST_OFFSETS": hoist_offsets, "LAZY_RESCALE": lazy_rescale}
+    out = _decode_attention(q_absorbed, q_rope, cache, seq_lens, key_mask, groups, 0.3, 3, choices)
+    reference = attention_by_the_equations(q_absorbed, q_rope, held, seq_lens, key_mask, groups, 0.3)
     assert relative_error(out, reference) < TOLERANCE[torch.float16]
 
 
