@@ -114,19 +114,25 @@ def compile_for_hopper(kernel, args, kwargs):
     return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=HOPPER, options=options.__dict__)
 
 
-def pipelined_loop_instructions(sass: str) -> int:
+def pipelined_loop_instructions(sass: str) -> tuple:
     """SASS instructions of the largest loop (a backward branch) that issues cp.async (LDGSTS): the decode kernel's
-    unmasked token loop, per warp and token block; 0 if there is none."""
+    unmasked token loop, per warp and token block; and how many of them run when the loop's forward branches are taken
+    (lazy rescaling skips the rescaling). (0, 0) if there is none."""
     instructions = [(int(address, 16), text) for address, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     index = {address: i for i, (address, _) in enumerate(instructions)}
-    sizes = [0]
+    loops = [(0, 0)]
     for i, (address, text) in enumerate(instructions):
         branch = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
         if branch and int(branch.group(1), 16) < address and int(branch.group(1), 16) in index:
-            body = instructions[index[int(branch.group(1), 16)] : i + 1]
-            if any("LDGSTS" in line for _, line in body):
-                sizes.append(len(body))
-    return max(sizes)
+            first = index[int(branch.group(1), 16)]
+            if any("LDGSTS" in line for _, line in instructions[first : i + 1]):
+                skipped = 0
+                for j in range(first, i):
+                    forward = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", instructions[j][1])
+                    if forward and index.get(int(forward.group(1), 16), 0) > j:
+                        skipped += min(index[int(forward.group(1), 16)], i) - j - 1
+                loops.append((i + 1 - first, i + 1 - first - skipped))
+    return max(loops)
 
 
 def resources_and_sass(compiled, sass_path=None) -> dict:
@@ -155,7 +161,7 @@ def resources_and_sass(compiled, sass_path=None) -> dict:
     for label, pattern in (("LDGSTS", r"\bLDGSTS"), ("UTMALDG", r"\bUTMALDG"), ("LDG", r"\bLDG\."),
                            ("LDL/STL", r"\b(LDL|STL)\b"), ("HGMMA", r"\bHGMMA"), ("HMMA", r"\bHMMA")):
         counts[label] = len(re.findall(pattern, sass))
-    counts["loop instructions"] = pipelined_loop_instructions(sass)
+    counts["loop instructions"], counts["loop instructions, branches taken"] = pipelined_loop_instructions(sass)
     return counts
 
 
@@ -170,15 +176,16 @@ def launch_arithmetic(name, choices, shape, per_sm, bsz, context) -> str:
         heads, blocks, branches, block_dim, bsz, context, cache_dtype, choices, per_sm
     )
     fp8 = cache_dtype == torch.float8_e4m3fn
-    block_n, stages = kwargs["BLOCK_N"], kwargs["num_stages"]
+    block_n, stages, block_b = kwargs["BLOCK_N"], kwargs["num_stages"], kwargs["BLOCK_B"]
     chunk = triton.cdiv(triton.cdiv(context, splits), block_n) * block_n  # the kernel's tokens per split
     if fp8:
         row_bytes = mlra_decode_kernel.fp8_cache_layout(blocks, block_dim, 64, torch.bfloat16).row_bytes
-        requested = block_n * (block_dim + 4 + 64 * 2)  # e4m3 block, its float32 scale, bf16 rope key
+        requested = block_n * (block_b * (block_dim + 4) + 64 * 2)  # e4m3 blocks, their float32 scales, bf16 rope key
     else:
         row_bytes = (blocks * block_dim + 64) * 2
-        requested = block_n * (block_dim + 64) * 2
-    dram = block_n * row_bytes / blocks  # each token row is read from DRAM once, shared by the row's block programs
+        requested = block_n * (block_b * block_dim + 64) * 2
+    # each token row is read from DRAM once, shared by the programs of the row's latent blocks
+    dram = block_n * row_bytes * block_b / blocks
     in_flight = (stages - 1) * requested * per_sm
     little = [H200_COPY_GBS / H200_SMS * ns for ns in DRAM_LATENCY_NS]  # bytes per SM
     total_requested = programs * context / block_n * requested  # every program of a split walks the whole row
@@ -207,8 +214,9 @@ def main():
         options.sass.mkdir(parents=True, exist_ok=True)
     print(f"triton {triton.__version__}, target sm_90 (H200: {H200_SMS} multiprocessors)")
     print("| shape | kernel | grid | tile | warps | stages | registers | stack bytes | shared bytes | programs per SM "
-          "| LDGSTS | UTMALDG | LDG | LDL/STL | HGMMA | HMMA | token loop instructions per warp |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| LDGSTS | UTMALDG | LDG | LDL/STL | HGMMA | HMMA | token loop instructions per warp "
+          "| same, the loop's branches taken (rescaling skipped) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     arithmetic = []  # (name, choices, shape, programs per SM) of each compiled decode kernel
     for name, *shape in SHAPES:
         if options.shapes and not any(part in name for part in options.shapes):

@@ -18,12 +18,15 @@ fi
 start=$SECONDS
 compile() { python3 benchmarks/compile_decode_kernel.py "$@" 2>&1 | grep "^|"; }
 {
-  for shapes in share layer MLA; do compile --shapes "$shapes" & done
-  for choice in num_stages=2 num_stages=4 BLOCK_N=128,num_stages=2 BLOCK_N=32,num_stages=4 MIN_ROWS=64; do
-    compile --shapes share layer --skip-defaults --choices "$choice" &
+  for shapes in share layer MLA grid; do compile --shapes "$shapes" & done
+  for choice in LAZY_RESCALE=0 HOIST_OFFSETS=0,LAZY_RESCALE=0; do
+    compile --shapes "TP-4 share" "MLRA-4 layer" --skip-defaults --choices "$choice" &
   done
-  for choice in BLOCK_N=64,num_stages=2 BLOCK_N=32,num_stages=3 BLOCK_N=32,num_stages=2 BLOCK_N=16,num_stages=4; do
-    compile --shapes MLA --skip-defaults --choices "$choice" &
+  for choice in BLOCK_B=2,BLOCK_N=32,num_warps=4,LAZY_RESCALE=1 BLOCK_B=2,num_warps=4,num_stages=2,LAZY_RESCALE=1; do
+    compile --shapes "MLRA-4 layer" --skip-defaults --choices "$choice" &
+  done
+  for choice in BLOCK_N=64,num_stages=3 LAZY_RESCALE=1; do
+    compile --shapes "share fp8" "layer fp8" --skip-defaults --choices "$choice" &
   done
   wait
 } >"$OUT/compile_decode_kernel.md" &
