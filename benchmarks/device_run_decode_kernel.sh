@@ -31,7 +31,7 @@ compile() { python3 benchmarks/compile_decode_kernel.py "$@" 2>&1 | grep "^|"; }
   wait
 } >"$OUT/compile_decode_kernel.md" &
 compiling=$!
-timeout 100 python3 -m pytest tests/test_decode_kernel.py tests/test_fp8_cache.py tests/test_continuous_batching.py \
+timeout 120 python3 -m pytest tests/test_decode_kernel.py tests/test_fp8_cache.py tests/test_continuous_batching.py \
   -q -rf -p no:cacheprovider $workers >"$OUT/pytest_decode_kernel.log" 2>&1
 echo "pytest rc=$? in $((SECONDS - start)) s"; tail -3 "$OUT/pytest_decode_kernel.log"
 wait $compiling
