@@ -71,14 +71,26 @@ SWEEP = {
          ((16, 128, 3), (16, 64, 4), (32, 64, 4), (32, 128, 3), (64, 64, 3))],
 }  # fmt: skip
 SWEPT = ("q_b", "o", "gate + up", "down")  # the shapes --sweep covers (96% of a layer's weight bytes)
+NORMED = ("q_a + kv_a", "q_b", "gate + up")  # the model's launches with the RMSNorm of their input inside
+WITH_RESIDUAL = ("o", "down")  # ... and with the residual added inside
+# the model's launch (norm, scale and residual inside, PDL where the GPU and Triton have it) and its variants
+VARIANTS = {"triton": {}, "triton, no PDL": dict(pdl=False), "triton, product alone": dict(unfused=True)}
 
 
 def make_case(name, rows, device, dtype, copies_bytes):
-    """[(plain(), gemv(choices)) per copy of the weights], weight bytes per call, and a float32 reference check."""
+    """[(plain(), gemv(choices), reference(choices)) per copy of the weights] and weight bytes per call. gemv makes
+    the model's launch: the RMSNorm of the input inside q_a + kv_a's, q_b's and gate + up's, the residual added
+    inside o's and down's, W_UV's scale inside its; choices `unfused=True` leave these out (the product alone),
+    `pdl=False` launches without PDL. reference: float32 products of the same inputs (norm, scale, residual as gemv)."""
     generator = torch.Generator(device=device).manual_seed(0)
 
     def draw(*shape, scale=1.0):
         return (torch.randn(shape, device=device, generator=generator) * scale).to(dtype)
+
+    def split(choices):
+        """(the kernel's choices, whether the model's norm / scale / residual go in)"""
+        choices = dict(choices)
+        return choices, not choices.pop("unfused", False)
 
     if name in UP_PROJECTIONS:
         weight_bytes = BRANCHES * HEADS * (NOPE + VALUE) * BLOCK * dtype.itemsize // 2
@@ -93,28 +105,52 @@ def make_case(name, rows, device, dtype, copies_bytes):
             w_uk, w_uv = weight.view(BRANCHES, HEADS, NOPE + VALUE, BLOCK).split([NOPE, VALUE], dim=2)
             if name == "W_UK fold":
                 x = draw(HEADS, rows, NOPE)
-                plain = lambda x=x, w=w_uk: torch.matmul(x, w)  # noqa: E731
-                gemv = lambda c, x=x, w=w_uk: _gemv(x[:, None], w.transpose(-1, -2).flatten(0, 1)[:, None], None, SINGLE, **c)  # noqa: E731,E501
-                reference = lambda x=x, w=w_uk: torch.matmul(x.float(), w.float()).flatten(0, 1)  # noqa: E731
+
+                def plain(x=x, w=w_uk):
+                    return torch.matmul(x, w)
+
+                def gemv(c, x=x, w=w_uk):
+                    return _gemv(x[:, None], w.transpose(-1, -2).flatten(0, 1)[:, None], None, SINGLE, **split(c)[0])
+
+                def reference(c, x=x, w=w_uk):
+                    return torch.matmul(x.float(), w.float()).flatten(0, 1)
             else:
                 x = draw(BRANCHES, HEADS, rows, BLOCK)
-                plain = lambda x=x, w=w_uv: torch.matmul(x, w.transpose(-1, -2)).sum(dim=0)  # noqa: E731
-                gemv = lambda c, x=x, w=w_uv: _gemv(x.transpose(0, 1), w.transpose(0, 1), None, SINGLE, **c)  # noqa: E731
-                reference = lambda x=x, w=w_uv: torch.matmul(x.float(), w.float().transpose(-1, -2)).sum(0)  # noqa: E731
+
+                def plain(x=x, w=w_uv):
+                    return torch.matmul(x, w.transpose(-1, -2)).sum(dim=0)
+
+                def gemv(c, x=x, w=w_uv):
+                    c, fused = split(c)
+                    return _gemv(x.transpose(0, 1), w.transpose(0, 1), None, SINGLE, scale=0.5 if fused else 1.0, **c)
+
+                def reference(c, x=x, w=w_uv):
+                    return torch.matmul(x.float(), w.float().transpose(-1, -2)).sum(0) * (0.5 if split(c)[1] else 1.0)
         else:
             x = draw(rows, k)
             w1, w2 = draw(n1, k, scale=0.02), draw(n2, k, scale=0.02) if n2 else None
-            if kind == SWIGLU:
-                plain = lambda x=x, a=w1, b=w2: (F.linear(x, a), F.linear(x, b))  # noqa: E731  (the GEMVs alone)
-                reference = lambda x=x, a=w1, b=w2: F.silu(x.float() @ a.float().T) * (x.float() @ b.float().T)  # noqa: E731
-            elif kind == SIDE_BY_SIDE:
-                plain = lambda x=x, a=w1, b=w2: (F.linear(x, a), F.linear(x, b))  # noqa: E731
-                reference = lambda x=x, a=w1, b=w2: torch.cat([x.float() @ a.float().T, x.float() @ b.float().T], -1)  # noqa: E731
-            else:
-                plain = lambda x=x, a=w1: F.linear(x, a)  # noqa: E731
-                reference = lambda x=x, a=w1: x.float() @ a.float().T  # noqa: E731
-            gemv = lambda c, x=x, a=w1, b=w2, kind=kind: _gemv(  # noqa: E731
-                x[None, None], a[None, None], b[None, None] if b is not None else None, kind, **c)[0]
+            norm_weight = draw(k, scale=0.1) + 1 if name in NORMED else None
+            residual = draw(rows, n1) if name in WITH_RESIDUAL else None
+
+            def plain(x=x, a=w1, b=w2):  # the GEMVs alone
+                return F.linear(x, a) if b is None else (F.linear(x, a), F.linear(x, b))
+
+            def gemv(c, x=x, a=w1, b=w2, kind=kind, norm_weight=norm_weight, residual=residual):
+                c, fused = split(c)
+                residual = residual if residual is None else residual[None]
+                extra = dict(norm_weight=norm_weight, eps=1e-6, residual=residual)
+                second = b[None, None] if b is not None else None
+                return _gemv(x[None, None], a[None, None], second, kind, **(extra if fused else {}), **c)[0]
+
+            def reference(c, x=x, a=w1, b=w2, kind=kind, norm_weight=norm_weight, residual=residual):
+                x, fused = x.float(), split(c)[1]
+                if fused and norm_weight is not None:
+                    x = F.rms_norm(x, (x.shape[-1],), norm_weight.float(), 1e-6)
+                if kind == SWIGLU:
+                    return F.silu(x @ a.float().T) * (x @ b.float().T)
+                if kind == SIDE_BY_SIDE:
+                    return torch.cat([x @ a.float().T, x @ b.float().T], -1)
+                return x @ a.float().T + (residual.float() if fused and residual is not None else 0)
         calls.append((plain, gemv, reference))
     return calls, weight_bytes
 
@@ -149,13 +185,10 @@ def measure_projections(args, device, dtype, copy_gbs, report):
                 return row
 
             record("cuBLAS", lambda: [plain() for plain, _, _ in calls])
-            default = {}
-            record("triton", lambda: [gemv(default) for _, gemv, _ in calls],
-                   lambda: relative_error(calls[0][1](default), calls[0][2]()))  # fmt: skip
-            if args.sweep and name in SWEPT:
-                for choices in SWEEP[1 if rows == 1 else 16]:
-                    record(f"triton {choices}", lambda c=choices: [gemv(c) for _, gemv, _ in calls],
-                           lambda c=choices: relative_error(calls[0][1](c), calls[0][2]()))  # fmt: skip
+            sweep = SWEEP[1 if rows == 1 else 16] if args.sweep and name in SWEPT else []
+            for variant, choices in [*VARIANTS.items(), *((f"triton {c}", c) for c in sweep)]:
+                record(variant, lambda c=choices: [gemv(c) for _, gemv, _ in calls],
+                       lambda c=choices: relative_error(calls[0][1](c), calls[0][2](c)))  # fmt: skip
             del calls
             release(device)
 

@@ -79,60 +79,103 @@ if triton is not None:
 
     @triton.jit
     def _gemv_tile(
-        acc, x_ptrs, w_ptrs, m_ok, n_ok, k_ok, BLOCK_M: tl.constexpr, MASK_K: tl.constexpr, PRECISION: tl.constexpr
+        acc, squares, x_ptrs, w_ptrs, norm_ptrs, m_ok, n_ok, k_ok,
+        BLOCK_M: tl.constexpr, MASK_K: tl.constexpr, NORM: tl.constexpr, PRECISION: tl.constexpr,
     ):
         """acc [BLOCK_M, BLOCK_N] += x tile [BLOCK_M, BLOCK_K] @ weight tile [BLOCK_K, BLOCK_N]; one row: acc
-        [BLOCK_K, BLOCK_N] += the products."""
+        [BLOCK_K, BLOCK_N] += the products. NORM: x times the norm's weight, its squares summed in `squares`."""
         if MASK_K:
             x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         else:
             x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
             w = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
+        if NORM:  # the rms is known after the loop: x weighted here, divided by its rms once at the end
+            if MASK_K:
+                norm_weight = tl.load(norm_ptrs, mask=k_ok, other=0.0)
+            else:
+                norm_weight = tl.load(norm_ptrs)
+            x_float = x.to(tl.float32)
+            squares += x_float * x_float
+            x = (x_float * norm_weight.to(tl.float32)[None, :]).to(x.dtype)
         if BLOCK_M == 1:  # products kept per k, summed once after the loop
             acc += tl.trans(x.to(tl.float32)) * w.to(tl.float32)
         else:
             acc = tl.dot(x, w, acc, input_precision=PRECISION)
-        return acc
+        return acc, squares
 
     @triton.jit
     def _gemv_weight(
-        x_ptr, w_ptr, offs_m, offs_n, m_ok, n_ok, M, K, num_segments,
+        x_ptr, w_ptr, norm_ptr, offs_m, offs_n, m_ok, n_ok, M, K, num_segments, eps,
         stride_xs, stride_xm, stride_xk, stride_ws, stride_wn, stride_wk,
-        ALIGN_XM: tl.constexpr, ALIGN_WN: tl.constexpr, ALIGN_WK: tl.constexpr,
+        ALIGN_XM: tl.constexpr, ALIGN_WN: tl.constexpr, ALIGN_WK: tl.constexpr, NORM: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
     ):
         """One weight's tile of outputs [BLOCK_M, BLOCK_N] in float32, over every segment and the whole reduction:
-        whole BLOCK_K steps unmasked along k (so the loads stay 16 bytes wide), then the remainder masked."""
+        whole BLOCK_K steps unmasked along k (so the loads stay 16 bytes wide), then the remainder masked. NORM (one
+        segment): of RMSNorm(x) [M, K], whose weight is at norm_ptr."""
         offs_k = tl.arange(0, BLOCK_K)
         x_rows = tl.multiple_of(offs_m * stride_xm, ALIGN_XM)
         w_rows = tl.multiple_of(offs_n * stride_wn, ALIGN_WN)
         w_cols = tl.multiple_of(offs_k * stride_wk, ALIGN_WK)
         acc = tl.zeros((BLOCK_K if BLOCK_M == 1 else BLOCK_M, BLOCK_N), dtype=tl.float32)
+        squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         k_whole = (K // BLOCK_K) * BLOCK_K
         for s in range(num_segments):
             x_ptrs = x_ptr + s * stride_xs + x_rows[:, None] + offs_k[None, :] * stride_xk
             w_ptrs = w_ptr + s * stride_ws + w_cols[:, None] + w_rows[None, :]
+            norm_ptrs = norm_ptr + offs_k
             for k in range(0, k_whole, BLOCK_K):
-                acc = _gemv_tile(acc, x_ptrs, w_ptrs, m_ok, n_ok, offs_k, BLOCK_M, False, PRECISION)
+                acc, squares = _gemv_tile(
+                    acc, squares, x_ptrs, w_ptrs, norm_ptrs, m_ok, n_ok, offs_k, BLOCK_M, False, NORM, PRECISION
+                )
                 x_ptrs += BLOCK_K * stride_xk
                 w_ptrs += BLOCK_K * stride_wk
+                norm_ptrs += BLOCK_K
             if k_whole < K:
-                acc = _gemv_tile(acc, x_ptrs, w_ptrs, m_ok, n_ok, k_whole + offs_k < K, BLOCK_M, True, PRECISION)
+                acc, squares = _gemv_tile(
+                    acc, squares, x_ptrs, w_ptrs, norm_ptrs, m_ok, n_ok, k_whole + offs_k < K, BLOCK_M, True, NORM,
+                    PRECISION,
+                )
         if BLOCK_M == 1:
             out = tl.sum(acc, axis=0)[None, :]
         else:
             out = acc
+        if NORM:
+            out = out * tl.rsqrt(tl.sum(squares, axis=1) / K + eps)[:, None]
         return out
 
     @triton.jit
+    def _prefetch_to_l2(ptrs):
+        """Ask for the lines at `ptrs` to be brought into L2 (no registers written, nothing waited for)."""
+        tl.inline_asm_elementwise(
+            "prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs], dtype=tl.int32, is_pure=False, pack=1
+        )
+
+    @triton.jit
+    def _prefetch_tile(w_ptr, offs_n, n_ok, K, stride_wn, stride_wk, K_CONTIGUOUS: tl.constexpr,
+                       PREFETCH_K: tl.constexpr):
+        """The first PREFETCH_K columns of the program's weight rows into L2, one request per 128 bytes."""
+        ks = tl.arange(0, PREFETCH_K // 64 if K_CONTIGUOUS else PREFETCH_K)
+        if K_CONTIGUOUS:  # one request per 64 values of each row
+            ptrs = w_ptr + ks[:, None] * 64 + offs_n[None, :] * stride_wn
+            ok = (ks * 64 < K)[:, None] & n_ok[None, :]
+        else:  # the rows side by side in memory: one request per column, from the first row
+            ptrs = w_ptr + ks * stride_wk + tl.min(offs_n) * stride_wn
+            ok = ks < K
+        _prefetch_to_l2(tl.where(ok, ptrs, w_ptr))
+
+    @triton.jit
     def _gemv_kernel(
-        x_ptr, w_ptr, w2_ptr, out_ptr,
-        M, N, N2, K, num_segments, x_batches,
+        x_ptr, w_ptr, w2_ptr, out_ptr, norm_ptr, residual_ptr,
+        M, N, N2, K, num_segments, x_batches, eps, scale,
         stride_xg, stride_xs, stride_xm, stride_xk,
         stride_wg, stride_ws, stride_wn, stride_wk,
         stride_og, stride_om, stride_on,
+        stride_rg, stride_rm, stride_rn,
         MODE: tl.constexpr, ALIGN_XM: tl.constexpr, ALIGN_WN: tl.constexpr, ALIGN_WK: tl.constexpr,
+        NORM: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr, W_K_CONTIGUOUS: tl.constexpr,
+        PREFETCH_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
     ):
         # program -> (tile of outputs, weight batch); SIDE_BY_SIDE: the first weight's tiles, then the second's
@@ -142,6 +185,7 @@ if triton is not None:
         w_ptr += g * stride_wg
         w2_ptr += g * stride_wg
         out_ptr += g * stride_og
+        residual_ptr += g * stride_rg
         offs_m = tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
         first_tiles = tl.cdiv(N, BLOCK_N)
@@ -151,38 +195,80 @@ if triton is not None:
                 weight, rows, column, tile = w2_ptr, N2, N, tile - first_tiles
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < rows
+        if PDL:
+            # Launched as a programmatic dependent launch: the kernel after this one may start once every program
+            # here has; the weights (which no kernel writes) start coming into L2 while the kernel before this one
+            # finishes, and the activations are read only after it has (gdc_wait).
+            tl.extra.cuda.gdc_launch_dependents()
+            _prefetch_tile(weight, offs_n, n_ok, K, stride_wn, stride_wk, W_K_CONTIGUOUS, PREFETCH_K)
+            if MODE == 2:
+                _prefetch_tile(w2_ptr, offs_n, n_ok, K, stride_wn, stride_wk, W_K_CONTIGUOUS, PREFETCH_K)
+            tl.extra.cuda.gdc_wait()
         acc = _gemv_weight(
-            x_ptr, weight, offs_m, offs_n, m_ok, n_ok, M, K, num_segments, stride_xs, stride_xm, stride_xk,
-            stride_ws, stride_wn, stride_wk, ALIGN_XM, ALIGN_WN, ALIGN_WK, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
+            x_ptr, weight, norm_ptr, offs_m, offs_n, m_ok, n_ok, M, K, num_segments, eps, stride_xs, stride_xm,
+            stride_xk, stride_ws, stride_wn, stride_wk, ALIGN_XM, ALIGN_WN, ALIGN_WK, NORM, BLOCK_M, BLOCK_N, BLOCK_K,
+            PRECISION,
         )
         if MODE == 2:  # silu(gate) * up: gate rows from the first weight, up rows from the second
             up = _gemv_weight(
-                x_ptr, w2_ptr, offs_m, offs_n, m_ok, n_ok, M, K, num_segments, stride_xs, stride_xm, stride_xk,
-                stride_ws, stride_wn, stride_wk, ALIGN_XM, ALIGN_WN, ALIGN_WK, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
+                x_ptr, w2_ptr, norm_ptr, offs_m, offs_n, m_ok, n_ok, M, K, num_segments, eps, stride_xs, stride_xm,
+                stride_xk, stride_ws, stride_wn, stride_wk, ALIGN_XM, ALIGN_WN, ALIGN_WK, NORM, BLOCK_M, BLOCK_N,
+                BLOCK_K, PRECISION,
             )
             acc = acc * tl.sigmoid(acc) * up
+        acc = acc * scale
+        mask = m_ok[:, None] & n_ok[None, :]
+        if RESIDUAL:
+            residual_ptrs = residual_ptr + offs_m[:, None] * stride_rm + (column + offs_n)[None, :] * stride_rn
+            acc += tl.load(residual_ptrs, mask=mask, other=0.0).to(tl.float32)
         out_ptrs = out_ptr + offs_m[:, None] * stride_om + (column + offs_n)[None, :] * stride_on
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _gemv(x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None, mode: int, **choices) -> torch.Tensor:
-    """x [Gx, S, M, K], w (and w2) [G, S, N, K], any strides -> out [G, M, N] (SIDE_BY_SIDE: [G, M, N + N2])."""
+@functools.cache
+def programmatic_launch(device_index: int) -> bool:
+    """Whether the GEMV launches as a programmatic dependent launch (PDL: Hopper and later, a Triton that has it):
+    its weights then start coming in while the kernel before it finishes (`_gemv_kernel`)."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability(device_index)[0] < 9:
+        return False
+    from triton.backends.nvidia.compiler import CUDAOptions
+
+    return "launch_pdl" in CUDAOptions.__dataclass_fields__ and hasattr(tl.extra.cuda, "gdc_wait")
+
+
+PREFETCH_BYTES = 8192  # weight bytes per program asked into L2 before the kernel before it has finished
+
+
+def _gemv(
+    x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None, mode: int, norm_weight: torch.Tensor | None = None,
+    eps: float = 0.0, scale: float = 1.0, residual: torch.Tensor | None = None, **choices,
+) -> torch.Tensor:
+    """x [Gx, S, M, K], w (and w2) [G, S, N, K], any strides -> out [G, M, N] (SIDE_BY_SIDE: [G, M, N + N2]); see
+    `mlra_gemv`."""
     batches, segments, rows_out, reduction = w.shape
     x_batches, _, rows, _ = x.shape
     second_rows = w2.shape[2] if w2 is not None else 0
     outputs = rows_out + second_rows if mode == SIDE_BY_SIDE else rows_out
     out = x.new_empty(batches, rows, outputs)
     config = gemv_config(rows, outputs, reduction, batches, mode, _num_sms(x.device.index or 0), **choices)
-    grid = (triton.cdiv(rows_out, config["BLOCK_N"]) + triton.cdiv(second_rows, config["BLOCK_N"]) * (mode == SIDE_BY_SIDE), batches)
+    block_n = config["BLOCK_N"]
+    tiles = triton.cdiv(rows_out, block_n) + (triton.cdiv(second_rows, block_n) if mode == SIDE_BY_SIDE else 0)
+    pdl = choices.get("pdl", x.is_cuda and programmatic_launch(x.device.index or 0))
     size = w.element_size()
-    _gemv_kernel[grid](
-        x, w, w2 if w2 is not None else w, out,
-        rows, rows_out, second_rows, reduction, segments, x_batches,
-        *x.stride(), *w.stride(), *out.stride(),
+    # the columns of its weight rows a program asks into L2 ahead: about PREFETCH_BYTES, a power of two >= 64
+    columns = max(1, PREFETCH_BYTES // (block_n * size * (2 if mode == SWIGLU else 1)))
+    prefetch_k = max(64, min(triton.next_power_of_2(reduction), 1 << (columns.bit_length() - 1)))
+    residual_strides = residual.stride() if residual is not None else (0, 0, 0)
+    _gemv_kernel[(tiles, batches)](
+        x, w, w2 if w2 is not None else w, out, norm_weight if norm_weight is not None else w,
+        residual if residual is not None else out,
+        rows, rows_out, second_rows, reduction, segments, x_batches, eps, scale,
+        *x.stride(), *w.stride(), *out.stride(), *residual_strides,
         MODE=mode, ALIGN_XM=_alignment(x.stride(2), size), ALIGN_WN=_alignment(w.stride(2), size),
-        ALIGN_WK=_alignment(w.stride(3), size), BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"],
+        ALIGN_WK=_alignment(w.stride(3), size), NORM=norm_weight is not None, RESIDUAL=residual is not None, PDL=pdl,
+        W_K_CONTIGUOUS=w.stride(3) == 1, PREFETCH_K=prefetch_k, BLOCK_M=config["BLOCK_M"], BLOCK_N=block_n,
         BLOCK_K=config["BLOCK_K"], PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=config["num_warps"], num_stages=config["num_stages"],
+        num_warps=config["num_warps"], num_stages=config["num_stages"], **({"launch_pdl": True} if pdl else {}),
     )
     return out
 
@@ -190,19 +276,28 @@ def _gemv(x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None, mode: int, 
 if triton is not None:
 
     @torch.library.custom_op("mlra::gemv", mutates_args=())
-    def _gemv_op(x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None, mode: int) -> torch.Tensor:
-        return _gemv(x, w, w2, mode)
+    def _gemv_op(
+        x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None, mode: int, norm_weight: torch.Tensor | None,
+        eps: float, scale: float, residual: torch.Tensor | None,
+    ) -> torch.Tensor:
+        return _gemv(x, w, w2, mode, norm_weight, eps, scale, residual)
 
     @_gemv_op.register_fake
-    def _(x, w, w2, mode):
+    def _(x, w, w2, mode, norm_weight, eps, scale, residual):
         outputs = w.shape[2] + (w2.shape[2] if mode == SIDE_BY_SIDE else 0)
         return x.new_empty(w.shape[0], x.shape[2], outputs)
 
 
-def mlra_gemv(x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None = None, mode: int = SINGLE) -> torch.Tensor:
+def mlra_gemv(
+    x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None = None, mode: int = SINGLE,
+    norm_weight: torch.Tensor | None = None, eps: float = 0.0, scale: float = 1.0, residual: torch.Tensor | None = None,
+) -> torch.Tensor:
     """out [G, M, N] with out[g] = sum_s x[g % Gx, s] @ w[g, s]^T: x [Gx, S, M <= 16, K], w [G, S, N, K] (views of
     any strides; G a multiple of Gx). With w2 [G, S, N2, K] (the strides of w): SIDE_BY_SIDE gives
-    [G, M, N + N2], x's products with w then w2; SWIGLU (N2 == N) gives silu(x w^T) * (x w2^T)."""
+    [G, M, N + N2], x's products with w then w2; SWIGLU (N2 == N) gives silu(x w^T) * (x w2^T).
+
+    In the same launch: norm_weight [K] (one segment), each row of x through RMSNorm first (x / sqrt(mean(x^2) +
+    eps) * norm_weight); the output times `scale`; residual (out's shape) added last."""
     if x.shape[2] > MAX_ROWS:
         raise ValueError(f"mlra_gemv takes at most {MAX_ROWS} rows, got x of shape {tuple(x.shape)}")
     if w2 is not None and (
@@ -214,10 +309,23 @@ def mlra_gemv(x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None = None, 
             f"mlra_gemv needs two weights of one layout, got shapes {tuple(w.shape)}, {tuple(w2.shape)} and strides "
             f"{w.stride()}, {w2.stride()}"
         )
+    if norm_weight is not None and (
+        norm_weight.shape != (x.shape[3],) or norm_weight.stride() != (1,) or x.shape[1] != 1
+    ):
+        raise ValueError(
+            f"mlra_gemv's norm_weight must be one contiguous vector of x's width for one segment, got norm_weight of "
+            f"shape {tuple(norm_weight.shape)} for x of shape {tuple(x.shape)}"
+        )
+    outputs = w.shape[2] + (w2.shape[2] if mode == SIDE_BY_SIDE else 0)
+    if residual is not None and residual.shape != (w.shape[0], x.shape[2], outputs):
+        raise ValueError(
+            f"mlra_gemv's residual must have the output's shape {(w.shape[0], x.shape[2], outputs)}, got "
+            f"{tuple(residual.shape)}"
+        )
     if torch.compiler.is_compiling():
-        return _gemv_op(x, w, w2, mode)
+        return _gemv_op(x, w, w2, mode, norm_weight, eps, scale, residual)
     # eager: straight to the launch, without the custom op's dispatch overhead
-    return _gemv(x, w, w2, mode)
+    return _gemv(x, w, w2, mode, norm_weight, eps, scale, residual)
 
 
 def needs_gradient(*tensors: torch.Tensor) -> bool:
@@ -250,12 +358,17 @@ def plain_weights(linears: tuple[nn.Module, ...], x: torch.Tensor) -> list[torch
     return weights
 
 
-def gemv_linears(x: torch.Tensor, *linears: nn.Module, swiglu: bool = False) -> torch.Tensor | None:
+def gemv_linears(
+    x: torch.Tensor, *linears: nn.Module, swiglu: bool = False, norm: tuple[torch.Tensor, float] | None = None,
+    scale: float = 1.0, residual: torch.Tensor | None = None,
+) -> torch.Tensor | None:
     """x [..., K] through one or two nn.Linear modules that read it, in one launch: one module's output; two
-    modules' outputs side by side ([..., N1 + N2]); or with swiglu, silu(gate(x)) * up(x). None where the kernel
-    does not apply or is not the faster (the caller then calls the modules): more than 16 rows, modules it cannot
-    read (`plain_weights`), or one module and several rows, where cuBLAS's split-K GEMM reads the weight faster
-    (H200, 16 rows: down_proj 22 us against 41-44, o_proj 10.5 against 12.9; benchmarks/results/gemv_h200.md)."""
+    modules' outputs side by side ([..., N1 + N2]); or with swiglu, silu(gate(x)) * up(x). In the same launch: norm
+    (an RMSNorm's weight [K] and eps) applied to x first, the output times `scale`, residual [..., N] added last.
+    None where the kernel does not apply or is not the faster (the caller then calls the modules): more than 16
+    rows, modules it cannot read (`plain_weights`), or one module and several rows, where cuBLAS's split-K GEMM reads
+    the weight faster (H200, 16 rows: down_proj 22 us against 41-44, o_proj 10.5 against 12.9;
+    benchmarks/results/gemv_h200.md)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     fits = rows == 1 or (1 < rows <= MAX_ROWS and len(linears) == 2)
     weights = plain_weights(linears, x) if fits else None
@@ -263,8 +376,11 @@ def gemv_linears(x: torch.Tensor, *linears: nn.Module, swiglu: bool = False) -> 
         return None
     w, w2 = weights[0][None, None], (weights[1][None, None] if len(weights) == 2 else None)
     mode = SWIGLU if swiglu else SIDE_BY_SIDE if w2 is not None else SINGLE
-    out = mlra_gemv(x.reshape(1, 1, rows, x.shape[-1]), w, w2, mode)
+    norm_weight, eps = norm if norm is not None else (None, 0.0)
+    if residual is not None:
+        residual = residual.reshape(1, rows, residual.shape[-1])
+    out = mlra_gemv(x.reshape(1, 1, rows, x.shape[-1]), w, w2, mode, norm_weight, eps, scale, residual)
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
-__all__ = ["MAX_ROWS", "gemv_linears", "mlra_gemv", "needs_gradient", "triton_available"]
+__all__ = ["MAX_ROWS", "gemv_linears", "mlra_gemv", "needs_gradient", "programmatic_launch", "triton_available"]

@@ -528,13 +528,53 @@ def use_decode_gemv(config: MLRAConfig, hidden_states: torch.Tensor) -> bool:
     return config.decode_kernel == "triton" or (hidden_states.is_cuda and torch.compiler.is_compiling())
 
 
-def project(config: MLRAConfig, hidden_states: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
-    """Each of `linears` applied to hidden_states: in one GEMV launch where `use_decode_gemv` says so and the kernel
-    reads the modules as they are (`decode_gemv.gemv_linears`), else by calling them."""
-    fused = gemv_linears(hidden_states, *linears) if use_decode_gemv(config, hidden_states) else None
-    if fused is None:
-        return tuple(linear(hidden_states) for linear in linears)
-    return fused.split([linear.out_features for linear in linears], dim=-1)
+def norm_in_gemv(norm: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+    """(weight, eps) of `norm` where the GEMV computes what calling it on x would: an MLRARMSNorm (not a subclass)
+    over the whole vector, without hooks, its weight an ordinary tensor in x's dtype and device that needs no gradient
+    here; else None (call it)."""
+    weight = norm.weight
+    if (
+        type(norm) is not MLRARMSNorm
+        or norm.num_groups != 1
+        or norm._forward_hooks
+        or norm._forward_pre_hooks
+        or "forward" in norm.__dict__
+        or type(weight) not in (nn.Parameter, torch.Tensor)
+        or weight.dtype != x.dtype
+        or weight.device != x.device
+        or needs_gradient(weight, x)
+    ):
+        return None
+    return weight, norm.variance_epsilon
+
+
+def project(
+    config: MLRAConfig, hidden_states: torch.Tensor, *linears: nn.Module, swiglu: bool = False,
+    norm: nn.Module | None = None, scale: float = 1.0, residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Each of `linears` applied to norm(hidden_states) * scale (norm: an MLRARMSNorm, or None for none); with swiglu
+    (gate, up), silu(gate(x)) * up(x); with residual (one output), residual + the output. In one GEMV launch, the
+    norm, the scale and the residual inside it, where `use_decode_gemv` says so and the kernel reads the modules as
+    they are (`decode_gemv.gemv_linears`, `norm_in_gemv`), else by calling them."""
+    if use_decode_gemv(config, hidden_states):
+        norm_weight = norm_in_gemv(norm, hidden_states) if norm is not None else None
+        if norm is not None and norm_weight is None:
+            hidden_states, norm = norm(hidden_states), None
+        fused = gemv_linears(
+            hidden_states, *linears, swiglu=swiglu, norm=norm_weight, scale=scale, residual=residual
+        )
+        if fused is not None:
+            return (fused,) if swiglu or len(linears) == 1 else fused.split([l.out_features for l in linears], dim=-1)
+    if norm is not None:
+        hidden_states = norm(hidden_states)
+    if scale != 1.0:
+        hidden_states = hidden_states * scale
+    if swiglu:
+        gate, up = linears
+        outputs = (F.silu(gate(hidden_states)) * up(hidden_states),)
+    else:
+        outputs = tuple(linear(hidden_states) for linear in linears)
+    return outputs if residual is None else (residual + outputs[0],)
 
 
 def key_mask_for_kernel(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -635,22 +675,32 @@ class MLRAAttention(nn.Module):
         attention_mask: torch.Tensor | None,
         cache: MLRACache | None = None,
         decode_kernel_inputs: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None = None,
+        input_norm: MLRARMSNorm | None = None,
+        residual: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """hidden_states [bsz, T, d] -> (output [bsz, T, d], attention weights or None). attention_mask: additive
         [bsz|1, 1, T, S] or None (causal). decode_kernel_inputs: (seq_lens [bsz], key_mask [bsz, S] or None,
-        row_starts or None) when the absorbed decode runs the fused kernel (see `MLRAModel.forward`). kwargs go to the attention function
-        (position_ids, FlashAttention's varlen arguments, ...).
+        row_starts or None) when the absorbed decode runs the fused kernel (see `MLRAModel.forward`). input_norm (the
+        layer's input_layernorm) is applied to hidden_states first and residual [bsz, T, d] added to the output, where
+        given: inside the projections' GEMV launches in a compiled decode step (`project`). kwargs go to the attention
+        function (position_ids, FlashAttention's varlen arguments, ...).
 
         The weights, returned by the eager implementation only (as transformers' models do), are the softmax
         probabilities of every branch: [bsz, B, h, T, S], branch b of head i attending over latent block
         `latent_block(b, i // hpg)`."""
         bsz, q_len, _ = hidden_states.shape
-        # the two projections of hidden_states, one GEMV launch in a compiled decode step
+        if input_norm is not None and self.config.attention_output_gate:  # the output gate reads the normed input too
+            hidden_states, input_norm = input_norm(hidden_states), None
+        # the two projections of hidden_states, one GEMV launch in a compiled decode step (the input norm in it)
         query_input = self.q_proj if self.config.q_lora_rank is None else self.q_a_proj
-        query, latent_and_rope = project(self.config, hidden_states, query_input, self.kv_a_proj_with_mqa)
+        query, latent_and_rope = project(
+            self.config, hidden_states, query_input, self.kv_a_proj_with_mqa, norm=input_norm
+        )
         if self.config.q_lora_rank is not None:
-            (query,) = project(self.config, self.q_a_layernorm(query) * self.config.q_latent_scale, self.q_b_proj)
+            (query,) = project(
+                self.config, query, self.q_b_proj, norm=self.q_a_layernorm, scale=self.config.q_latent_scale
+            )
         query = query.view(bsz, q_len, self.num_heads, -1)
         q_nope, q_rope = query.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
 
@@ -681,7 +731,7 @@ class MLRAAttention(nn.Module):
         attn_output = attn_output.reshape(bsz, q_len, self.num_heads * self.v_head_dim)
         if self.config.attention_output_gate:
             attn_output = attn_output * torch.sigmoid(self.o_gate_proj(hidden_states))
-        (output,) = project(self.config, attn_output, self.o_proj)
+        (output,) = project(self.config, attn_output, self.o_proj, residual=residual)
         return output, attn_weights
 
     def paged_attention(self, q_nope, q_rope, kv_states, paged: MLRAPagedLatent) -> torch.Tensor:
@@ -807,12 +857,13 @@ class MLRAAttention(nn.Module):
         else:
             mixed, probs = self.absorbed_softmax(q_absorbed, q_rope, kv_states, attention_mask)
         mixed = mixed.permute(1, 2, 0, 3, 4).reshape(self.num_branches, self.num_heads, bsz * q_len, -1)
-        if gemv:  # the branches as segments of one reduction per head
-            output = mlra_gemv(mixed.transpose(0, 1), w_uv.transpose(0, 1))  # [h, bsz * T, d_v]
+        scale = self.config.attn_output_scale
+        if gemv:  # the branches as segments of one reduction per head, the scale in the same launch
+            output = mlra_gemv(mixed.transpose(0, 1), w_uv.transpose(0, 1), scale=scale)  # [h, bsz * T, d_v]
         else:
-            output = torch.matmul(mixed, w_uv.transpose(-1, -2)).sum(dim=0)  # [h, bsz * T, d_v]
+            output = torch.matmul(mixed, w_uv.transpose(-1, -2)).sum(dim=0) * scale  # [h, bsz * T, d_v]
         weights = probs if self.config._attn_implementation == "eager" else None
-        return output.unflatten(1, (bsz, q_len)).permute(1, 2, 0, 3) * self.config.attn_output_scale, weights
+        return output.unflatten(1, (bsz, q_len)).permute(1, 2, 0, 3), weights
 
     def absorbed_softmax(self, q_absorbed, q_rope, kv_states, attention_mask) -> torch.Tensor:
         """The PyTorch softmax part of `absorbed_attention`: q_absorbed [bsz, B, h, T, d_l] -> (the softmax-weighted
@@ -851,12 +902,14 @@ class MLRAMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.down_proj.is_residual_output = True  # zero-initialised (paper)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # gate and up in one GEMV launch in a compiled decode step, silu(gate) * up computed there
-        gated = gemv_linears(x, self.gate_proj, self.up_proj, swiglu=True) if use_decode_gemv(self.config, x) else None
-        if gated is None:
-            gated = F.silu(self.gate_proj(x)) * self.up_proj(x)
-        (output,) = project(self.config, gated, self.down_proj)
+    def forward(
+        self, x: torch.Tensor, norm: MLRARMSNorm | None = None, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x [..., d] -> down_proj(silu(gate_proj(x)) * up_proj(x)) [..., d]; norm (the layer's RMSNorm) applied to x
+        first and residual [..., d] added to the output, where given. In a compiled decode step gate and up are one
+        GEMV launch (the norm and silu(gate) * up in it) and down_proj another (the residual in it)."""
+        (gated,) = project(self.config, x, self.gate_proj, self.up_proj, swiglu=True, norm=norm)
+        (output,) = project(self.config, gated, self.down_proj, residual=residual)
         return output
 
 
@@ -869,11 +922,13 @@ class MLRADecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = MLRARMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, **kwargs):
-        attn_output, _ = self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache=cache, **kwargs
+        # each norm is applied by the projections that read it and each residual added by the projection that ends
+        # its branch: in a compiled decode step, inside their GEMV launches (`project`)
+        hidden_states, _ = self.self_attn(
+            hidden_states, position_embeddings, attention_mask, cache=cache, input_norm=self.input_layernorm,
+            residual=hidden_states, **kwargs,
         )
-        hidden_states = hidden_states + attn_output
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return self.mlp(hidden_states, norm=self.post_attention_layernorm, residual=hidden_states)
 
 
 class MLRAPreTrainedModel(PreTrainedModel):

@@ -4,6 +4,8 @@ Without a GPU the kernel runs in Triton's interpreter (conftest), with float16/f
 tests run compiled, bfloat16 included.
 """
 
+from typing import NamedTuple
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,18 +31,28 @@ def relative_error(out, reference):
     return ((out - reference).norm() / reference.norm()).item()
 
 
+class Launch(NamedTuple):
+    mode: int
+    norm: bool  # an RMSNorm applied to the input inside the launch
+    residual: bool  # a residual added to the output inside the launch
+
+
 @pytest.fixture
 def launches(monkeypatch):
-    """Counts the GEMV launches (a test of the fast path must fail if the path is not taken)."""
+    """The GEMV launches (a test of the fast path must fail if the path is not taken)."""
     calls = []
     original = decode_gemv._gemv
 
-    def counted(*args, **kwargs):
-        calls.append(args[3])
-        return original(*args, **kwargs)
+    def counted(x, w, w2, mode, norm_weight=None, eps=0.0, scale=1.0, residual=None, **choices):
+        calls.append(Launch(mode, norm_weight is not None, residual is not None))
+        return original(x, w, w2, mode, norm_weight, eps, scale, residual, **choices)
 
     monkeypatch.setattr(decode_gemv, "_gemv", counted)
     return calls
+
+
+def rms_norm(x, weight, eps):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
 # (rows, outputs, reduction): one and several rows; outputs and reduction off the tile sizes (masked tails)
@@ -77,6 +89,39 @@ def test_swiglu_gives_silu_of_the_gate_times_the_up_projection(dtype, rows, outp
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", [SINGLE, SIDE_BY_SIDE, SWIGLU])
+@pytest.mark.parametrize("rows, outputs, reduction", SHAPES)
+def test_the_norm_before_and_the_scale_and_residual_after_are_those_of_the_plain_ops(
+    dtype, mode, rows, outputs, reduction
+):
+    x = draw(rows, reduction, dtype=dtype, seed=30, scale=3.0)
+    norm_weight = draw(reduction, dtype=dtype, seed=31, scale=0.1) + 1
+    w = draw(outputs, reduction, dtype=dtype, seed=32, scale=0.2)
+    w2 = draw(outputs, reduction, dtype=dtype, seed=33, scale=0.2)
+    normed = rms_norm(x.double(), norm_weight.double(), 1e-5)
+    if mode == SWIGLU:
+        product = F.silu(normed @ w.double().T) * (normed @ w2.double().T)
+    elif mode == SIDE_BY_SIDE:
+        product = torch.cat([normed @ w.double().T, normed @ w2.double().T], dim=-1)
+    else:
+        product = normed @ w.double().T
+    residual = draw(*product.shape, dtype=dtype, seed=34)
+    out = mlra_gemv(
+        x[None, None], w[None, None], w2[None, None] if mode != SINGLE else None, mode, norm_weight, 1e-5, 0.7,
+        residual[None],
+    )[0]
+    assert relative_error(out, residual.double() + 0.7 * product) < TOLERANCE[dtype]
+
+
+def test_a_norm_weight_or_residual_of_another_shape_is_refused():
+    x, w = draw(1, 1, 2, 32, dtype=torch.float32, seed=35), draw(1, 1, 8, 32, dtype=torch.float32, seed=36)
+    with pytest.raises(ValueError, match="norm_weight"):
+        mlra_gemv(x, w, norm_weight=draw(16, dtype=torch.float32, seed=37))
+    with pytest.raises(ValueError, match="residual"):
+        mlra_gemv(x, w, residual=draw(1, 2, 4, dtype=torch.float32, seed=38))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 5])
 def test_batched_views_give_the_absorbed_up_projections(dtype, rows):
     """The W_UK fold ([B * h] products of a head's rows, weights read transposed) and W_UV (branches summed as
@@ -92,6 +137,45 @@ def test_batched_views_give_the_absorbed_up_projections(dtype, rows):
     output = mlra_gemv(mixed.transpose(0, 1), w_uv.transpose(0, 1))
     expected = torch.matmul(mixed.double(), w_uv.double().transpose(-1, -2)).sum(dim=0)
     assert relative_error(output, expected) < TOLERANCE[dtype]
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs")
+def test_chained_launches_replayed_in_a_cuda_graph_read_each_others_outputs():
+    """Each launch reads the output of the one before it, which a programmatic dependent launch (the default on
+    Hopper) may start before that one has finished: replayed on new inputs, the chain gives the plain products."""
+    weights = [draw(256, 256, dtype=torch.float32, seed=41 + i, scale=256**-0.5) for i in range(6)]
+    norm_weight = draw(256, dtype=torch.float32, seed=47, scale=0.1) + 1
+    x = draw(1, 256, dtype=torch.float32, seed=48)
+
+    def chain(x):  # alternately a norm before and a residual after, as the model's launches
+        for i, weight in enumerate(weights):
+            if i % 2 == 0:
+                x = mlra_gemv(x[None, None], weight[None, None], norm_weight=norm_weight, eps=1e-6)[0]
+            else:
+                x = mlra_gemv(x[None, None], weight[None, None], residual=x[None])[0]
+        return x
+
+    def plain_chain(x):
+        x = x.double()
+        for i, weight in enumerate(weights):
+            if i % 2 == 0:
+                x = rms_norm(x, norm_weight.double(), 1e-6) @ weight.double().T
+            else:
+                x = x + x @ weight.double().T
+        return x
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        chain(x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(x)
+    for seed in (49, 50):
+        x.copy_(draw(1, 256, dtype=torch.float32, seed=seed))
+        graph.replay()
+        assert relative_error(out, plain_chain(x)) < 1e-5
 
 
 def test_more_than_sixteen_rows_are_refused_by_the_kernel_and_left_to_the_modules():
@@ -146,8 +230,33 @@ def test_decode_steps_through_the_gemv_match_the_plain_path(member, batch, launc
     # per layer: q (+ kv_a) side by side, SwiGLU, W_UK and W_UV; one row also q_b (with a q latent), o_proj and
     # down_proj, and the lm_head once
     layers, has_q_b = fast.config.num_hidden_layers, fast.config.q_lora_rank is not None
-    assert launches.count(SWIGLU) == launches.count(SIDE_BY_SIDE) == layers
-    assert launches.count(SINGLE) == (layers * (4 + has_q_b) + 1 if batch == 1 else 2 * layers)
+    modes = [launch.mode for launch in launches]
+    assert modes.count(SWIGLU) == modes.count(SIDE_BY_SIDE) == layers
+    assert modes.count(SINGLE) == (layers * (4 + has_q_b) + 1 if batch == 1 else 2 * layers)
+    # the norms in the launches that read them (the input norm unless the output gate reads it too; q_a_layernorm in
+    # q_b's, which runs the GEMV at one row), the residuals in o_proj's and down_proj's (one row)
+    ungated = not fast.config.attention_output_gate
+    norms = layers * (1 + ungated + (has_q_b and batch == 1))
+    assert sum(launch.norm for launch in launches) == norms
+    assert sum(launch.residual for launch in launches) == (2 * layers if batch == 1 else 0)
+    assert relative_error(step, expected) < 1e-5
+
+
+def test_a_norm_with_a_hook_is_called_and_the_step_still_matches_the_plain_path(launches):
+    fast = tiny_model(seed=39, decode_kernel="triton").to(DEVICE)
+    plain = tiny_model(seed=39, decode_kernel="torch").to(DEVICE)
+    seen = []
+    fast.model.layers[0].input_layernorm.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    ids = random_tokens((1, 5), seed=40).to(DEVICE)
+    fast_cache, plain_cache = MLRACache(fast.config), MLRACache(plain.config)
+    with torch.no_grad():
+        fast(ids[:, :4], **cache_kwargs(fast_cache))
+        plain(ids[:, :4], **cache_kwargs(plain_cache))
+        seen.clear(), launches.clear()
+        step = fast(ids[:, 4:], **cache_kwargs(fast_cache)).logits
+        expected = plain(ids[:, 4:], **cache_kwargs(plain_cache)).logits
+    assert seen == [(1, 1, fast.config.hidden_size)]
+    assert launches[0] == Launch(SIDE_BY_SIDE, norm=False, residual=False)  # layer 0's q_a + kv_a: the norm was called
     assert relative_error(step, expected) < 1e-5
 
 
