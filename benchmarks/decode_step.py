@@ -218,9 +218,13 @@ def measure_compiled(model, compiled, row, args, device, report) -> None:
 
 def variant_setting(variant: str):
     """What a --variants entry changes: `cublas_projections`, the step with the projections through cuBLAS (the Triton
-    GEMV of `modeling_mlra/decode_gemv.py` off); any other name, that inductor setting set to True."""
+    GEMV of `modeling_mlra/decode_gemv.py` off); `gemv_without_pdl`, the GEMV launched without programmatic
+    dependent launch (`decode_gemv.programmatic_launch`); any other name, that inductor setting set to True (e.g.
+    `triton.enable_pdl`: inductor's own kernels as programmatic dependent launches too)."""
     if variant == "cublas_projections":
         return unittest.mock.patch.object(modeling_mlra.modeling_mlra, "use_decode_gemv", lambda config, x: False)
+    if variant == "gemv_without_pdl":
+        return unittest.mock.patch.object(modeling_mlra.decode_gemv, "programmatic_launch", lambda index: False)
     return torch._inductor.config.patch({variant: True})
 
 

@@ -34,13 +34,16 @@ SINGLE, SIDE_BY_SIDE, SWIGLU = 0, 1, 2  # how a launch combines its weights
 
 
 @functools.cache
-def gemv_config(rows: int, outputs: int, reduction: int, batches: int, mode: int, num_sms: int, **choices) -> dict:
+def gemv_config(
+    rows: int, outputs: int, reduction: int, batches: int, mode: int, num_sms: int, segments: int = 1, **choices
+) -> dict:
     """Tiles and warps from the shapes only (CUDA-graph safe); `choices` overrides any value (benchmarks/gemv.py).
 
     One row: the weight tile [BLOCK_K, BLOCK_N] is multiplied by the row and summed once after the loop; the tile
     holds 2K-8K values per weight (at least two 16-byte loads per thread per step, at most 64 float32 products per
     thread and weight), as few output rows as keep about 4 programs per multiprocessor streaming (within 8% of the
-    best tiles of the H200 sweep at every shape, benchmarks/results/gemv_h200.md). More rows: tiles of 16 rows x
+    best tiles of the H200 sweep at every shape, benchmarks/results/gemv_h200.md); where the reduction is one step,
+    the segments' tiles are loaded together and count as one (W_UV: 4 branches x 4 rows x 128). More rows: tiles of 16 rows x
     BLOCK_N x 128 through tl.dot, software-pipelined; SwiGLU's two weights in 32-wide tiles (the sweep's best for
     gate_proj with up_proj: 0.83 of the copy rate, against 0.73 in 16-wide ones).
     """
@@ -50,8 +53,9 @@ def gemv_config(rows: int, outputs: int, reduction: int, batches: int, mode: int
     if rows == 1:
         block_k = choices.get("BLOCK_K") or min(512, max(16, triton.next_power_of_2(reduction)))
         largest = 64 * 32 * num_warps // weights  # float32 products per program
+        loaded = block_k * (segments if reduction == block_k else 1)  # values per output row loaded at once
         widths = [w for w in (32, 16, 8, 4, 2, 1) if w * block_k <= largest]
-        widths = [w for w in widths if w * block_k >= 512 * num_warps // weights] or widths[:1]
+        widths = [w for w in widths if w * loaded >= 512 * num_warps // weights] or widths[:1]
     else:
         block_k = choices.get("BLOCK_K") or min(128, max(16, triton.next_power_of_2(reduction)))
         widths = [32] if mode == SWIGLU else [64, 32, 16]
@@ -106,14 +110,16 @@ if triton is not None:
 
     @triton.jit
     def _gemv_weight(
-        x_ptr, w_ptr, norm_ptr, offs_m, offs_n, m_ok, n_ok, M, K, num_segments, eps,
+        x_ptr, w_ptr, norm_ptr, offs_m, offs_n, m_ok, n_ok, M, K, eps,
         stride_xs, stride_xm, stride_xk, stride_ws, stride_wn, stride_wk,
         ALIGN_XM: tl.constexpr, ALIGN_WN: tl.constexpr, ALIGN_WK: tl.constexpr, NORM: tl.constexpr,
+        SEGMENTS: tl.constexpr, ONE_STEP: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
     ):
         """One weight's tile of outputs [BLOCK_M, BLOCK_N] in float32, over every segment and the whole reduction:
-        whole BLOCK_K steps unmasked along k (so the loads stay 16 bytes wide), then the remainder masked. NORM (one
-        segment): of RMSNorm(x) [M, K], whose weight is at norm_ptr."""
+        whole BLOCK_K steps unmasked along k (so the loads stay 16 bytes wide), then the remainder masked; ONE_STEP
+        (K == BLOCK_K): every segment's tile in straight-line code, so that their loads are in flight together. NORM
+        (one segment): of RMSNorm(x) [M, K], whose weight is at norm_ptr."""
         offs_k = tl.arange(0, BLOCK_K)
         x_rows = tl.multiple_of(offs_m * stride_xm, ALIGN_XM)
         w_rows = tl.multiple_of(offs_n * stride_wn, ALIGN_WN)
@@ -121,7 +127,15 @@ if triton is not None:
         acc = tl.zeros((BLOCK_K if BLOCK_M == 1 else BLOCK_M, BLOCK_N), dtype=tl.float32)
         squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         k_whole = (K // BLOCK_K) * BLOCK_K
-        for s in range(num_segments):
+        if ONE_STEP:
+            for s in tl.static_range(SEGMENTS):
+                x_ptrs = x_ptr + s * stride_xs + x_rows[:, None] + offs_k[None, :] * stride_xk
+                w_ptrs = w_ptr + s * stride_ws + w_cols[:, None] + w_rows[None, :]
+                acc, squares = _gemv_tile(
+                    acc, squares, x_ptrs, w_ptrs, norm_ptr + offs_k, m_ok, n_ok, offs_k, BLOCK_M, False, NORM,
+                    PRECISION,
+                )
+        for s in range(0 if ONE_STEP else SEGMENTS):
             x_ptrs = x_ptr + s * stride_xs + x_rows[:, None] + offs_k[None, :] * stride_xk
             w_ptrs = w_ptr + s * stride_ws + w_cols[:, None] + w_rows[None, :]
             norm_ptrs = norm_ptr + offs_k
@@ -168,14 +182,14 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(
         x_ptr, w_ptr, w2_ptr, out_ptr, norm_ptr, residual_ptr,
-        M, N, N2, K, num_segments, x_batches, eps, scale,
+        M, N, N2, K, x_batches, eps, scale,
         stride_xg, stride_xs, stride_xm, stride_xk,
         stride_wg, stride_ws, stride_wn, stride_wk,
         stride_og, stride_om, stride_on,
         stride_rg, stride_rm, stride_rn,
         MODE: tl.constexpr, ALIGN_XM: tl.constexpr, ALIGN_WN: tl.constexpr, ALIGN_WK: tl.constexpr,
-        NORM: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr, W_K_CONTIGUOUS: tl.constexpr,
-        PREFETCH_K: tl.constexpr,
+        SEGMENTS: tl.constexpr, ONE_STEP: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
+        PDL: tl.constexpr, W_K_CONTIGUOUS: tl.constexpr, PREFETCH_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
     ):
         # program -> (tile of outputs, weight batch); SIDE_BY_SIDE: the first weight's tiles, then the second's
@@ -205,15 +219,15 @@ if triton is not None:
                 _prefetch_tile(w2_ptr, offs_n, n_ok, K, stride_wn, stride_wk, W_K_CONTIGUOUS, PREFETCH_K)
             tl.extra.cuda.gdc_wait()
         acc = _gemv_weight(
-            x_ptr, weight, norm_ptr, offs_m, offs_n, m_ok, n_ok, M, K, num_segments, eps, stride_xs, stride_xm,
-            stride_xk, stride_ws, stride_wn, stride_wk, ALIGN_XM, ALIGN_WN, ALIGN_WK, NORM, BLOCK_M, BLOCK_N, BLOCK_K,
-            PRECISION,
+            x_ptr, weight, norm_ptr, offs_m, offs_n, m_ok, n_ok, M, K, eps, stride_xs, stride_xm, stride_xk,
+            stride_ws, stride_wn, stride_wk, ALIGN_XM, ALIGN_WN, ALIGN_WK, NORM, SEGMENTS, ONE_STEP, BLOCK_M, BLOCK_N,
+            BLOCK_K, PRECISION,
         )
         if MODE == 2:  # silu(gate) * up: gate rows from the first weight, up rows from the second
             up = _gemv_weight(
-                x_ptr, w2_ptr, norm_ptr, offs_m, offs_n, m_ok, n_ok, M, K, num_segments, eps, stride_xs, stride_xm,
-                stride_xk, stride_ws, stride_wn, stride_wk, ALIGN_XM, ALIGN_WN, ALIGN_WK, NORM, BLOCK_M, BLOCK_N,
-                BLOCK_K, PRECISION,
+                x_ptr, w2_ptr, norm_ptr, offs_m, offs_n, m_ok, n_ok, M, K, eps, stride_xs, stride_xm, stride_xk,
+                stride_ws, stride_wn, stride_wk, ALIGN_XM, ALIGN_WN, ALIGN_WK, NORM, SEGMENTS, ONE_STEP, BLOCK_M,
+                BLOCK_N, BLOCK_K, PRECISION,
             )
             acc = acc * tl.sigmoid(acc) * up
         acc = acc * scale
@@ -250,7 +264,9 @@ def _gemv(
     second_rows = w2.shape[2] if w2 is not None else 0
     outputs = rows_out + second_rows if mode == SIDE_BY_SIDE else rows_out
     out = x.new_empty(batches, rows, outputs)
-    config = gemv_config(rows, outputs, reduction, batches, mode, _num_sms(x.device.index or 0), **choices)
+    config = gemv_config(
+        rows, outputs, reduction, batches, mode, _num_sms(x.device.index or 0), segments=segments, **choices
+    )
     block_n = config["BLOCK_N"]
     tiles = triton.cdiv(rows_out, block_n) + (triton.cdiv(second_rows, block_n) if mode == SIDE_BY_SIDE else 0)
     pdl = choices.get("pdl", x.is_cuda and programmatic_launch(x.device.index or 0))
@@ -262,10 +278,10 @@ def _gemv(
     _gemv_kernel[(tiles, batches)](
         x, w, w2 if w2 is not None else w, out, norm_weight if norm_weight is not None else w,
         residual if residual is not None else out,
-        rows, rows_out, second_rows, reduction, segments, x_batches, eps, scale,
+        rows, rows_out, second_rows, reduction, x_batches, eps, scale,
         *x.stride(), *w.stride(), *out.stride(), *residual_strides,
         MODE=mode, ALIGN_XM=_alignment(x.stride(2), size), ALIGN_WN=_alignment(w.stride(2), size),
-        ALIGN_WK=_alignment(w.stride(3), size), NORM=norm_weight is not None, RESIDUAL=residual is not None, PDL=pdl,
+        ALIGN_WK=_alignment(w.stride(3), size), SEGMENTS=segments, ONE_STEP=reduction == config["BLOCK_K"], NORM=norm_weight is not None, RESIDUAL=residual is not None, PDL=pdl,
         W_K_CONTIGUOUS=w.stride(3) == 1, PREFETCH_K=prefetch_k, BLOCK_M=config["BLOCK_M"], BLOCK_N=block_n,
         BLOCK_K=config["BLOCK_K"], PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=config["num_warps"], num_stages=config["num_stages"], **({"launch_pdl": True} if pdl else {}),

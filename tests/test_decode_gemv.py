@@ -55,8 +55,9 @@ def rms_norm(x, weight, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
-# (rows, outputs, reduction): one and several rows; outputs and reduction off the tile sizes (masked tails)
-SHAPES = [(1, 40, 72), (3, 24, 600), (16, 64, 256), (1, 96, 1100), (9, 40, 1100)]
+# (rows, outputs, reduction): one and several rows; outputs and reduction off the tile sizes (masked tails), or a
+# reduction of exactly one tile (loaded in straight-line code)
+SHAPES = [(1, 40, 72), (3, 24, 600), (16, 64, 256), (1, 96, 1100), (9, 40, 1100), (1, 24, 64), (6, 40, 128)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
