@@ -155,7 +155,7 @@ class Step:
         return statistics.median(timed_ms(replay, self.device)[1] for _ in range(replays))
 
 
-def kernel_profile(fn, device, top: int = 8) -> dict:
+def kernel_profile(fn, device, top: int = 16) -> dict:
     """Kernels of one call of `fn` (after warm-up): count, summed device time, the top ones, the decode kernel's."""
     if device.type != "cuda":
         return {}

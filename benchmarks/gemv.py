@@ -7,7 +7,9 @@ Weights of the 2.9B MLRA-4 layer (bfloat16, random): q_a_proj with kv_a_proj_wit
 side), q_b_proj, o_proj, gate_proj with up_proj (one launch, SwiGLU), down_proj, the lm_head, and the absorbed
 decode's W_UK fold (24 heads x 4 branches of [128 x 128]) and W_UV (the branches summed), for M = 1 and 16 rows.
 Per shape: cuBLAS as the model calls it (F.linear per weight; torch.matmul for W_UK and W_UV), the Triton GEMV
-(`modeling_mlra/decode_gemv.py`) with the launch the model makes (`gemv_config`) and, with --sweep, other tiles.
+(`modeling_mlra/decode_gemv.py`) with the launch the model makes (`gemv_config`; the RMSNorm of the input, the
+residual or W_UV's scale inside it, a programmatic dependent launch where the GPU and Triton have it), that launch
+without PDL, the product alone (no norm or residual), and with --sweep other tiles.
 Each time is GPU time per call from CUDA-graph replays of calls over enough copies of the weights to leave L2
 (several hundred MB, so every call reads its weights from memory, as a decode step does), median; bandwidth =
 weight bytes / time, against a device-to-device copy in the same run. The Triton results are checked against
@@ -65,12 +67,12 @@ LINEARS = [
 ]
 UP_PROJECTIONS = ["W_UK fold", "W_UV"]
 SWEEP = {
-    1: [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w) for n, k, w in
-        ((4, 512, 4), (8, 512, 4), (16, 256, 4), (4, 1024, 4), (8, 1024, 8), (16, 512, 8))],
+    1: [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s) for n, k, w, s in
+        ((8, 512, 4, 1), (4, 1024, 4, 1), (8, 1024, 8, 1), (2, 1024, 4, 1), (4, 512, 4, 3))],
     16: [dict(BLOCK_N=n, BLOCK_K=k, num_stages=s) for n, k, s in
          ((16, 128, 3), (16, 64, 4), (32, 64, 4), (32, 128, 3), (64, 64, 3))],
 }  # fmt: skip
-SWEPT = ("q_b", "o", "gate + up", "down")  # the shapes --sweep covers (96% of a layer's weight bytes)
+SWEPT = ("q_a + kv_a", "q_b", "o", "gate + up", "down")  # the shapes --sweep covers (97% of a layer's weight bytes)
 NORMED = ("q_a + kv_a", "q_b", "gate + up")  # the model's launches with the RMSNorm of their input inside
 WITH_RESIDUAL = ("o", "down")  # ... and with the residual added inside
 # the model's launch (norm, scale and residual inside, PDL where the GPU and Triton have it) and its variants
@@ -263,16 +265,21 @@ def markdown(meta, rows) -> str:
         "",
         "## Projections: us per call (fraction of the copy rate)",
         "",
-        "| shape | rows | weight MB | cuBLAS | Triton (model's launch) | best Triton (sweep) | best choice "
-        "| Triton rel. error |",
-        "|---|---:|---:|---:|---:|---:|---|---:|",
+        "The model's launch has the RMSNorm of its input inside (q_a + kv_a, q_b, gate + up), the residual added inside "
+        "(o, down) or the scale (W_UV), and launches with PDL where the GPU and Triton have it; \"no PDL\" is that "
+        "launch without it, \"product alone\" the product without the norm or residual (PDL on). cuBLAS: the product "
+        "alone.",
+        "",
+        "| shape | rows | weight MB | cuBLAS | Triton (model's launch) | no PDL | product alone | best Triton (sweep) "
+        "| best choice | Triton rel. error |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     projections = [r for r in rows if r["part"] == "projection" and "us" in r]
     keys = list(dict.fromkeys((r["shape"], r["rows"]) for r in projections))
     for shape, count in keys:
         group = [r for r in projections if (r["shape"], r["rows"]) == (shape, count)]
         by_variant = {r["variant"]: r for r in group}
-        tritons = [r for r in group if r["variant"].startswith("triton")]
+        tritons = [r for r in group if r["variant"] == "triton" or r["variant"].startswith("triton {")]
         best = min(tritons, key=lambda r: r["us"]) if tritons else None
 
         def cell(r):
@@ -281,7 +288,8 @@ def markdown(meta, rows) -> str:
         error = by_variant.get("triton", {}).get("relative_error")
         lines.append(
             f"| {shape} | {count} | {group[0]['weight_mb']:.1f} | {cell(by_variant.get('cuBLAS'))} "
-            f"| {cell(by_variant.get('triton'))} | {cell(best)} | {best['variant'] if best else '-'} "
+            f"| {cell(by_variant.get('triton'))} | {cell(by_variant.get('triton, no PDL'))} "
+            f"| {cell(by_variant.get('triton, product alone'))} | {cell(best)} | {best['variant'] if best else '-'} "
             f"| {fmt(error, '.1e')} |"
         )
     failed = [r for r in rows if r["part"] == "projection" and "error" in r]
@@ -325,7 +333,7 @@ def plot(meta, rows, path):
         for offset, (label, pick) in enumerate((
             ("cuBLAS", lambda g: [r for r in g if r["variant"] == "cuBLAS"]),
             ("Triton (model's launch)", lambda g: [r for r in g if r["variant"] == "triton"]),
-            ("best Triton", lambda g: sorted((r for r in g if r["variant"].startswith("triton")), key=lambda r: r["us"])[:1]),
+            ("Triton, no PDL", lambda g: [r for r in g if r["variant"] == "triton, no PDL"]),
         )):
             values = []
             for shape in shapes:

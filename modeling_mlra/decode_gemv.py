@@ -245,9 +245,12 @@ def programmatic_launch(device_index: int) -> bool:
     its weights then start coming in while the kernel before it finishes (`_gemv_kernel`)."""
     if not torch.cuda.is_available() or torch.cuda.get_device_capability(device_index)[0] < 9:
         return False
-    from triton.backends.nvidia.compiler import CUDAOptions
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
 
-    return "launch_pdl" in CUDAOptions.__dataclass_fields__ and hasattr(tl.extra.cuda, "gdc_wait")
+        return "launch_pdl" in CUDAOptions.__dataclass_fields__ and hasattr(tl.extra.cuda, "gdc_launch_dependents")
+    except (ImportError, AttributeError):  # a Triton without them
+        return False
 
 
 PREFETCH_BYTES = 8192  # weight bytes per program asked into L2 before the kernel before it has finished
