@@ -265,10 +265,10 @@ def markdown(meta, rows) -> str:
         "",
         "## Projections: us per call (fraction of the copy rate)",
         "",
-        "The model's launch has the RMSNorm of its input inside (q_a + kv_a, q_b, gate + up), the residual added inside "
-        "(o, down) or the scale (W_UV), and launches with PDL where the GPU and Triton have it; \"no PDL\" is that "
-        "launch without it, \"product alone\" the product without the norm or residual (PDL on). cuBLAS: the product "
-        "alone.",
+        "The model's launch has the RMSNorm of its input inside (q_a + kv_a, q_b, gate + up), the residual added "
+        "inside (o, down) or the scale (W_UV), and launches with PDL where the GPU and Triton have it; \"no PDL\" is "
+        "that launch without it, \"product alone\" the product without the norm or residual (PDL on). cuBLAS: the "
+        "product alone.",
         "",
         "| shape | rows | weight MB | cuBLAS | Triton (model's launch) | no PDL | product alone | best Triton (sweep) "
         "| best choice | Triton rel. error |",

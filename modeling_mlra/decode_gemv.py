@@ -43,9 +43,9 @@ def gemv_config(
     holds 2K-8K values per weight (at least two 16-byte loads per thread per step, at most 64 float32 products per
     thread and weight), as few output rows as keep about 4 programs per multiprocessor streaming (within 8% of the
     best tiles of the H200 sweep at every shape, benchmarks/results/gemv_h200.md); where the reduction is one step,
-    the segments' tiles are loaded together and count as one (W_UV: 4 branches x 4 rows x 128). More rows: tiles of 16 rows x
-    BLOCK_N x 128 through tl.dot, software-pipelined; SwiGLU's two weights in 32-wide tiles (the sweep's best for
-    gate_proj with up_proj: 0.83 of the copy rate, against 0.73 in 16-wide ones).
+    the segments' tiles are loaded together and count as one (W_UV: 4 branches x 4 rows x 128). More rows: tiles of
+    16 rows x BLOCK_N x 128 through tl.dot, software-pipelined; SwiGLU's two weights in 32-wide tiles (the sweep's
+    best for gate_proj with up_proj: 0.83 of the copy rate, against 0.73 in 16-wide ones).
     """
     num_warps = choices.get("num_warps", 4)
     wanted = choices.get("programs_per_sm", 4) * num_sms
@@ -270,9 +270,10 @@ def _gemv(
     config = gemv_config(
         rows, outputs, reduction, batches, mode, _num_sms(x.device.index or 0), segments=segments, **choices
     )
-    block_n = config["BLOCK_N"]
+    block_n, block_k = config["BLOCK_N"], config["BLOCK_K"]
     tiles = triton.cdiv(rows_out, block_n) + (triton.cdiv(second_rows, block_n) if mode == SIDE_BY_SIDE else 0)
-    pdl = choices.get("pdl", x.is_cuda and programmatic_launch(x.device.index or 0))
+    # PDL measured at one row (the 1 x 16 step, benchmarks/results/decode_step_h200_1x16_pdl.md); not yet at more
+    pdl = choices.get("pdl", rows == 1 and x.is_cuda and programmatic_launch(x.device.index or 0))
     size = w.element_size()
     # the columns of its weight rows a program asks into L2 ahead: about PREFETCH_BYTES, a power of two >= 64
     columns = max(1, PREFETCH_BYTES // (block_n * size * (2 if mode == SWIGLU else 1)))
@@ -284,9 +285,10 @@ def _gemv(
         rows, rows_out, second_rows, reduction, x_batches, eps, scale,
         *x.stride(), *w.stride(), *out.stride(), *residual_strides,
         MODE=mode, ALIGN_XM=_alignment(x.stride(2), size), ALIGN_WN=_alignment(w.stride(2), size),
-        ALIGN_WK=_alignment(w.stride(3), size), SEGMENTS=segments, ONE_STEP=reduction == config["BLOCK_K"], NORM=norm_weight is not None, RESIDUAL=residual is not None, PDL=pdl,
-        W_K_CONTIGUOUS=w.stride(3) == 1, PREFETCH_K=prefetch_k, BLOCK_M=config["BLOCK_M"], BLOCK_N=block_n,
-        BLOCK_K=config["BLOCK_K"], PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        ALIGN_WK=_alignment(w.stride(3), size), SEGMENTS=segments, ONE_STEP=rows == 1 and reduction == block_k,
+        NORM=norm_weight is not None, RESIDUAL=residual is not None, PDL=pdl, W_K_CONTIGUOUS=w.stride(3) == 1,
+        PREFETCH_K=prefetch_k, BLOCK_M=config["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=block_k,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=config["num_warps"], num_stages=config["num_stages"], **({"launch_pdl": True} if pdl else {}),
     )
     return out

@@ -531,10 +531,13 @@ def use_decode_gemv(config: MLRAConfig, hidden_states: torch.Tensor) -> bool:
 def norm_in_gemv(norm: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
     """(weight, eps) of `norm` where the GEMV computes what calling it on x would: an MLRARMSNorm (not a subclass)
     over the whole vector, without hooks, its weight an ordinary tensor in x's dtype and device that needs no gradient
-    here; else None (call it)."""
+    here; else None (call it). One row of x only: in the tl.dot path of 2-16 rows the norm doubles the loop's
+    instructions (sm_90, gate + up: 118 -> 216 per step, 87 -> 151 registers), and the 16 x 32K step with it ran
+    slower (benchmarks/results/decode_step_h200_16x32k_norm_in_gemv.md)."""
     weight = norm.weight
     if (
-        type(norm) is not MLRARMSNorm
+        x.numel() != x.shape[-1]
+        or type(norm) is not MLRARMSNorm
         or norm.num_groups != 1
         or norm._forward_hooks
         or norm._forward_pre_hooks

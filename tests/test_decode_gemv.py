@@ -234,10 +234,10 @@ def test_decode_steps_through_the_gemv_match_the_plain_path(member, batch, launc
     modes = [launch.mode for launch in launches]
     assert modes.count(SWIGLU) == modes.count(SIDE_BY_SIDE) == layers
     assert modes.count(SINGLE) == (layers * (4 + has_q_b) + 1 if batch == 1 else 2 * layers)
-    # the norms in the launches that read them (the input norm unless the output gate reads it too; q_a_layernorm in
-    # q_b's, which runs the GEMV at one row), the residuals in o_proj's and down_proj's (one row)
+    # one row: the norms in the launches that read them (the input norm unless the output gate reads it too), the
+    # residuals in o_proj's and down_proj's
     ungated = not fast.config.attention_output_gate
-    norms = layers * (1 + ungated + (has_q_b and batch == 1))
+    norms = layers * (1 + ungated + has_q_b) if batch == 1 else 0
     assert sum(launch.norm for launch in launches) == norms
     assert sum(launch.residual for launch in launches) == (2 * layers if batch == 1 else 0)
     assert relative_error(step, expected) < 1e-5
