@@ -114,25 +114,19 @@ def compile_for_hopper(kernel, args, kwargs):
     return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=HOPPER, options=options.__dict__)
 
 
-def pipelined_loop_instructions(sass: str) -> tuple:
+def pipelined_loop_instructions(sass: str) -> int:
     """SASS instructions of the largest loop (a backward branch) that issues cp.async (LDGSTS): the decode kernel's
-    unmasked token loop, per warp and token block; and how many of them run when the loop's forward branches are taken
-    (lazy rescaling skips the rescaling). (0, 0) if there is none."""
+    unmasked token loop, per warp and token block; 0 if there is none."""
     instructions = [(int(address, 16), text) for address, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
     index = {address: i for i, (address, _) in enumerate(instructions)}
-    loops = [(0, 0)]
+    sizes = [0]
     for i, (address, text) in enumerate(instructions):
         branch = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
         if branch and int(branch.group(1), 16) < address and int(branch.group(1), 16) in index:
-            first = index[int(branch.group(1), 16)]
-            if any("LDGSTS" in line for _, line in instructions[first : i + 1]):
-                skipped = 0
-                for j in range(first, i):
-                    forward = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", instructions[j][1])
-                    if forward and index.get(int(forward.group(1), 16), 0) > j:
-                        skipped += min(index[int(forward.group(1), 16)], i) - j - 1
-                loops.append((i + 1 - first, i + 1 - first - skipped))
-    return max(loops)
+            body = instructions[index[int(branch.group(1), 16)] : i + 1]
+            if any("LDGSTS" in line for _, line in body):
+                sizes.append(len(body))
+    return max(sizes)
 
 
 def resources_and_sass(compiled, sass_path=None) -> dict:
@@ -161,7 +155,7 @@ def resources_and_sass(compiled, sass_path=None) -> dict:
     for label, pattern in (("LDGSTS", r"\bLDGSTS"), ("UTMALDG", r"\bUTMALDG"), ("LDG", r"\bLDG\."),
                            ("LDL/STL", r"\b(LDL|STL)\b"), ("HGMMA", r"\bHGMMA"), ("HMMA", r"\bHMMA")):
         counts[label] = len(re.findall(pattern, sass))
-    counts["loop instructions"], counts["loop instructions, branches taken"] = pipelined_loop_instructions(sass)
+    counts["loop instructions"] = pipelined_loop_instructions(sass)
     return counts
 
 
@@ -214,9 +208,8 @@ def main():
         options.sass.mkdir(parents=True, exist_ok=True)
     print(f"triton {triton.__version__}, target sm_90 (H200: {H200_SMS} multiprocessors)")
     print("| shape | kernel | grid | tile | warps | stages | registers | stack bytes | shared bytes | programs per SM "
-          "| LDGSTS | UTMALDG | LDG | LDL/STL | HGMMA | HMMA | token loop instructions per warp "
-          "| same, the loop's branches taken (rescaling skipped) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| LDGSTS | UTMALDG | LDG | LDL/STL | HGMMA | HMMA | token loop instructions per warp |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     arithmetic = []  # (name, choices, shape, programs per SM) of each compiled decode kernel
     for name, *shape in SHAPES:
         if options.shapes and not any(part in name for part in options.shapes):

@@ -81,10 +81,6 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def BLOCK_B_DEFAULT(num_branches):
-    return 1
-
-
 # fp32 accumulator values per thread ([query rows, d_l] per program); beyond these ptxas spills registers on sm_90
 # (compiled offline: benchmarks/compile_decode_kernel.py)
 ACCUMULATOR_VALUES_PER_THREAD = 128
@@ -99,10 +95,16 @@ def launch_config(
 
     fp8: the cache is the fp8 cache's packed rows; operand_bytes: the queries' element size (4: float32). `choices`
     overrides a default (benchmark sweeps): num_warps, num_stages, BLOCK_N, MIN_ROWS (query rows padded up to this; 64
-    lets Hopper's wgmma run the dots), num_splits, programs_per_sm.
+    lets Hopper's wgmma run the dots), num_splits, programs_per_sm, BLOCK_B (branches of one head group per program),
+    HOIST_OFFSETS (0 or 1: the token loop's address offsets computed once outside it).
 
-    One program runs one latent block (one softmax branch of one head group) for a tile of heads. Defaults from the
-    H200 sweep (benchmarks/results/decode_kernel_h200_quick.md): 64-token blocks; 4 warps for latent blocks up to 128
+    One program runs one latent block (one softmax branch of one head group) for a tile of heads: BLOCK_B = 1. Several
+    branches per program load the rope key once for all of them, but on the H200 the 2.9B layer at 16 x 32K took 242
+    us with 2 branches per program (32-token blocks, so that the two accumulators fit the registers of 4 warps) and
+    315 us with 64-token blocks (one program per multiprocessor), against 191 us (docs/decode_kernel.md). The address
+    offsets are hoisted where registers allow (16-bit caches, blocks up to 128 wide: 199 -> 191 us there; for MLA's
+    and the fp8 loops they spilled). Defaults from the H200 sweeps (benchmarks/results/decode_kernel_h200_quick.md,
+    decode_kernel_h200_lean_loop.md): 64-token blocks; 4 warps for latent blocks up to 128
     wide, so that several programs share a multiprocessor, with 16-bit query rows padded to 64 so that the dots run on
     wgmma (the 2.9B layer's 24 heads: 208 us at 16 x 32K against 228 us on 32-row mma.sync, although the padding
     multiplies the dots' work by 2.7); 8 warps for wider ones (MLA's 512: all 64 heads in one program, so the cache
@@ -116,7 +118,7 @@ def launch_config(
     block_d = max(16, triton.next_power_of_2(latent_block_dim))
     block_t = triton.next_power_of_2(num_new_tokens)
     heads = triton.next_power_of_2(heads_per_group)
-    block_b = choices.get("BLOCK_B", BLOCK_B_DEFAULT(num_branches))
+    block_b = choices.get("BLOCK_B", 1)
     if num_branches % block_b:
         raise ValueError(f"BLOCK_B={block_b} branches per program must divide the {num_branches} softmax branches")
     num_warps = choices.get("num_warps", 8 if block_b * block_d >= 256 else 4)
@@ -133,13 +135,9 @@ def launch_config(
     block_n, num_stages = (64, 3) if block_d <= 128 else (64, 2)
     if fp8:
         block_n, num_stages = (128, 2) if block_d <= 128 else (32, 3)
-    # where registers allow (16-bit cache, one block up to 128 wide per program): fewer instructions per token block
-    # for more registers (the address offsets hoisted out of the loop; the accumulator rescaled lazily)
-    lean = not fp8 and block_b * block_d <= 128
     return dict(
         BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=choices.get("BLOCK_N", block_n),
-        BLOCK_B=block_b, hoist_offsets=bool(choices.get("HOIST_OFFSETS", lean)),
-        lazy_rescale=bool(choices.get("LAZY_RESCALE", lean)),
+        BLOCK_B=block_b, HOIST_OFFSETS=bool(choices.get("HOIST_OFFSETS", not fp8 and block_b * block_d <= 128)),
         head_tiles=head_tiles, programs=bsz * num_branches // block_b * num_groups * head_tiles,
         max_splits=min(triton.cdiv(capacity, min_tokens), 512), num_warps=num_warps,
         num_stages=choices.get("num_stages", num_stages),
@@ -177,8 +175,6 @@ def _programs_per_sm(device: torch.device, args: list, constexprs: dict) -> int:
 
 
 if triton is not None:
-    # log2 units: the probabilities grow up to 2^8 before the accumulator is rescaled (lazy rescaling, `_token_block`)
-    RESCALE_THRESHOLD = tl.constexpr(8.0)
 
     @triton.jit
     def _e4m3_to(raw, dtype: tl.constexpr):
@@ -214,7 +210,7 @@ if triton is not None:
         stride_cs: tl.constexpr, stride_ss: tl.constexpr, stride_ks: tl.constexpr, scale_log2, m_i, l_i, acc, scale_ref,
         MASKED: tl.constexpr, HAS_KEY_MASK: tl.constexpr, IS_FP8: tl.constexpr, PRECISION: tl.constexpr,
         LATENT_DIM: tl.constexpr, ROPE_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-        NUM_GROUPS: tl.constexpr, HOIST_OFFSETS: tl.constexpr, LAZY_RESCALE: tl.constexpr,
+        NUM_GROUPS: tl.constexpr, HOIST_OFFSETS: tl.constexpr,
     ):
         """The online-softmax update over one block of BLOCK_N tokens (scores in log2 units) for the BLOCK_B branches
         of one head group that the program runs: q, m_i, l_i, acc and scale_ref are tuples, one entry per branch, whose
@@ -277,33 +273,19 @@ if triton is not None:
                 scores = tl.where(allowed, scores, float("-inf"))
             # the scale applied to the row maximum (the same value: it is positive) and inside the exponential's
             # argument (one fused multiply-add), not to every score first
-            block_max = tl.max(scores, 1) * scale_log2
-            m_run, l_run, acc_run, ref = m_i[branch], l_i[branch], acc[branch], scale_ref[branch]
+            m_new = tl.maximum(m_i[branch], tl.max(scores, 1) * scale_log2)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i[branch] - m_safe)
+            p = tl.exp2(scores * scale_log2 - m_safe[:, None])
+            l_new = l_i[branch] * alpha + tl.sum(p, 1)
+            ref = scale_ref[branch]
             if IS_FP8:
                 grown_ref = tl.maximum(ref, tl.max(scales, 0))
-            rescale = True
-            if LAZY_RESCALE:
-                # the running maximum, the sum and the accumulator change only when some row's maximum grew by more
-                # than RESCALE_THRESHOLD (log2 units; else the probabilities stay below 2^threshold) or, fp8, the
-                # largest scale grew: one test for the whole program (a branch), usually skipping the rescaling
-                rescale = tl.max((block_max > m_run + RESCALE_THRESHOLD).to(tl.int32), 0) > 0
-                if IS_FP8:
-                    rescale = rescale | (grown_ref > ref)
-            if rescale:
-                m_new = tl.maximum(m_run, block_max)
-                alpha = tl.exp2(m_run - tl.where(m_new == float("-inf"), 0.0, m_new))
-                l_run = l_run * alpha
-                if IS_FP8:
-                    alpha = alpha * (ref / grown_ref)
-                    ref = grown_ref
-                acc_run = acc_run * alpha[:, None]
-                m_run = m_new
-            p = tl.exp2(scores * scale_log2 - tl.where(m_run == float("-inf"), 0.0, m_run)[:, None])
-            l_run += tl.sum(p, 1)
-            if IS_FP8:
-                p = p * (scales / ref)[None, :]
-            acc_run += tl.dot(p.to(latent.dtype), latent, input_precision=PRECISION)
-            new_m, new_l, new_acc, new_ref = new_m + (m_run,), new_l + (l_run,), new_acc + (acc_run,), new_ref + (ref,)
+                alpha = alpha * (ref / grown_ref)
+                p = p * (scales / grown_ref)[None, :]
+                ref = grown_ref
+            acc_new = acc[branch] * alpha[:, None] + tl.dot(p.to(latent.dtype), latent, input_precision=PRECISION)
+            new_m, new_l, new_acc, new_ref = new_m + (m_new,), new_l + (l_new,), new_acc + (acc_new,), new_ref + (ref,)
         return new_m, new_l, new_acc, new_ref
 
     @triton.jit(do_not_specialize=["num_splits"])  # one compiled kernel for every split count
@@ -322,7 +304,6 @@ if triton is not None:
         BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_ROW_STARTS: tl.constexpr,
         IS_FP8: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, HOIST_OFFSETS: tl.constexpr,
-        LAZY_RESCALE: tl.constexpr,
     ):
         # program -> (batch row, head group and tile of BLOCK_B branches, tile of heads), head tiles adjacent so that
         # programs re-reading the same tokens for other heads run together and hit L2. Latent block l = b * G + g is
@@ -390,14 +371,14 @@ if triton is not None:
                 token_start, end, query_slot, q, q_rope, block_cache, block_scales, row_rope_key, key_mask_row, d, r,
                 stride_cs, stride_ss, stride_ks, scale_log2, m_i, l_i, acc, scale_ref,
                 False, HAS_KEY_MASK, IS_FP8, PRECISION, LATENT_DIM, ROPE_DIM, BLOCK_N, BLOCK_B, NUM_GROUPS,
-                HOIST_OFFSETS, LAZY_RESCALE,
+                HOIST_OFFSETS,
             )
         for token_start in tl.range(unmasked_end, end, BLOCK_N, num_stages=1):  # too short to pipeline
             m_i, l_i, acc, scale_ref = _token_block(
                 token_start, end, query_slot, q, q_rope, block_cache, block_scales, row_rope_key, key_mask_row, d, r,
                 stride_cs, stride_ss, stride_ks, scale_log2, m_i, l_i, acc, scale_ref,
                 True, HAS_KEY_MASK, IS_FP8, PRECISION, LATENT_DIM, ROPE_DIM, BLOCK_N, BLOCK_B, NUM_GROUPS,
-                HOIST_OFFSETS, LAZY_RESCALE,
+                HOIST_OFFSETS,
             )
 
         out_offsets = row * stride_on + split * stride_os + new_token[:, None] * stride_ot + first_branch * stride_ob
@@ -493,7 +474,7 @@ def launch_plan(
         BLOCK_N=config["BLOCK_N"], BLOCK_D=config["BLOCK_D"], BLOCK_R=max(16, triton.next_power_of_2(rope_dim)),
         HAS_KEY_MASK=has_key_mask, HAS_ROW_STARTS=has_row_starts, IS_FP8=is_fp8,
         PRECISION="ieee" if q_absorbed.dtype == torch.float32 else "tf32", BLOCK_B=config["BLOCK_B"],
-        HOIST_OFFSETS=config["hoist_offsets"], LAZY_RESCALE=config["lazy_rescale"],
+        HOIST_OFFSETS=config["HOIST_OFFSETS"],
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
 
