@@ -9,7 +9,8 @@ token is [c_0 | c_1 | ... | c_{L-1} | kr] (width L * d_l + d_r), the layout `MLR
 
 Each program owns (batch row, latent block, tile of heads, slice of the sequence): the heads of one group for one
 softmax branch. It streams its slice of the cache once: per block of tokens it loads the latent block and the rope
-key and runs one online softmax. A second small kernel merges the slices by log-sum-exp. The cache may also be the fp8
+key and runs one online softmax (a launch choice, BLOCK_B, gives a program several branches of one group, the rope
+key loaded once for them). A second small kernel merges the slices by log-sum-exp. The cache may also be the fp8
 cache's packed rows (`fp8_cache_layout`), converted in registers. The model code calls `mlra_decode_attention`, a torch
 custom op with a fake implementation, so torch.compile(fullgraph=True) and CUDA graphs capture it without a graph
 break. See docs/decode_kernel.md.
@@ -214,8 +215,9 @@ if triton is not None:
     ):
         """The online-softmax update over one block of BLOCK_N tokens (scores in log2 units) for the BLOCK_B branches
         of one head group that the program runs: q, m_i, l_i, acc and scale_ref are tuples, one entry per branch, whose
-        latent blocks lie NUM_GROUPS blocks apart in the cache row. The rope key is loaded and its scores computed once
-        for all of them (the query's rope part is the same in every branch).
+        latent blocks lie NUM_GROUPS blocks apart in the cache row. The rope key is loaded once for all of them (its dot
+        with the rope query, the same in every branch, is repeated per branch: kept, its scores would hold as many
+        registers as a branch's).
 
         MASKED: the block may hold tokens past the split's end or later than a new token's slot (the causal rule).
         Blocks of tokens before the first new token are visible to every query row: they skip those comparisons, and
