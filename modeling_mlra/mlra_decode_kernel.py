@@ -156,9 +156,8 @@ _PROGRAMS_PER_SM = {}  # (device, argument dtypes, compile-time choices) -> prog
 def _programs_per_sm(device: torch.device, args: list, constexprs: dict) -> int:
     """How many programs of the compiled kernel run at once on one multiprocessor, by its registers, shared memory and
     threads (compiled with these arguments, without launching it); 1 in the interpreter."""
-    key = (  # the token strides are compile-time constants too
-        device.index, tuple(arg.dtype if isinstance(arg, torch.Tensor) else arg for arg in args), tuple(constexprs.items())
-    )
+    arguments = tuple(arg.dtype if isinstance(arg, torch.Tensor) else arg for arg in args)  # strides are constexprs
+    key = (device.index, arguments, tuple(constexprs.items()))
     if key not in _PROGRAMS_PER_SM:
         if not torch.cuda.is_available():
             return 1
@@ -338,7 +337,8 @@ if triton is not None:
         # whole blocks of tokens before the first new token run unmasked; the rest (at most two blocks) masked
         unmasked_end = start + tl.maximum(tl.minimum(end, seq_len - num_new_tokens) - start, 0) // BLOCK_N * BLOCK_N
 
-        q_ptrs = q_ptr + (row * stride_qn + new_token * stride_qt + first_branch * stride_qb + head * stride_qh)[:, None]
+        q_offsets = row * stride_qn + new_token * stride_qt + first_branch * stride_qb + head * stride_qh
+        q_ptrs = q_ptr + q_offsets[:, None]
         q = ()
         for branch in tl.static_range(BLOCK_B):
             q += (tl.load(q_ptrs + branch * stride_qb + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0),)

@@ -144,8 +144,11 @@ def _masked_ragged_inputs(member, new_tokens, dtype, seed, fp8=False):
 @pytest.mark.parametrize("fp8", [False, True])
 def test_branches_sharing_a_program_each_get_the_attention_of_their_own_latent_block(member, branches_per_program, fp8):
     """BLOCK_B branches of one head group in one program (the rope key loaded once for all of them)."""
-    q_absorbed, q_rope, cache, held, seq_lens, key_mask, groups = _masked_ragged_inputs(member, 2, torch.float16, 31, fp8)
-    out = _decode_attention(q_absorbed, q_rope, cache, seq_lens, key_mask, groups, 0.2, 3, {"BLOCK_B": branches_per_program})
+    q_absorbed, q_rope, cache, held, seq_lens, key_mask, groups = _masked_ragged_inputs(
+        member, 2, torch.float16, 31, fp8
+    )
+    choices = {"BLOCK_B": branches_per_program}
+    out = _decode_attention(q_absorbed, q_rope, cache, seq_lens, key_mask, groups, 0.2, 3, choices)
     reference = attention_by_the_equations(q_absorbed, q_rope, held, seq_lens, key_mask, groups, 0.2)
     assert relative_error(out, reference) < TOLERANCE[torch.float16]
 
@@ -160,7 +163,8 @@ def test_token_loops_with_and_without_hoisted_address_offsets_give_the_same_atte
     """The address offsets within a token block computed once outside the loop (the default for 16-bit caches with
     blocks up to 128 wide) or in every block, against the equations."""
     q_absorbed, q_rope, cache, held, seq_lens, key_mask, groups = _masked_ragged_inputs("mlra_2", 5, torch.float16, 33)
-    out = _decode_attention(q_absorbed, q_rope, cache, seq_lens, key_mask, groups, 0.3, 3, {"HOIST_OFFSETS": hoist_offsets})
+    choices = {"HOIST_OFFSETS": hoist_offsets}
+    out = _decode_attention(q_absorbed, q_rope, cache, seq_lens, key_mask, groups, 0.3, 3, choices)
     reference = attention_by_the_equations(q_absorbed, q_rope, held, seq_lens, key_mask, groups, 0.3)
     assert relative_error(out, reference) < TOLERANCE[torch.float16]
 
