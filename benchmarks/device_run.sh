@@ -11,6 +11,8 @@
 #   check     gpu_check.py: fixtures, absorbed vs expanded in bf16, static/compiled generate(), continuous batching
 #   kernel    device_run_decode_kernel.sh: the decode kernel's quick table and sweep (issue 17)
 #   step      gemv.py --sweep, then decode_step.py: the decode step against the floor (issue 16)
+#   gemv      the GEMV's GPU tests, gemv.py at one row with its sweep, the MLRA-4 step at 1 x 16 (and without PDL)
+#             and 16 x 32K (issue 16; 375 s)
 #   generate  generate_interval.py: generate() against its compiled step (issue 16)
 #   cb        continuous_batching.py: throughput, memory, 32K requests that fit (issue 23)
 #   tp        tp_e2e.py at the machine's GPU count: split against unsplit, generate() included (issue 18)
@@ -62,6 +64,16 @@ for part in "${parts[@]}"; do
       run 60 python3 benchmarks/gemv.py --sweep --out "$dir/gemv_h200" >"$dir/gemv.log" 2>&1
       run 530 python3 benchmarks/decode_step.py --stop-after-s 420 --out "$dir/decode_step_h200" >"$dir/decode_step.log" 2>&1
       ;;
+    gemv)
+      run 75 python3 -m pytest tests/test_decode_gemv.py -q -rf -p no:cacheprovider $xdist >"$dir/pytest_gemv.log" 2>&1
+      run 70 python3 benchmarks/gemv.py --rows 1 --sweep --steps --rep-ms 10 --out "$dir/gemv_h200" >"$dir/gemv.log" 2>&1
+      run 130 python3 benchmarks/decode_step.py --models mlra_4 --shapes 1x16 --compiled mlra_4:1x16 \
+        --profile-shapes 1x16 --generate-models --no-warm-compile --variants gemv_without_pdl --replay-budget-s 0.5 \
+        --replays 20 --stop-after-s 100 --out "$dir/decode_step_h200_1x16" >"$dir/decode_step_1x16.log" 2>&1
+      run 100 python3 benchmarks/decode_step.py --models mlra_4 --shapes 16x32768 --compiled mlra_4:16x32768 \
+        --profile-shapes 16x32768 --generate-models --no-warm-compile --variants --replay-budget-s 0.5 --replays 20 \
+        --stop-after-s 50 --out "$dir/decode_step_h200_16x32k" >"$dir/decode_step_16x32k.log" 2>&1
+      ;;
     generate)
       run 150 python3 benchmarks/generate_interval.py --stop-after-s 75 --out "$dir/generate_interval_h200" \
         >"$dir/generate_interval.log" 2>&1
@@ -75,7 +87,7 @@ for part in "${parts[@]}"; do
         --batches 1 --prompts 32768 --replays 50 --generate --out "$dir/tp_e2e_h200x$gpus" >"$dir/tp_e2e.log" 2>&1
       ;;
     *)
-      echo "unknown part '$part' (tests check kernel step generate cb tp)" >&2
+      echo "unknown part '$part' (tests check kernel step gemv generate cb tp)" >&2
       exit 2
       ;;
   esac

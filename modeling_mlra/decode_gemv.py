@@ -46,7 +46,15 @@ def gemv_config(
     the segments' tiles are loaded together and count as one (W_UV: 4 branches x 4 rows x 128). More rows: tiles of
     16 rows x BLOCK_N x 128 through tl.dot, software-pipelined; SwiGLU's two weights in 32-wide tiles (the sweep's
     best for gate_proj with up_proj: 0.83 of the copy rate, against 0.73 in 16-wide ones).
+
+    Small one-row launches of one weight or two side by side, with a reduction of 2K-4K values and at most 4096
+    outputs (o_proj, q_a_proj with kv_a_proj_with_mqa), take tiles of 8 rows x 1024 values in 8 warps: the H200
+    sweep's best for both (o 6.3 against 8.3 us, q_a + kv_a 4.5 against 5.8; without PDL, o 6.7 against 7.2:
+    benchmarks/results/gemv_h200_fused_pdl.md, gemv_h200.md).
     """
+    small = rows == 1 and mode != SWIGLU and 2048 < reduction <= 4096 and outputs * batches <= 4096
+    if small:
+        choices = {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 8, **choices}
     num_warps = choices.get("num_warps", 4)
     wanted = choices.get("programs_per_sm", 4) * num_sms
     weights = 2 if mode == SWIGLU else 1
@@ -83,34 +91,33 @@ if triton is not None:
 
     @triton.jit
     def _gemv_tile(
-        acc, squares, x_ptrs, w_ptrs, norm_ptrs, m_ok, n_ok, k_ok,
+        acc, x_ptrs, w_ptrs, norm_ptrs, m_ok, n_ok, k_ok,
         BLOCK_M: tl.constexpr, MASK_K: tl.constexpr, NORM: tl.constexpr, PRECISION: tl.constexpr,
     ):
         """acc [BLOCK_M, BLOCK_N] += x tile [BLOCK_M, BLOCK_K] @ weight tile [BLOCK_K, BLOCK_N]; one row: acc
-        [BLOCK_K, BLOCK_N] += the products. NORM: x times the norm's weight, its squares summed in `squares`."""
+        [BLOCK_K, BLOCK_N] += the products. NORM: x times the norm's weight (its rms divides the sums later)."""
         if MASK_K:
             x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         else:
             x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
             w = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
-        if NORM:  # the rms is known after the loop: x weighted here, divided by its rms once at the end
+        if NORM:
             if MASK_K:
                 norm_weight = tl.load(norm_ptrs, mask=k_ok, other=0.0)
             else:
                 norm_weight = tl.load(norm_ptrs)
-            x_float = x.to(tl.float32)
-            squares += x_float * x_float
-            x = (x_float * norm_weight.to(tl.float32)[None, :]).to(x.dtype)
+            weighted = x.to(tl.float32) * norm_weight.to(tl.float32)[None, :]
+            x = weighted if BLOCK_M == 1 else weighted.to(x.dtype)  # tl.dot's operands stay in x's dtype
         if BLOCK_M == 1:  # products kept per k, summed once after the loop
             acc += tl.trans(x.to(tl.float32)) * w.to(tl.float32)
         else:
             acc = tl.dot(x, w, acc, input_precision=PRECISION)
-        return acc, squares
+        return acc
 
     @triton.jit
     def _gemv_weight(
-        x_ptr, w_ptr, norm_ptr, offs_m, offs_n, m_ok, n_ok, M, K, eps,
+        x_ptr, w_ptr, norm_ptr, offs_m, offs_n, m_ok, n_ok, M, K,
         stride_xs, stride_xm, stride_xk, stride_ws, stride_wn, stride_wk,
         ALIGN_XM: tl.constexpr, ALIGN_WN: tl.constexpr, ALIGN_WK: tl.constexpr, NORM: tl.constexpr,
         SEGMENTS: tl.constexpr, ONE_STEP: tl.constexpr,
@@ -119,45 +126,51 @@ if triton is not None:
         """One weight's tile of outputs [BLOCK_M, BLOCK_N] in float32, over every segment and the whole reduction:
         whole BLOCK_K steps unmasked along k (so the loads stay 16 bytes wide), then the remainder masked; ONE_STEP
         (K == BLOCK_K): every segment's tile in straight-line code, so that their loads are in flight together. NORM
-        (one segment): of RMSNorm(x) [M, K], whose weight is at norm_ptr."""
+        (one segment): of x times the norm's weight at norm_ptr (the caller divides by the rms, `_rms_reciprocal`)."""
         offs_k = tl.arange(0, BLOCK_K)
         x_rows = tl.multiple_of(offs_m * stride_xm, ALIGN_XM)
         w_rows = tl.multiple_of(offs_n * stride_wn, ALIGN_WN)
         w_cols = tl.multiple_of(offs_k * stride_wk, ALIGN_WK)
         acc = tl.zeros((BLOCK_K if BLOCK_M == 1 else BLOCK_M, BLOCK_N), dtype=tl.float32)
-        squares = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
         k_whole = (K // BLOCK_K) * BLOCK_K
         if ONE_STEP:
             for s in tl.static_range(SEGMENTS):
                 x_ptrs = x_ptr + s * stride_xs + x_rows[:, None] + offs_k[None, :] * stride_xk
                 w_ptrs = w_ptr + s * stride_ws + w_cols[:, None] + w_rows[None, :]
-                acc, squares = _gemv_tile(
-                    acc, squares, x_ptrs, w_ptrs, norm_ptr + offs_k, m_ok, n_ok, offs_k, BLOCK_M, False, NORM,
-                    PRECISION,
+                acc = _gemv_tile(
+                    acc, x_ptrs, w_ptrs, norm_ptr + offs_k, m_ok, n_ok, offs_k, BLOCK_M, False, NORM, PRECISION
                 )
         for s in range(0 if ONE_STEP else SEGMENTS):
             x_ptrs = x_ptr + s * stride_xs + x_rows[:, None] + offs_k[None, :] * stride_xk
             w_ptrs = w_ptr + s * stride_ws + w_cols[:, None] + w_rows[None, :]
             norm_ptrs = norm_ptr + offs_k
             for k in range(0, k_whole, BLOCK_K):
-                acc, squares = _gemv_tile(
-                    acc, squares, x_ptrs, w_ptrs, norm_ptrs, m_ok, n_ok, offs_k, BLOCK_M, False, NORM, PRECISION
-                )
+                acc = _gemv_tile(acc, x_ptrs, w_ptrs, norm_ptrs, m_ok, n_ok, offs_k, BLOCK_M, False, NORM, PRECISION)
                 x_ptrs += BLOCK_K * stride_xk
                 w_ptrs += BLOCK_K * stride_wk
                 norm_ptrs += BLOCK_K
             if k_whole < K:
-                acc, squares = _gemv_tile(
-                    acc, squares, x_ptrs, w_ptrs, norm_ptrs, m_ok, n_ok, k_whole + offs_k < K, BLOCK_M, True, NORM,
-                    PRECISION,
+                acc = _gemv_tile(
+                    acc, x_ptrs, w_ptrs, norm_ptrs, m_ok, n_ok, k_whole + offs_k < K, BLOCK_M, True, NORM, PRECISION
                 )
         if BLOCK_M == 1:
             out = tl.sum(acc, axis=0)[None, :]
         else:
             out = acc
-        if NORM:
-            out = out * tl.rsqrt(tl.sum(squares, axis=1) / K + eps)[:, None]
         return out
+
+    @triton.jit
+    def _rms_reciprocal(x_ptr, offs_m, m_ok, K, eps, stride_xm, stride_xk, BLOCK_M: tl.constexpr,
+                        BLOCK_R: tl.constexpr):
+        """1 / sqrt(mean(x^2) + eps) of each row of x [M, K] -> [BLOCK_M], in a layout of its own (each value loaded
+        once per program: after the products, x is in the caches)."""
+        offs_r = tl.arange(0, BLOCK_R)
+        squares = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k in range(0, K, BLOCK_R):
+            ptrs = x_ptr + offs_m[:, None] * stride_xm + (k + offs_r)[None, :] * stride_xk
+            x = tl.load(ptrs, mask=m_ok[:, None] & (k + offs_r < K)[None, :], other=0.0).to(tl.float32)
+            squares += x * x
+        return tl.rsqrt(tl.sum(squares, axis=1) / K + eps)
 
     @triton.jit
     def _prefetch_to_l2(ptrs):
@@ -189,7 +202,7 @@ if triton is not None:
         stride_rg, stride_rm, stride_rn,
         MODE: tl.constexpr, ALIGN_XM: tl.constexpr, ALIGN_WN: tl.constexpr, ALIGN_WK: tl.constexpr,
         SEGMENTS: tl.constexpr, ONE_STEP: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
-        PDL: tl.constexpr, W_K_CONTIGUOUS: tl.constexpr, PREFETCH_K: tl.constexpr,
+        PDL: tl.constexpr, W_K_CONTIGUOUS: tl.constexpr, PREFETCH_K: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
     ):
         # program -> (tile of outputs, weight batch); SIDE_BY_SIDE: the first weight's tiles, then the second's
@@ -219,16 +232,22 @@ if triton is not None:
                 _prefetch_tile(w2_ptr, offs_n, n_ok, K, stride_wn, stride_wk, W_K_CONTIGUOUS, PREFETCH_K)
             tl.extra.cuda.gdc_wait()
         acc = _gemv_weight(
-            x_ptr, weight, norm_ptr, offs_m, offs_n, m_ok, n_ok, M, K, eps, stride_xs, stride_xm, stride_xk,
-            stride_ws, stride_wn, stride_wk, ALIGN_XM, ALIGN_WN, ALIGN_WK, NORM, SEGMENTS, ONE_STEP, BLOCK_M, BLOCK_N,
-            BLOCK_K, PRECISION,
+            x_ptr, weight, norm_ptr, offs_m, offs_n, m_ok, n_ok, M, K, stride_xs, stride_xm, stride_xk, stride_ws,
+            stride_wn, stride_wk, ALIGN_XM, ALIGN_WN, ALIGN_WK, NORM, SEGMENTS, ONE_STEP, BLOCK_M, BLOCK_N, BLOCK_K,
+            PRECISION,
         )
-        if MODE == 2:  # silu(gate) * up: gate rows from the first weight, up rows from the second
+        if MODE == 2:  # up rows from the second weight
             up = _gemv_weight(
-                x_ptr, w2_ptr, norm_ptr, offs_m, offs_n, m_ok, n_ok, M, K, eps, stride_xs, stride_xm, stride_xk,
+                x_ptr, w2_ptr, norm_ptr, offs_m, offs_n, m_ok, n_ok, M, K, stride_xs, stride_xm, stride_xk,
                 stride_ws, stride_wn, stride_wk, ALIGN_XM, ALIGN_WN, ALIGN_WK, NORM, SEGMENTS, ONE_STEP, BLOCK_M,
                 BLOCK_N, BLOCK_K, PRECISION,
             )
+        if NORM:  # RMSNorm's division, once per output
+            rms_reciprocal = _rms_reciprocal(x_ptr, offs_m, m_ok, K, eps, stride_xm, stride_xk, BLOCK_M, BLOCK_R)
+            acc = acc * rms_reciprocal[:, None]
+            if MODE == 2:
+                up = up * rms_reciprocal[:, None]
+        if MODE == 2:  # silu(gate) * up
             acc = acc * tl.sigmoid(acc) * up
         acc = acc * scale
         mask = m_ok[:, None] & n_ok[None, :]
@@ -287,7 +306,8 @@ def _gemv(
         MODE=mode, ALIGN_XM=_alignment(x.stride(2), size), ALIGN_WN=_alignment(w.stride(2), size),
         ALIGN_WK=_alignment(w.stride(3), size), SEGMENTS=segments, ONE_STEP=rows == 1 and reduction == block_k,
         NORM=norm_weight is not None, RESIDUAL=residual is not None, PDL=pdl, W_K_CONTIGUOUS=w.stride(3) == 1,
-        PREFETCH_K=prefetch_k, BLOCK_M=config["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=block_k,
+        PREFETCH_K=prefetch_k, BLOCK_R=min(4096 // config["BLOCK_M"], triton.next_power_of_2(reduction)),
+        BLOCK_M=config["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=block_k,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=config["num_warps"], num_stages=config["num_stages"], **({"launch_pdl": True} if pdl else {}),
     )

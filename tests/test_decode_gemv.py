@@ -55,9 +55,11 @@ def rms_norm(x, weight, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
-# (rows, outputs, reduction): one and several rows; outputs and reduction off the tile sizes (masked tails), or a
-# reduction of exactly one tile (loaded in straight-line code)
-SHAPES = [(1, 40, 72), (3, 24, 600), (16, 64, 256), (1, 96, 1100), (9, 40, 1100), (1, 24, 64), (6, 40, 128)]
+# (rows, outputs, reduction): one and several rows; outputs and reduction off the tile sizes (masked tails), a
+# reduction of exactly one tile (loaded in straight-line code), or a small one-row launch's 1024-wide tiles
+SHAPES = [
+    (1, 40, 72), (3, 24, 600), (16, 64, 256), (1, 96, 1100), (9, 40, 1100), (1, 24, 64), (6, 40, 128), (1, 40, 3000)
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
