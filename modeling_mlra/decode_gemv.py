@@ -14,7 +14,10 @@ with up_proj), so the projections that read the same activations are one kernel 
 weights: the checkpoint's parameters are read where they are.
 
 One row (batch 1): each program sums the products of a [BLOCK_K, BLOCK_N] weight tile with the row. Up to 16 rows:
-the rows are padded to 16 and the tiles go through `tl.dot`. `mlra_gemv` is a torch custom op with a fake
+the rows are padded to 16 and the tiles go through `tl.dot`. The same launch can also do the small work around the
+product, so that a decode step is few kernels: an RMSNorm of x before it, a scale and a residual add after it. On
+Hopper a one-row launch is a programmatic dependent launch: its weights start coming into L2 while the kernel
+before it finishes (`_gemv_kernel`). `mlra_gemv` is a torch custom op with a fake
 implementation, so torch.compile(fullgraph=True) and CUDA graphs capture it; the model calls it through
 `gemv_linears` (docs/design.md, "Decode projections").
 """

@@ -531,8 +531,8 @@ def use_decode_gemv(config: MLRAConfig, hidden_states: torch.Tensor) -> bool:
 def norm_in_gemv(norm: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
     """(weight, eps) of `norm` where the GEMV computes what calling it on x would: an MLRARMSNorm (not a subclass)
     over the whole vector, without hooks, its weight an ordinary tensor in x's dtype and device that needs no gradient
-    here; else None (call it). One row of x only: in the tl.dot path of 2-16 rows the norm doubles the loop's
-    instructions (sm_90, gate + up: 118 -> 216 per step, 87 -> 151 registers), and the 16 x 32K step with it ran
+    here; else None (call it). One row of x only: in the tl.dot path of 2-16 rows the norm costs the loop 40% more
+    instructions (sm_90, gate + up: 118 -> 170 per step, 87 -> 141 registers), and the 16 x 32K step with it ran
     slower (benchmarks/results/decode_step_h200_16x32k_norm_in_gemv.md)."""
     weight = norm.weight
     if (
@@ -567,7 +567,9 @@ def project(
             hidden_states, *linears, swiglu=swiglu, norm=norm_weight, scale=scale, residual=residual
         )
         if fused is not None:
-            return (fused,) if swiglu or len(linears) == 1 else fused.split([l.out_features for l in linears], dim=-1)
+            if swiglu or len(linears) == 1:
+                return (fused,)
+            return fused.split([linear.out_features for linear in linears], dim=-1)
     if norm is not None:
         hidden_states = norm(hidden_states)
     if scale != 1.0:
