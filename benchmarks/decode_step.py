@@ -126,10 +126,11 @@ class Step:
         return fn()
 
     def graph(self, fn, warmups: int = 3):
-        """(replay, logits): `fn` warmed up on a side stream, then captured; replay() reruns it from `context`."""
+        """(replay, logits): `fn` warmed up on a side stream, then captured; replay() reruns it (rewind the cache to
+        `context` first: `time_replays` does)."""
         if self.device.type != "cuda":
             out = self.run(fn)
-            return (lambda: out.copy_(self.run(fn))), out
+            return (lambda: out.copy_(fn())), out
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -143,16 +144,22 @@ class Step:
         self._graph = graph  # kept alive with its memory pool as long as this step
 
         def replay():
-            set_cache_length(self.cache, self.context)
             graph.replay()
             return out
 
         return replay, out
 
     def time_replays(self, replay, args) -> float:
-        first = min(timed_ms(replay, self.device)[1] for _ in range(2))
+        """Median milliseconds of replays, each from `context`: the rewind (one small kernel per layer, launched from
+        the host) before the timed events, not inside them."""
+
+        def timed() -> float:
+            set_cache_length(self.cache, self.context)
+            return timed_ms(replay, self.device)[1]
+
+        first = min(timed() for _ in range(2))
         replays = max(3, min(args.replays, int(args.replay_budget_s * 1e3 / max(first, 1e-3))))
-        return statistics.median(timed_ms(replay, self.device)[1] for _ in range(replays))
+        return statistics.median(timed() for _ in range(replays))
 
 
 def kernel_profile(fn, device, top: int = 16) -> dict:
