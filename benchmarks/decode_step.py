@@ -162,13 +162,16 @@ class Step:
         return statistics.median(timed() for _ in range(replays))
 
 
-def kernel_profile(fn, device, top: int = 16) -> dict:
-    """Kernels of one call of `fn` (after warm-up): count, summed device time, the top ones, the decode kernel's."""
+def kernel_profile(fn, device, rewind, top: int = 16) -> dict:
+    """Kernels of one call of `fn` (after warm-up; `rewind()` before each call, outside the profile): count, summed
+    device time, the top ones, the decode kernel's."""
     if device.type != "cuda":
         return {}
     from torch.profiler import ProfilerActivity, profile
 
+    rewind()
     fn()
+    rewind()
     synchronize(device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
@@ -218,7 +221,7 @@ def measure_compiled(model, compiled, row, args, device, report) -> None:
         row["compiled_ms"] = step.time_replays(replay, args)
         step._graph = None
         if (batch, context) in args.profile_shapes:
-            row.update(kernel_profile(lambda: step.run(compile_fn), device))
+            row.update(kernel_profile(compile_fn, device, lambda: set_cache_length(cache, context)))
     report.write()
     print(json.dumps(row), flush=True)
 
