@@ -58,6 +58,22 @@ def fp8_cache_layout(num_blocks: int, latent_block_dim: int, rope_dim: int, rope
     return Fp8CacheLayout(scales_offset, rope_offset, align(rope_offset + rope_dim * rope_dtype.itemsize, rope_alignment))
 
 
+class LatentPages(NamedTuple):
+    """Latent rows kept in pages (continuous batching), read in place by the kernel: token t's row [c | kr] of width
+    2 * half is key_pages[slots[t]] followed by value_pages[slots[t]]. key_pages, value_pages [pages x tokens per
+    page, half] (views of the paged cache's tensors); slots [tokens] (its read index: the packed rows' tokens, row
+    after row)."""
+
+    key_pages: torch.Tensor
+    value_pages: torch.Tensor
+    slots: torch.Tensor
+
+    def gather(self, tokens: slice = slice(None)) -> torch.Tensor:
+        """The rows of these tokens, [1, n, 2 * half] (a copy: for the PyTorch paths)."""
+        slots = self.slots[tokens]
+        return torch.cat([self.key_pages.index_select(0, slots), self.value_pages.index_select(0, slots)], -1)[None]
+
+
 def kernel_supports(
     num_branches: int, latent_block_dim: int, rope_dim: int, num_new_tokens: int, dtype: torch.dtype,
     cache_dtype: torch.dtype | None = None,
@@ -205,12 +221,21 @@ if triton is not None:
         return raw.to(tl.float8e4nv, bitcast=True).to(dtype)
 
     @triton.jit
+    def _load_halves(key_ptrs, value_ptrs, in_keys, mask):
+        """A tile whose columns `in_keys` lie in the key pages and the others in the value pages: two masked loads."""
+        from_keys = tl.load(key_ptrs, mask=mask & in_keys, other=0.0)
+        from_values = tl.load(value_ptrs, mask=mask & ~in_keys, other=0.0)
+        return tl.where(in_keys, from_keys, from_values)
+
+    @triton.jit
     def _token_block(
         token_start, end, query_slot, q, q_rope, block_cache, block_scales, rope_key_ptr, key_mask_row, d, r,
         stride_cs: tl.constexpr, stride_ss: tl.constexpr, stride_ks: tl.constexpr, scale_log2, m_i, l_i, acc, scale_ref,
+        row_slots, block_values, values_from, rope_values,
         MASKED: tl.constexpr, HAS_KEY_MASK: tl.constexpr, IS_FP8: tl.constexpr, PRECISION: tl.constexpr,
         LATENT_DIM: tl.constexpr, ROPE_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
         NUM_GROUPS: tl.constexpr, HOIST_OFFSETS: tl.constexpr,
+        PAGED: tl.constexpr, STRADDLE: tl.constexpr, ROPE_SPLIT: tl.constexpr,
     ):
         """The online-softmax update over one block of BLOCK_N tokens (scores in log2 units) for the BLOCK_B branches
         of one head group that the program runs: q, m_i, l_i, acc and scale_ref are tuples, one entry per branch, whose
@@ -225,7 +250,13 @@ if triton is not None:
         fp8 cache: the e4m3 values convert exactly to q's dtype (`_e4m3_to`) and each token's float32 scale multiplies
         its score. The probabilities times the scales enter the second dot divided by `scale_ref`, the largest scale
         seen so far, so that they are at most 1 (inside fp16's range too); the accumulator is kept in units of
-        scale_ref and rescaled when it grows."""
+        scale_ref and rescaled when it grows.
+
+        PAGED (continuous batching, pages read in place): token t of the row lies at slot row_slots[t] of the key and of
+        the value pages (row stride stride_cs in both); block_cache and rope_key_ptr point at the block's and the rope
+        key's first column in the pages that hold them. STRADDLE: the (single) latent block's columns from values_from
+        on lie in the value pages, at block_values; ROPE_SPLIT > 0: the rope key's columns from ROPE_SPLIT on lie in
+        the value pages, at rope_values. Those tiles take two masked loads, the others one."""
         tokens = token_start + tl.arange(0, BLOCK_N)
         token_ok = tokens < end
         d_ok = d < LATENT_DIM
@@ -243,7 +274,13 @@ if triton is not None:
                 allowed = (tl.load(key_mask_row + tokens) != 0)[None, :]
             latent_mask = d_ok[None, :]
             rope_mask = r_ok[None, :]
-        if HOIST_OFFSETS:
+        if PAGED:  # the tokens' slots in the pages (the paged cache's read index)
+            first = 0
+            if MASKED:
+                within = tl.load(row_slots + tokens, mask=token_ok, other=0).to(tl.int64)
+            else:
+                within = tl.load(row_slots + tokens).to(tl.int64)
+        elif HOIST_OFFSETS:
             # addresses as the block's first token (a 64-bit scalar) plus offsets within the block, the same for every
             # block (computed once outside the token loop): fewer address instructions per block, more registers
             first = tl.cast(token_start, tl.int64)
@@ -251,9 +288,12 @@ if triton is not None:
         else:
             first = 0
             within = tokens.to(tl.int64)
-        rope_key = tl.load(
-            rope_key_ptr + first * stride_ks + (within[:, None] * stride_ks + r[None, :]), mask=rope_mask, other=0.0
-        )
+        rope_offsets = first * stride_ks + (within[:, None] * stride_ks + r[None, :])
+        if ROPE_SPLIT > 0:
+            rope_key = _load_halves(rope_key_ptr + rope_offsets, rope_values + rope_offsets, r[None, :] < ROPE_SPLIT,
+                                    rope_mask)
+        else:
+            rope_key = tl.load(rope_key_ptr + rope_offsets, mask=rope_mask, other=0.0)
         new_m, new_l, new_acc, new_ref = (), (), (), ()
         for branch in tl.static_range(BLOCK_B):
             latent_offsets = branch * NUM_GROUPS * LATENT_DIM + within[:, None] * stride_cs + d[None, :]
@@ -267,7 +307,11 @@ if triton is not None:
                     scales = tl.load(scales_ptrs)
                 scores = tl.dot(q[branch], tl.trans(latent), input_precision=PRECISION) * scales[None, :]
             else:
-                latent = tl.load(latent_ptrs, mask=latent_mask, other=0.0)  # [N, D]
+                if STRADDLE:
+                    latent = _load_halves(latent_ptrs, block_values + first * stride_cs + latent_offsets,
+                                          d[None, :] < values_from, latent_mask)
+                else:
+                    latent = tl.load(latent_ptrs, mask=latent_mask, other=0.0)  # [N, D]
                 scores = tl.dot(q[branch], tl.trans(latent), input_precision=PRECISION)
             scores = tl.dot(q_rope, tl.trans(rope_key), scores, input_precision=PRECISION)
             if MASKED or HAS_KEY_MASK:
@@ -291,8 +335,8 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["num_splits"])  # one compiled kernel for every split count
     def _mlra_decode_kernel(
-        q_ptr, q_rope_ptr, cache_ptr, scale_ptr, rope_key_ptr, seq_lens_ptr, key_mask_ptr, row_starts_ptr, out_ptr,
-        lse_ptr,
+        q_ptr, q_rope_ptr, cache_ptr, scale_ptr, rope_key_ptr, seq_lens_ptr, key_mask_ptr, row_starts_ptr, value_ptr,
+        slots_ptr, out_ptr, lse_ptr,
         stride_seq_lens, stride_qn, stride_qt, stride_qb, stride_qh,
         stride_rn, stride_rt, stride_rh,
         stride_cn, stride_cs: tl.constexpr, stride_sn, stride_ss: tl.constexpr, stride_kn, stride_ks: tl.constexpr,
@@ -305,6 +349,7 @@ if triton is not None:
         BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_ROW_STARTS: tl.constexpr,
         IS_FP8: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, HOIST_OFFSETS: tl.constexpr,
+        PAGED: tl.constexpr, HALF: tl.constexpr, ROPE_SPLIT: tl.constexpr,
     ):
         # program -> (batch row, head group and tile of BLOCK_B branches, tile of heads), head tiles adjacent so that
         # programs re-reading the same tokens for other heads run together and hit L2. Latent block l = b * G + g is
@@ -368,19 +413,51 @@ if triton is not None:
         block_scales = row_scales + scales_offset + first_block
         row_rope_key += rope_offset
         key_mask_row = key_mask_ptr + row * stride_mn
+        # continuous batching reading the pages in place (PAGED): the row's tokens at slots_ptr[first_token:], their
+        # columns up to HALF in the key pages (cache_ptr), the others in the value pages (value_ptr)
+        row_slots, block_values, values_from, rope_values = slots_ptr, value_ptr, 0, value_ptr
+        if PAGED:
+            row_slots = slots_ptr + first_token
+            block_column = first_block * LATENT_DIM
+            values_from = HALF - block_column  # the block's first column in the value pages, counted in the block
+            block_values = value_ptr + (block_column - HALF)
+            if values_from > 0:
+                block_cache = cache_ptr + block_column
+            else:
+                block_cache = block_values
+            rope_values = value_ptr + (NUM_BLOCKS * LATENT_DIM - HALF)
+            if NUM_BLOCKS * LATENT_DIM < HALF:
+                row_rope_key = cache_ptr + NUM_BLOCKS * LATENT_DIM
+            else:
+                row_rope_key = rope_values
+            # the one block whose columns straddle the two pages runs its own loop of two loads per tile; the other
+            # programs run the loops below, one load per tile
+            straddles = (values_from > 0) & (values_from < LATENT_DIM)
+            for token_start in tl.range(start, tl.where(straddles, end, start), BLOCK_N):
+                m_i, l_i, acc, scale_ref = _token_block(
+                    token_start, end, query_slot, q, q_rope, block_cache, block_scales, row_rope_key, key_mask_row, d,
+                    r, stride_cs, stride_ss, stride_ks, scale_log2, m_i, l_i, acc, scale_ref,
+                    row_slots, block_values, values_from, rope_values,
+                    True, HAS_KEY_MASK, IS_FP8, PRECISION, LATENT_DIM, ROPE_DIM, BLOCK_N, BLOCK_B, NUM_GROUPS,
+                    HOIST_OFFSETS, PAGED, True, ROPE_SPLIT,
+                )
+            end = tl.where(straddles, start, end)
+            unmasked_end = tl.where(straddles, start, unmasked_end)
         for token_start in range(start, unmasked_end, BLOCK_N):
             m_i, l_i, acc, scale_ref = _token_block(
                 token_start, end, query_slot, q, q_rope, block_cache, block_scales, row_rope_key, key_mask_row, d, r,
                 stride_cs, stride_ss, stride_ks, scale_log2, m_i, l_i, acc, scale_ref,
+                row_slots, block_values, values_from, rope_values,
                 False, HAS_KEY_MASK, IS_FP8, PRECISION, LATENT_DIM, ROPE_DIM, BLOCK_N, BLOCK_B, NUM_GROUPS,
-                HOIST_OFFSETS,
+                HOIST_OFFSETS, PAGED, False, ROPE_SPLIT,
             )
         for token_start in tl.range(unmasked_end, end, BLOCK_N, num_stages=1):  # too short to pipeline
             m_i, l_i, acc, scale_ref = _token_block(
                 token_start, end, query_slot, q, q_rope, block_cache, block_scales, row_rope_key, key_mask_row, d, r,
                 stride_cs, stride_ss, stride_ks, scale_log2, m_i, l_i, acc, scale_ref,
+                row_slots, block_values, values_from, rope_values,
                 True, HAS_KEY_MASK, IS_FP8, PRECISION, LATENT_DIM, ROPE_DIM, BLOCK_N, BLOCK_B, NUM_GROUPS,
-                HOIST_OFFSETS,
+                HOIST_OFFSETS, PAGED, False, ROPE_SPLIT,
             )
 
         out_offsets = row * stride_on + split * stride_os + new_token[:, None] * stride_ot + first_branch * stride_ob
@@ -437,11 +514,13 @@ if triton is not None:
 
 
 def launch_plan(
-    q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_groups, scaling, num_splits=0, choices=None, row_starts=None
+    q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_groups, scaling, num_splits=0, choices=None, row_starts=None,
+    value_pages=None, slots=None,
 ) -> dict:
     """What `_decode_attention` launches for these inputs: `launch_config`'s tiles, num_splits and programs_per_sm,
     the kernel's compile-time arguments (`constexprs`) and its run-time ones for given partial results
-    (`kernel_args(partial, lse, partial_strides, lse_strides, num_splits)`)."""
+    (`kernel_args(partial, lse, partial_strides, lse_strides, num_splits)`). value_pages and slots: kv_cache holds
+    key pages, read in place (`LatentPages`)."""
     bsz, num_new_tokens, num_branches, num_heads, latent_block_dim = q_absorbed.shape
     rope_dim = q_rope.shape[-1]
     heads_per_group = num_heads // num_groups
@@ -449,12 +528,17 @@ def launch_plan(
     device = kv_cache.device
     choices = choices or {}
     is_fp8 = kv_cache.dtype == torch.uint8
+    paged = slots is not None
+    if paged:
+        _check_pages(kv_cache, value_pages, row_starts, num_blocks * latent_block_dim + rope_dim, choices)
     # packed rows (continuous batching) hold a different number of tokens at every step: rounded, so that the cached
     # launch configs stay few
-    capacity = kv_cache.shape[1] if row_starts is None else triton.next_power_of_2(kv_cache.shape[1])
+    tokens = slots.shape[0] if paged else kv_cache.shape[1]
+    capacity = tokens if row_starts is None else triton.next_power_of_2(tokens)
+    token_bytes = 2 * kv_cache.shape[-1] * kv_cache.element_size() if paged else kv_cache.shape[2] * kv_cache.element_size()
     config = launch_config(
         bsz, num_groups, heads_per_group, num_branches, latent_block_dim, rope_dim, num_new_tokens, capacity,
-        kv_cache.shape[2] * kv_cache.element_size(), is_fp8, operand_bytes=q_absorbed.element_size(), **choices,
+        token_bytes, is_fp8, operand_bytes=q_absorbed.element_size(), **choices,
     )
     if is_fp8:  # packed rows of the fp8 cache (`fp8_cache_layout`): the bytes, read as e4m3, float32 and the rope dtype
         layout = fp8_cache_layout(num_blocks, latent_block_dim, rope_dim, q_rope.dtype)
@@ -468,6 +552,9 @@ def launch_plan(
     else:
         latent = scales = rope_key = kv_cache
         scales_offset, rope_offset = 0, num_blocks * latent_block_dim
+    # the token axis' strides of the (packed) rows; pages are [slots, half] (the row axis has no stride)
+    cache_strides = (0, kv_cache.stride(0)) if paged else None
+    half = kv_cache.shape[-1] if paged else 0
     has_key_mask = key_mask is not None
     has_row_starts = row_starts is not None
     constexprs = dict(
@@ -476,16 +563,19 @@ def launch_plan(
         BLOCK_N=config["BLOCK_N"], BLOCK_D=config["BLOCK_D"], BLOCK_R=max(16, triton.next_power_of_2(rope_dim)),
         HAS_KEY_MASK=has_key_mask, HAS_ROW_STARTS=has_row_starts, IS_FP8=is_fp8,
         PRECISION="ieee" if q_absorbed.dtype == torch.float32 else "tf32", BLOCK_B=config["BLOCK_B"],
-        HOIST_OFFSETS=config["HOIST_OFFSETS"],
+        HOIST_OFFSETS=config["HOIST_OFFSETS"] and not paged, PAGED=paged, HALF=half,
+        # the rope key's columns in the key pages when it straddles both pages, else 0
+        ROPE_SPLIT=half - rope_offset if 0 < half - rope_offset < rope_dim else 0,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
 
     def kernel_args(partial, lse, partial_strides, lse_strides, num_splits):
         return [
             q_absorbed, q_rope, latent, scales, rope_key, seq_lens, key_mask if has_key_mask else seq_lens,
-            row_starts if has_row_starts else seq_lens, partial, lse,
-            seq_lens.stride(0), *q_absorbed.stride()[:4], *q_rope.stride()[:3],
-            *latent.stride()[:2], *scales.stride()[:2], *rope_key.stride()[:2], key_mask.stride(0) if has_key_mask else 0,
+            row_starts if has_row_starts else seq_lens, value_pages if paged else kv_cache, slots if paged else seq_lens,
+            partial, lse, seq_lens.stride(0), *q_absorbed.stride()[:4], *q_rope.stride()[:3],
+            *(cache_strides or latent.stride()[:2]), *(cache_strides or scales.stride()[:2]),
+            *(cache_strides or rope_key.stride()[:2]), key_mask.stride(0) if has_key_mask else 0,
             *partial_strides, *lse_strides,
             scaling * math.log2(math.e), num_new_tokens, heads_per_group, rope_offset, scales_offset, num_splits,
         ]
@@ -504,13 +594,34 @@ def launch_plan(
     return dict(config, num_splits=num_splits, programs_per_sm=per_sm, constexprs=constexprs, kernel_args=kernel_args)
 
 
+def _check_pages(key_pages, value_pages, row_starts, row_width, choices) -> None:
+    """Pages read in place: two [slots, half] tensors of one dtype and row stride holding the rows' halves."""
+    if row_starts is None or value_pages is None:
+        raise ValueError("latent pages are read through slots per packed row: pass row_starts and the value pages")
+    if key_pages.dtype == torch.uint8:
+        raise ValueError("latent pages hold the model's dtype: the fp8 cache's packed rows are read as rows")
+    if choices.get("BLOCK_B", 1) != 1:
+        raise ValueError("latent pages are read one latent block per program (BLOCK_B=1)")
+    if (
+        key_pages.dim() != 2 or value_pages.dim() != 2 or 2 * key_pages.shape[1] != row_width
+        or key_pages.shape[1] != value_pages.shape[1] or key_pages.dtype != value_pages.dtype
+        or key_pages.stride() != value_pages.stride() or key_pages.stride(1) != 1
+    ):
+        raise ValueError(
+            f"latent pages must be two [slots, {row_width // 2}] tensors of one dtype and row stride, unit column "
+            f"stride; got keys {tuple(key_pages.shape)} {key_pages.stride()} {key_pages.dtype}, values "
+            f"{tuple(value_pages.shape)} {value_pages.stride()} {value_pages.dtype}"
+        )
+
+
 def _decode_attention(
-    q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_groups, scaling, num_splits, choices=None, row_starts=None
+    q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_groups, scaling, num_splits, choices=None, row_starts=None,
+    value_pages=None, slots=None,
 ):
     """The two launches (split attention, merge); `choices` overrides launch-config defaults (benchmark sweeps)."""
     bsz, num_new_tokens, num_branches, num_heads, latent_block_dim = q_absorbed.shape
     plan = launch_plan(q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_groups, scaling, num_splits, choices,
-                       row_starts)
+                       row_starts, value_pages, slots)
     num_splits = plan["num_splits"]
     out = q_absorbed.new_empty(q_absorbed.shape)
     if num_splits == 1:
@@ -553,20 +664,26 @@ if triton is not None:
         scaling: float,
         num_splits: int,
         row_starts: torch.Tensor | None = None,
+        value_pages: torch.Tensor | None = None,
+        slots: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return _decode_attention(
-            q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_groups, scaling, num_splits, row_starts=row_starts
+            q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_groups, scaling, num_splits, row_starts=row_starts,
+            value_pages=value_pages, slots=slots,
         )
 
     @_decode_attention_op.register_fake
-    def _(q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_groups, scaling, num_splits, row_starts=None):
+    def _(
+        q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_groups, scaling, num_splits, row_starts=None,
+        value_pages=None, slots=None,
+    ):
         return q_absorbed.new_empty(q_absorbed.shape)
 
 
 def mlra_decode_attention(
     q_absorbed: torch.Tensor,
     q_rope: torch.Tensor,
-    kv_cache: torch.Tensor,
+    kv_cache: torch.Tensor | LatentPages,
     seq_lens: torch.Tensor,
     key_mask: torch.Tensor | None,
     num_groups: int,
@@ -582,17 +699,24 @@ def mlra_decode_attention(
     keys up to their own slot); key_mask [bsz, >= max seq_len] (nonzero: the key may be attended) or None; a query
     always sees its own slot. num_splits: sequence slices (0: from the shapes and the GPU's size). row_starts [bsz]
     (continuous batching): the rows are packed one after another along the token axis of kv_cache [1, total, width],
-    row n from token row_starts[n]. Returns z [bsz, T, B, h, d_l], the softmax-weighted latent before W_UV.
+    row n from token row_starts[n]; or `LatentPages`, the pages of continuous batching read in place, row n's tokens
+    at slots[row_starts[n]:] (no gathered copy). Returns z [bsz, T, B, h, d_l], the softmax-weighted latent before
+    W_UV.
     """
+    value_pages = slots = None
+    if isinstance(kv_cache, LatentPages):
+        kv_cache, value_pages, slots = kv_cache
     if q_absorbed.stride(-1) != 1:
         q_absorbed = q_absorbed.contiguous()
     if q_rope.stride(-1) != 1:
         q_rope = q_rope.contiguous()
     if torch.compiler.is_compiling():
         return _decode_attention_op(
-            q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_groups, scaling, num_splits, row_starts
+            q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_groups, scaling, num_splits, row_starts, value_pages,
+            slots,
         )
     # eager: straight to the launches, without the custom op's dispatch overhead (tens of microseconds per call)
     return _decode_attention(
-        q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_groups, scaling, num_splits, row_starts=row_starts
+        q_absorbed, q_rope, kv_cache, seq_lens, key_mask, num_groups, scaling, num_splits, row_starts=row_starts,
+        value_pages=value_pages, slots=slots,
     )

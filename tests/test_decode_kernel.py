@@ -10,7 +10,7 @@ import torch
 from conftest import FAMILY, MLRACache, cache_kwargs, random_tokens, tiny_model
 from modeling_mlra import MLRAConfig
 from modeling_mlra.mlra_decode_kernel import (
-    _decode_attention, fp8_cache_layout, launch_config, mlra_decode_attention, triton_available,
+    LatentPages, _decode_attention, fp8_cache_layout, launch_config, mlra_decode_attention, triton_available,
 )
 from modeling_mlra.modeling_mlra import dequantize_latent_rows, quantize_latent_rows
 
@@ -356,3 +356,75 @@ def test_rows_packed_along_the_tokens_give_the_attention_of_separate_rows(member
                                 row_starts=row_starts)
     reference = attention_by_the_equations(q_absorbed, q_rope, cache, seq_lens, None, groups, 0.25)
     assert relative_error(out, reference) < TOLERANCE[torch.float32]
+
+
+def rows_in_pages(cache, seq_lens, page_size, seed):
+    """The rows of cache [bsz, capacity, width] (seq_lens[n] tokens of row n) laid out as continuous batching keeps
+    them: pages of page_size tokens, each row's pages in shuffled order with unused pages between them, the first half
+    of every token's row in the key pages and the second in the value pages; the unused slots hold noise. Row 1 shares
+    row 0's first page (a shared prefix: the same tokens). Returns (LatentPages, row_starts)."""
+    generator = torch.Generator().manual_seed(seed)
+    half = cache.shape[-1] // 2
+    pages_per_row = [-(-int(length) // page_size) for length in seq_lens]
+    page_order = torch.randperm(3 * sum(pages_per_row), generator=generator).tolist()
+    key_pages = torch.randn(len(page_order) * page_size, half, generator=generator).to(cache)
+    value_pages = torch.randn(len(page_order) * page_size, half, generator=generator).to(cache)
+    slots = []
+    for n, length in enumerate(seq_lens.tolist()):
+        pages = [page_order.pop() for _ in range(pages_per_row[n])]
+        if n == 1:
+            cache[1, :page_size] = cache[0, :page_size]
+            pages[0] = slots[0][0] // page_size
+        row_slots = torch.cat([torch.arange(page * page_size, (page + 1) * page_size) for page in pages])[:length]
+        key_pages[row_slots] = cache[n, :length, :half]
+        value_pages[row_slots] = cache[n, :length, half:]
+        slots.append(row_slots)
+    row_starts = torch.cat([seq_lens.new_zeros(1), seq_lens.cumsum(0)[:-1]])
+    return LatentPages(key_pages, value_pages, torch.cat(slots).to(DEVICE)), row_starts
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize(
+    "member, block_dim, rope_dim",
+    # rows of 4 x 16 + 8 (block 2 straddles the key and value pages), 2 x 16 + 8 (block 1 does), 1 x 4 + 8 (the
+    # rope key does), 4 x 16 + 64 (the pages split the row between block 3 and the rope key)
+    [("mlra_4", 16, 8), ("gla_2", 16, 8), ("mla", 4, 8), ("mlra_2", 16, 64)],
+)
+def test_kernel_reading_latent_pages_in_place_matches_the_gathered_rows_and_the_equations(
+    member, block_dim, rope_dim, dtype
+):
+    """LatentPages (continuous batching): each token's row read from its slot in the key and the value pages, the pages
+    out of order with holes between them, a prefix shared by two rows, ragged rows, several new tokens: the attention
+    of the rows gathered into one packed tensor, and of the equations."""
+    q_absorbed, q_rope, cache, groups = random_inputs(member, 3, 3, 4, block_dim, rope_dim, 150, dtype, seed=11)
+    seq_lens = torch.tensor([150, 61, 5], device=DEVICE)
+    pages, row_starts = rows_in_pages(cache, seq_lens, page_size=8, seed=12)
+    out = mlra_decode_attention(q_absorbed, q_rope, pages, seq_lens, None, groups, 0.25, num_splits=2,
+                                row_starts=row_starts)
+    gathered = mlra_decode_attention(q_absorbed, q_rope, pages.gather(), seq_lens, None, groups, 0.25, num_splits=2,
+                                     row_starts=row_starts)
+    reference = attention_by_the_equations(q_absorbed, q_rope, cache, seq_lens, None, groups, 0.25)
+    assert torch.equal(out, gathered)
+    assert relative_error(out, reference) < TOLERANCE[dtype]
+
+
+def test_kernel_reads_each_token_from_the_slot_it_is_given():
+    """One slot of the read index pointing at another token's row changes the attention of that row only."""
+    q_absorbed, q_rope, cache, groups = random_inputs("mlra_4", 2, 1, 4, 16, 8, 40, torch.float32, seed=13)
+    seq_lens = torch.tensor([40, 40], device=DEVICE)
+    pages, row_starts = rows_in_pages(cache, seq_lens, page_size=8, seed=14)
+    right = mlra_decode_attention(q_absorbed, q_rope, pages, seq_lens, None, groups, 0.25, row_starts=row_starts)
+    slots = pages.slots.clone()
+    slots[45] = slots[3]  # row 1's sixth token read from row 0's fourth
+    wrong = mlra_decode_attention(q_absorbed, q_rope, pages._replace(slots=slots), seq_lens, None, groups, 0.25,
+                                  row_starts=row_starts)
+    assert torch.equal(wrong[0], right[0])
+    assert relative_error(wrong[1], right[1].double().cpu()) > 1e-3
+
+
+def test_latent_pages_of_another_width_than_the_row_are_refused():
+    q_absorbed, q_rope, cache, groups = random_inputs("mla", 1, 1, 4, 16, 8, 8, torch.float32, seed=15)
+    pages = LatentPages(cache[0, :, :10], cache[0, :, 10:], torch.arange(8, device=DEVICE))
+    with pytest.raises(ValueError, match="latent pages must be two"):
+        mlra_decode_attention(q_absorbed, q_rope, pages, torch.tensor([8], device=DEVICE), None, groups, 0.25,
+                              row_starts=torch.zeros(1, dtype=torch.long, device=DEVICE))
