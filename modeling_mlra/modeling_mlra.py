@@ -28,7 +28,9 @@ from transformers.utils.output_capturing import capture_outputs
 from .configuration_mlra import MLRAConfig
 from .decode_gemv import MAX_ROWS as GEMV_MAX_ROWS
 from .decode_gemv import gemv_linears, mlra_gemv, needs_gradient
-from .mlra_decode_kernel import fp8_cache_layout, kernel_supports, mlra_decode_attention, triton_available
+from .mlra_decode_kernel import (
+    LatentPages, fp8_cache_layout, kernel_supports, mlra_decode_attention, triton_available,
+)
 from .original_checkpoint import check_finite_weights, find_original_checkpoint, load_original_checkpoint
 from .paged_cache import MLRAPagedLatent, is_paged_cache
 from .tensor_parallel import pop_tensor_parallel_arguments, shard_model
@@ -718,7 +720,7 @@ class MLRAAttention(nn.Module):
         k_rope = apply_rotary_pos_emb(k_rope.unsqueeze(2), cos, sin, self.config.rope_interleave).squeeze(2)
 
         kv_states = torch.cat([latent, k_rope], dim=-1)  # exactly what the cache keeps
-        if cache is not None:
+        if cache is not None and not isinstance(cache, MLRAPagedLatent):  # pages are written in `paged_attention`
             kv_states = cache.update(kv_states, self.layer_idx)
         if kv_states.dtype == torch.uint8 and decode_kernel_inputs is None:  # the fp8 cache's packed rows
             kv_states = dequantize_latent_rows(
@@ -740,14 +742,16 @@ class MLRAAttention(nn.Module):
         return output, attn_weights
 
     def paged_attention(self, q_nope, q_rope, kv_states, paged: MLRAPagedLatent) -> torch.Tensor:
-        """Continuous batching: each sequence of the packed batch attends to its own rows of kv_states only, so memory
-        and work are linear in the batch's tokens (no scores between sequences). Sequences with at most
-        `absorbed_max_query_len` new tokens attend in absorbed form: through the fused kernel where it runs (one
-        kernel row per sequence, `paged.kernel_inputs`, without a host synchronisation), else one at a time; longer
-        ones (prefill chunks) expand the latent, one at a time, causal from their first new token.
+        """Continuous batching: kv_states are written into the pages, and each sequence of the packed batch attends to
+        its own rows only, so memory and work are linear in the batch's tokens (no scores between sequences).
+        Sequences with at most `absorbed_max_query_len` new tokens attend in absorbed form: through the fused kernel
+        where it runs (one kernel row per sequence, `paged.kernel_inputs`, without a host synchronisation; it reads
+        the pages in place), else one at a time; longer ones (prefill chunks) expand the latent, one at a time, causal
+        from their first new token, on their rows gathered from the pages.
 
-        q_nope [1, T, h, d_n], q_rope [1, T, h, d_r], kv_states [1, S, d_c + d_r] (sequence after sequence, as `paged`
-        delimits them) -> [1, T, h, d_v] (zeros for padding tokens)."""
+        q_nope [1, T, h, d_n], q_rope [1, T, h, d_r], kv_states [1, T, d_c + d_r] (the new tokens' rows) -> [1, T, h,
+        d_v] (zeros for padding tokens)."""
+        kv_states = paged.update(kv_states, self.layer_idx)  # rows [1, S, d_c + d_r], or LatentPages for the kernel
         longest_absorbed = self.config.absorbed_max_query_len
         sequences = paged.sequences if paged.kernel_inputs is None or paged.max_new_tokens > longest_absorbed else []
         if paged.kernel_inputs is not None:
@@ -766,7 +770,8 @@ class MLRAAttention(nn.Module):
             query_slots = torch.arange(kv_len - q_len, kv_len, device=q_nope.device)
             mask = None if q_len == 1 or causal else attention_mask_for_slots(None, query_slots, kv_len, q_nope.dtype)
             attend = self.absorbed_attention if absorbed else self.expanded_attention
-            output[:, queries], _ = attend(q_nope[:, queries], q_rope[:, queries], kv_states[:, keys], mask)
+            rows = kv_states.gather(keys) if isinstance(kv_states, LatentPages) else kv_states[:, keys]
+            output[:, queries], _ = attend(q_nope[:, queries], q_rope[:, queries], rows, mask)
         return output
 
     def expanded_attention(
@@ -837,8 +842,8 @@ class MLRAAttention(nn.Module):
         With decode_kernel_inputs (seq_lens [bsz], key_mask [bsz, S] or None, row_starts or None) the softmax part
         runs in the fused Triton kernel (`mlra_decode_kernel.py`), else in PyTorch with the additive attention_mask.
         row_starts [bsz] (continuous batching): kv_states [1, total, d_c + d_r] packs the rows one after another, row n
-        from token row_starts[n]. Also returns the softmax probabilities
-        [bsz, B, h, T, S] with the eager implementation (PyTorch path), else None.
+        from token row_starts[n], or is `LatentPages` (the pages, read in place by the kernel). Also returns the
+        softmax probabilities [bsz, B, h, T, S] with the eager implementation (PyTorch path), else None.
         """
         w_uk, w_uv = self.up_projection_per_branch()
         bsz, q_len = q_nope.shape[:2]

@@ -7,15 +7,22 @@ exactly the latent row `MLRACache` keeps (d_c + d_r values): its first half in t
 value page. `MLRAPagedLatent` writes and reads the rows through the paged cache's own `update` (the release's index
 arithmetic, prefix sharing and forking stay transformers'), tells the attention where each sequence of the packed
 batch has its new tokens and its rows (each attends to its own only: no scores between sequences), and lays the
-packed queries out as one row per sequence for the fused decode kernel.
+packed queries out as one row per sequence for the fused decode kernel. The kernel reads the pages in place, through
+the paged cache's read index (`LatentPages`); the PyTorch paths read the rows `update` gathers.
 
-The paged cache's call convention changed during 5.x; both are handled here (tested on transformers 5.17 and 5.24).
+The paged cache's call convention and tensor layout changed during 5.x; both are handled here (tested on
+transformers 5.17 and 5.24).
 """
 
 import functools
 import inspect
 
 import torch
+from transformers.utils import logging
+
+from .mlra_decode_kernel import LatentPages
+
+logger = logging.get_logger(__name__)
 
 try:
     from transformers.generation.continuous_batching import PagedAttentionCache
@@ -65,7 +72,8 @@ class MLRAPagedLatent:
         from its end; the leading slots of a shorter sequence hold zero queries whose outputs are dropped). Tokens of
         longer sequences (attended one at a time, `sequences`) and padding tokens past the last sequence (CUDA graphs)
         go to a spare row, and a longer sequence's row reads no keys. Sets `kernel_inputs`: (keys per row, no key
-        mask, each row's first key in the rows `update` returns). No host synchronisation."""
+        mask, each row's first key in what `update` returns: its rows, or its slots in the pages). No host
+        synchronisation."""
         cu_seq_lens_q = self.batch_kwargs["cu_seq_lens_q"]
         starts, ends = cu_seq_lens_q[:-1].long(), cu_seq_lens_q[1:].long()
         self.num_rows, self.row_width = ends.shape[0], row_width
@@ -118,9 +126,11 @@ class MLRAPagedLatent:
         offsets = self.batch_kwargs["cu_seq_lens_k"]
         return offsets["full_attention"] if isinstance(offsets, dict) else offsets
 
-    def update(self, states: torch.Tensor, layer_idx: int) -> torch.Tensor:
-        """Write the new latent rows states [1, T, d_c + d_r] into the pages; return every row the batch's sequences
-        attend to, [1, S, d_c + d_r] (sequence after sequence, as cu_seq_lens_k delimits them)."""
+    def update(self, states: torch.Tensor, layer_idx: int) -> torch.Tensor | LatentPages:
+        """Write the new latent rows states [1, T, d_c + d_r] into the pages; return what the batch's sequences attend
+        to, sequence after sequence as cu_seq_lens_k delimits them: where the fused kernel runs (`use_kernel_rows`),
+        the pages themselves and the tokens' slots in them (`LatentPages`, nothing copied; the rows of a batch with
+        nothing cached are the new ones, returned as they are), else the rows gathered, [1, S, d_c + d_r]."""
         width = states.shape[-1]
         half = self.cache_half_width(layer_idx)
         if width != 2 * half:
@@ -129,15 +139,55 @@ class MLRAPagedLatent:
                 "continuous batching from this model's config (num_key_value_heads=1, head_dim=(d_c + d_r) / 2)"
             )
         key, value = (part.unsqueeze(1) for part in states.split(half, dim=-1))  # [1, 1, T, half]: one "head"
+        pages = self.latent_pages(layer_idx, half) if self.kernel_inputs is not None else None
+        if pages is not None:  # write only (the paged cache skips its read for an empty read index), read in place
+            self.write_and_read(key, value, layer_idx, [index[:0] for index in self.batch_kwargs["read_index"]])
+            return pages if pages.slots.numel() else states
+        key, value = self.write_and_read(key, value, layer_idx, self.batch_kwargs["read_index"])
+        return torch.cat([key.reshape(1, -1, half), value.reshape(1, -1, half)], dim=-1)
+
+    def write_and_read(self, key, value, layer_idx: int, read_index: list[torch.Tensor]):
+        """The paged cache's own update: key and value [1, 1, T, half] written at the batch's write index, the rows of
+        read_index read back (none for an empty one: then key and value come back as they are)."""
         if self.update_takes_kwargs:
             # the cache replaces per-layer entries of the dict it is given: a fresh one for every layer
-            key, value = self.cache.update(key, value, layer_idx, kwargs=dict(self.batch_kwargs))
+            return self.cache.update(key, value, layer_idx, kwargs=dict(self.batch_kwargs, read_index=read_index))
+        return self.cache.update(
+            key, value, layer_idx, read_index=read_index, write_index=self.batch_kwargs["write_index"]
+        )
+
+    def latent_pages(self, layer_idx: int, half: int) -> LatentPages | None:
+        """The layer's key and value pages as [slots, half] views and the batch's read index into them (the kernel rows'
+        slots, sequence after sequence), or None where this release's layout cannot be read in place (then `update`
+        gathers, and says why once).
+
+        transformers >= 5.2x: one allocator per attention type, a layer's key and value pages interleaved with the
+        other layers' in one tensor; the allocator's views for the block-table path index pages by the read index.
+        Earlier 5.x: one key tensor and one value tensor per layer of a group, indexed by the group's read index."""
+        allocators = getattr(self.cache, "layer_to_allocator", None)
+        if allocators is not None:
+            allocator = allocators[layer_idx]
+            full_attention = getattr(allocator, "layer_type", None) == "full_attention"
+            pages_of = getattr(allocator, "get_cache_for_block_table", None)
+            if not full_attention or pages_of is None:
+                return self.gathered(f"layer {layer_idx}'s allocator {type(allocator).__name__} has no full-attention "
+                                     "pages to read")
+            key_pages, value_pages = pages_of(layer_idx)
+            slots = self.batch_kwargs["read_index"][allocator.index]
         else:
-            key, value = self.cache.update(
-                key, value, layer_idx, read_index=self.batch_kwargs["read_index"],
-                write_index=self.batch_kwargs["write_index"],
-            )
-        return torch.cat([key.reshape(1, -1, half), value.reshape(1, -1, half)], dim=-1)
+            if getattr(self.cache, "sliding_windows", {}).get(layer_idx, 1) != 1:
+                return self.gathered(f"layer {layer_idx} has a sliding window (its read index holds sentinels)")
+            group, index = self.cache.layer_index_to_group_indices[layer_idx]
+            key_pages, value_pages = self.cache.key_cache[index], self.cache.value_cache[index]
+            slots = self.batch_kwargs["read_index"][group]
+        if not (key_pages.is_contiguous() and value_pages.is_contiguous()) or key_pages.shape[-2:].numel() != half:
+            return self.gathered(f"pages {tuple(key_pages.shape)} are not contiguous rows of one head of {half} values")
+        return LatentPages(key_pages.view(-1, half), value_pages.view(-1, half), slots)
+
+    @staticmethod
+    def gathered(reason: str) -> None:
+        logger.warning_once(f"the decode kernel reads the rows gathered from the pages, not the pages: {reason}")
+        return None
 
     def cache_half_width(self, layer_idx: int) -> int:
         """The values per token of a key (or value) page, as the paged cache was sized."""

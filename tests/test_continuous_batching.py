@@ -9,7 +9,7 @@ from transformers.generation.continuous_batching import ContinuousBatchingManage
 
 import modeling_mlra.modeling_mlra
 from modeling_mlra import MLRACache
-from modeling_mlra.mlra_decode_kernel import mlra_decode_attention
+from modeling_mlra.mlra_decode_kernel import LatentPages, mlra_decode_attention
 from modeling_mlra.modeling_mlra import MLRAAttention
 from modeling_mlra.paged_cache import paged_cache_bytes_per_token
 
@@ -81,21 +81,23 @@ def test_sampling_with_top_k_one_is_greedy_and_sampling_stays_in_the_vocabulary(
 @pytest.mark.parametrize("member", ["mla", "mlra_2"])
 def test_decode_kernel_runs_one_row_per_sequence_of_the_packed_batch(member, monkeypatch):
     """decode_kernel="triton" (Triton's interpreter on the CPU): sequences with few new tokens run as rows of the fused
-    kernel, each reading only its own cached rows, also in steps where a long prompt prefills a chunk beside them
-    (expanded, on its own); the tokens equal the PyTorch path's, for each request alone."""
+    kernel, each reading only its own cached rows, in place in the pages (nothing gathered), also in steps where a
+    long prompt prefills a chunk beside them (expanded, on its own, on its gathered rows); the tokens equal the
+    PyTorch path's, for each request alone."""
     launches = []
 
-    def counted(q_absorbed, *args, row_starts=None, **kwargs):
-        launches.append((tuple(q_absorbed.shape[:2]), row_starts is not None))
-        return mlra_decode_attention(q_absorbed, *args, row_starts=row_starts, **kwargs)
+    def counted(q_absorbed, q_rope, kv_cache, *args, row_starts=None, **kwargs):
+        launches.append((tuple(q_absorbed.shape[:2]), row_starts is not None, isinstance(kv_cache, LatentPages)))
+        return mlra_decode_attention(q_absorbed, q_rope, kv_cache, *args, row_starts=row_starts, **kwargs)
 
     monkeypatch.setattr(modeling_mlra.modeling_mlra, "mlra_decode_attention", counted)
     model = tiny_model(seed=7, decode_kernel="triton", **FAMILY[member])
     config = greedy_config(max_new_tokens=6)
     prompts = [[5, 9], [3, 1, 4, 1], PROMPTS[2]]  # 2 and 4 new tokens (absorbed_max_query_len 4), then a 70-token one
     results = model.generate_batch(prompts, generation_config=config, continuous_batching_config=small_batches())
-    assert ((3, 4), True) in launches  # the short prompts as rows of 4 beside the long prompt's first chunk
-    assert ((3, 1), True) in launches  # decode steps of all three
+    assert ((2, 2), True, False) in launches  # the first step: nothing cached, the new rows read as they are
+    assert ((3, 4), True, True) in launches  # rows of 4 beside the long prompt's first chunk, on the pages
+    assert ((3, 1), True, True) in launches  # decode steps of all three, on the pages
     model.config.decode_kernel = "torch"
     for result, prompt in zip(results.values(), prompts):
         assert result.generated_tokens == generate_alone(model, prompt, config)
