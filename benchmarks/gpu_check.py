@@ -87,8 +87,12 @@ def check_continuous_batching(device) -> dict:
     """float32 (TF32 off), 2 layers of the published MLRA-4 shape: generate_batch's greedy tokens for prompts of very
     different lengths (the long ones prefilled in chunks beside the others' decode steps) equal generate()'s for each
     prompt alone, with the short sequences through the fused kernel (one row per request) and through the PyTorch
-    absorbed path, one request at a time."""
+    absorbed path, one request at a time. Also counts the kernel's launches on the pages read in place (`LatentPages`)
+    and on rows (the first step: nothing cached)."""
     from transformers import GenerationConfig
+
+    import modeling_mlra.modeling_mlra as modeling
+    from modeling_mlra.mlra_decode_kernel import LatentPages
 
     try:
         from transformers import ContinuousBatchingConfig
@@ -104,7 +108,14 @@ def check_continuous_batching(device) -> dict:
         input_ids = torch.tensor([prompt], device=device)
         output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config)
         alone.append(output[0, len(prompt) :].tolist())
-    report = dict(prompt_lengths=[len(p) for p in prompts])
+    report = dict(prompt_lengths=[len(p) for p in prompts], kernel_launches_on={"pages in place": 0, "rows": 0})
+    decode_attention = modeling.mlra_decode_attention
+
+    def counted(q_absorbed, q_rope, kv_cache, *args, **kwargs):
+        report["kernel_launches_on"]["pages in place" if isinstance(kv_cache, LatentPages) else "rows"] += 1
+        return decode_attention(q_absorbed, q_rope, kv_cache, *args, **kwargs)
+
+    modeling.mlra_decode_attention = counted
     for kernel in ("triton", "torch"):
         model.config.decode_kernel = kernel
         batched = model.generate_batch(
@@ -114,6 +125,7 @@ def check_continuous_batching(device) -> dict:
             result.error is None and result.generated_tokens == tokens for result, tokens in zip(batched.values(), alone)
         ]
     model.config.decode_kernel = "auto"
+    modeling.mlra_decode_attention = decode_attention
     return report
 
 
