@@ -11,7 +11,7 @@ import modeling_mlra.modeling_mlra
 from modeling_mlra import MLRACache
 from modeling_mlra.mlra_decode_kernel import LatentPages, mlra_decode_attention
 from modeling_mlra.modeling_mlra import MLRAAttention
-from modeling_mlra.paged_cache import paged_cache_bytes_per_token
+from modeling_mlra.paged_cache import MLRAPagedLatent, paged_cache_bytes_per_token
 
 try:  # the batch and page sizes are named differently across 5.x: `page_size` (>= 5.2x) or `block_size`
     from transformers import ContinuousBatchingConfig
@@ -101,6 +101,49 @@ def test_decode_kernel_runs_one_row_per_sequence_of_the_packed_batch(member, mon
     model.config.decode_kernel = "torch"
     for result, prompt in zip(results.values(), prompts):
         assert result.generated_tokens == generate_alone(model, prompt, config)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="Triton's interpreter is on only where there is no GPU (conftest)")
+def test_where_pages_cannot_be_read_in_place_the_kernel_reads_gathered_rows_and_says_why(monkeypatch):
+    warnings, launches = [], []
+
+    def counted(q_absorbed, q_rope, kv_cache, *args, **kwargs):
+        launches.append(isinstance(kv_cache, LatentPages))
+        return mlra_decode_attention(q_absorbed, q_rope, kv_cache, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_mlra.modeling_mlra, "mlra_decode_attention", counted)
+    monkeypatch.setattr(modeling_mlra.paged_cache.logger, "warning_once", warnings.append)
+    monkeypatch.setattr(MLRAPagedLatent, "latent_pages", lambda self, *args: self.gathered("a layout of the test"))
+    model = tiny_model(seed=7, decode_kernel="triton", **FAMILY["mlra_2"])
+    config = greedy_config(max_new_tokens=4)
+    results = model.generate_batch(PROMPTS[:2], generation_config=config, continuous_batching_config=small_batches())
+    assert launches and not any(launches)
+    assert warnings and all("not the pages: a layout of the test" in warning for warning in warnings)
+    model.config.decode_kernel = "torch"
+    for result, prompt in zip(results.values(), PROMPTS[:2]):
+        assert result.generated_tokens == generate_alone(model, prompt, config)
+
+
+class _SlidingWindowCache:
+    """Just enough of a paged cache whose layer 0 has a sliding window, in both releases' layouts."""
+
+    def __init__(self, allocators: bool):
+        if allocators:  # transformers >= 5.2x
+            self.layer_to_allocator = {0: type("SlidingAttentionAllocator", (), {"layer_type": "sliding_attention"})()}
+        else:
+            self.sliding_windows = {0: 8}
+
+    def update(self, key_states, value_states, layer_idx, kwargs):
+        raise AssertionError("not called")
+
+
+@pytest.mark.parametrize("allocators", [True, False])
+def test_a_sliding_window_layer_is_not_read_in_place(allocators, monkeypatch):
+    warnings = []
+    monkeypatch.setattr(modeling_mlra.paged_cache.logger, "warning_once", warnings.append)
+    paged = MLRAPagedLatent(_SlidingWindowCache(allocators), {"read_index": [torch.arange(4)]})
+    assert paged.latent_pages(0, 10) is None
+    assert len(warnings) == 1 and "layer 0" in warnings[0]
 
 
 def test_requests_streamed_while_others_run_equal_generate():
