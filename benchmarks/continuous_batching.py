@@ -9,8 +9,8 @@ the tokens generated once every request has its first token, over that time wind
 manager), i.e. all requests decoding together. Prefilling R x C distinct tokens through transformers' packed sdpa
 path (Llama, DeepseekV3) costs O((R x C)^2) (every step's queries meet every key of the batch), minutes at 64 x 8K;
 so the prompts share a random C-token prefix (whole pages), prefilled once (prefix sharing on), and differ in a
-16-token suffix each. Every request still reads its whole context at every decode step (the paged cache gathers it
-per request); the shared pages may be read from L2 where they fit, for every model alike. "cache GiB" is the size
+16-token suffix each. Every request still reads its whole context at every decode step (ours: the fused kernel
+reads it in the pages; the others: the paged cache gathers it per request); the shared pages may be read from L2 where they fit, for every model alike. "cache GiB" is the size
 the requests' contexts take unshared. Last for each model: as many 32K-token requests as its pages hold.
 
 transformers' DeepseekV3 cannot run under continuous batching in 5.17 to 5.24 (its paged cache is sized from
