@@ -52,13 +52,16 @@ ARITHMETIC_POINTS = {
     "2.9B MLRA-4 layer": [(1, 32 * K), (16, 4 * K), (16, 32 * K)],
 }
 
-# (name, heads, latent blocks, branches, block width, batch, context, cache dtype)
+# (name, heads, latent blocks, branches, block width, batch, context, cache dtype or "pages")
 SHAPES = [
     ("MLRA-4 TP-4 share", 64, 1, 1, 128, 1, 1024 * K, torch.bfloat16),
     ("MLA", 64, 1, 1, 512, 1, 512 * K, torch.bfloat16),
     ("2.9B MLRA-4 layer", 24, 4, 4, 128, 16, 32 * K, torch.bfloat16),
     # the 2.9B layer's grid and tile (64 programs per split) without the shared rope key: one latent block per row
     ("2.9B grid, one block per row", 24, 1, 1, 128, 64, 32 * K, torch.bfloat16),
+    # continuous batching's pages read in place (`LatentPages`, bf16): the largest pipelined loop reported is then the
+    # one of the block that straddles the key and value pages (two loads per tile)
+    ("2.9B MLRA-4 layer, pages in place", 24, 4, 4, 128, 16, 32 * K, "pages"),
     ("MLRA-4 TP-4 share fp8", 64, 1, 1, 128, 1, 1024 * K, torch.float8_e4m3fn),
     ("MLA fp8", 64, 1, 1, 512, 1, 512 * K, torch.float8_e4m3fn),
     ("2.9B MLRA-4 layer fp8", 24, 4, 4, 128, 16, 32 * K, torch.float8_e4m3fn),
@@ -87,7 +90,13 @@ def record_launches(heads, blocks, branches, block_dim, bsz, context, cache_dtyp
     mlra_decode_kernel._programs_per_sm = lambda device, args, constexprs: per_sm
     try:
         meta = dict(device="meta", dtype=torch.bfloat16)
-        if cache_dtype == torch.float8_e4m3fn:  # packed rows: e4m3 latent, float32 scales, bf16 rope key
+        pages = {}
+        if cache_dtype == "pages":  # the rows' halves in key and value pages, read through the rows' slots
+            half = (blocks * block_dim + 64) // 2
+            cache = torch.empty(bsz * context, half, **meta)
+            pages = dict(row_starts=torch.empty(bsz, device="meta", dtype=torch.long), value_pages=torch.empty_like(cache),
+                         slots=torch.empty(bsz * context, device="meta", dtype=torch.long))
+        elif cache_dtype == torch.float8_e4m3fn:  # packed rows: e4m3 latent, float32 scales, bf16 rope key
             row_bytes = mlra_decode_kernel.fp8_cache_layout(blocks, block_dim, 64, torch.bfloat16).row_bytes
             cache = torch.empty(bsz, context, row_bytes, device="meta", dtype=torch.uint8)
         else:
@@ -96,7 +105,7 @@ def record_launches(heads, blocks, branches, block_dim, bsz, context, cache_dtyp
         q_rope = torch.empty(bsz, 1, heads, 64, **meta)
         seq_lens = torch.empty(bsz, device="meta", dtype=torch.long)
         mlra_decode_kernel._decode_attention(
-            q_absorbed, q_rope, cache, seq_lens, None, blocks // branches, 0.07, 0, choices
+            q_absorbed, q_rope, cache, seq_lens, None, blocks // branches, 0.07, 0, choices, **pages
         )
     finally:
         for name, recorder in recorders.items():

@@ -383,7 +383,7 @@ def rows_in_pages(cache, seq_lens, page_size, seed):
     return LatentPages(key_pages, value_pages, torch.cat(slots).to(DEVICE)), row_starts
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     "member, block_dim, rope_dim",
     # rows of 4 x 16 + 8 (block 2 straddles the key and value pages), 2 x 16 + 8 (block 1 does), 1 x 4 + 8 (the
@@ -404,7 +404,7 @@ def test_kernel_reading_latent_pages_in_place_matches_the_gathered_rows_and_the_
     gathered = mlra_decode_attention(q_absorbed, q_rope, pages.gather(), seq_lens, None, groups, 0.25, num_splits=2,
                                      row_starts=row_starts)
     reference = attention_by_the_equations(q_absorbed, q_rope, cache, seq_lens, None, groups, 0.25)
-    assert torch.equal(out, gathered)
+    assert relative_error(out, gathered.double().cpu()) < TOLERANCE[dtype] / 10  # equal in the interpreter
     assert relative_error(out, reference) < TOLERANCE[dtype]
 
 
