@@ -2,16 +2,16 @@
 serve --continuous-batching`): decode throughput and memory for many concurrent requests, ours (pages holding the
 latent) against transformers' DeepseekV3 and Llama (8 KV heads) of the same size, through the same manager.
 
-For each model one manager is built with transformers' own sizing (`max_memory_percent` of the free GPU memory after
-the weights), which gives the paged cache's capacity, its bytes per token and the number of 32K-token requests that
-fit. Then, for each (requests, context) point that fits, the requests run to `--new-tokens`; decode throughput is
-the tokens generated once every request has its first token, over that time window (per-token timestamps of the
-manager), i.e. all requests decoding together. Prefilling R x C distinct tokens through transformers' packed sdpa
-path (Llama, DeepseekV3) costs O((R x C)^2) (every step's queries meet every key of the batch), minutes at 64 x 8K;
-so the prompts share a random C-token prefix (whole pages), prefilled once (prefix sharing on), and differ in a
-16-token suffix each. Every request still reads its whole context at every decode step (ours: the fused kernel
-reads it in the pages; the others: the paged cache gathers it per request); the shared pages may be read from L2 where they fit, for every model alike. "cache GiB" is the size
-the requests' contexts take unshared. Last for each model: as many 32K-token requests as its pages hold.
+For each model one manager is built with transformers' own sizing (`max_memory_percent` of the free GPU memory after the
+weights), which gives the paged cache's capacity, its bytes per token and the number of 32K-token requests that fit.
+Then, for each (requests, context) point that fits, the requests run to `--new-tokens`; decode throughput is the tokens
+generated once every request has its first token, over that time window (per-token timestamps of the manager), i.e. all
+requests decoding together. Prefilling R x C distinct tokens through transformers' packed sdpa path (Llama, DeepseekV3)
+costs O((R x C)^2) (every step's queries meet every key of the batch), minutes at 64 x 8K; so the prompts share a random
+C-token prefix (whole pages), prefilled once (prefix sharing on), and differ in a 16-token suffix each. Every request
+still reads its whole context at every decode step (ours: the fused kernel reads it in the pages; the others: the paged
+cache gathers it per request); the shared pages may be read from L2 where they fit, for every model alike. "cache GiB"
+is the size the requests' contexts take unshared. Last for each model: as many 32K-token requests as its pages hold.
 
 transformers' DeepseekV3 cannot run under continuous batching in 5.17 to 5.24 (its paged cache is sized from
 `head_dim` = qk_rope_head_dim while the layer caches other widths: "index_copy_(): Source/destination tensor must

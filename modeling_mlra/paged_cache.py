@@ -175,6 +175,8 @@ class MLRAPagedLatent:
             key_pages, value_pages = pages_of(layer_idx)
             slots = self.batch_kwargs["read_index"][allocator.index]
         else:
+            if not hasattr(self.cache, "layer_index_to_group_indices"):
+                return self.gathered(f"{type(self.cache).__name__} has neither allocators nor per-group layer tensors")
             if getattr(self.cache, "sliding_windows", {}).get(layer_idx, 1) != 1:
                 return self.gathered(f"layer {layer_idx} has a sliding window (its read index holds sentinels)")
             group, index = self.cache.layer_index_to_group_indices[layer_idx]

@@ -131,7 +131,7 @@ class _SlidingWindowCache:
         if allocators:  # transformers >= 5.2x
             self.layer_to_allocator = {0: type("SlidingAttentionAllocator", (), {"layer_type": "sliding_attention"})()}
         else:
-            self.sliding_windows = {0: 8}
+            self.layer_index_to_group_indices, self.sliding_windows = {0: (0, 0)}, {0: 8}
 
     def update(self, key_states, value_states, layer_idx, kwargs):
         raise AssertionError("not called")
