@@ -15,6 +15,7 @@
 #             and 16 x 32K (issue 16; 375 s)
 #   generate  generate_interval.py: generate() against its compiled step (issue 16)
 #   cb        continuous_batching.py: throughput, memory, 32K requests that fit (issue 23)
+#   paged     paged_decode.py: the kernel on the latent pages in place against the gather it replaced (issue 23)
 #   tp        tp_e2e.py at the machine's GPU count: split against unsplit, generate() included (issue 18)
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -82,12 +83,15 @@ for part in "${parts[@]}"; do
       run 350 python3 benchmarks/continuous_batching.py --stop-after-s 240 --out "$dir/continuous_batching_h200" \
         >"$dir/continuous_batching.log" 2>&1
       ;;
+    paged)
+      run 150 python3 benchmarks/paged_decode.py --out "$dir/paged_decode_h200" >"$dir/paged_decode.log" 2>&1
+      ;;
     tp)
       run 200 torchrun --nproc-per-node "$gpus" benchmarks/tp_e2e.py --variants mlra_4 --skip-llama --layers 8 \
         --batches 1 --prompts 32768 --replays 50 --generate --out "$dir/tp_e2e_h200x$gpus" >"$dir/tp_e2e.log" 2>&1
       ;;
     *)
-      echo "unknown part '$part' (tests check kernel step gemv generate cb tp)" >&2
+      echo "unknown part '$part' (tests check kernel step gemv generate cb paged tp)" >&2
       exit 2
       ;;
   esac
