@@ -2,7 +2,7 @@
 # One entry point for the GPU machine: checks and timings by part, each under its own time limit, in one call.
 #   bash benchmarks/device_run.sh PART...        parts in the order given; default: tests check generate tp
 #   DRY_RUN=1 bash benchmarks/device_run.sh ...   print the commands only (here, on the CPU)
-# A call runs at most 10 minutes: the parts' limits below say which fit together (tests 120 + check 400 fits;
+# A call runs at most 10 minutes: the parts' limits below say which fit together (tests 170 + check 400 fits;
 # step alone takes 600). Each part writes into its own folder and leaves one archive, $OUT/PART.tgz (the device
 # returns at most 8 files), plus its log on stdout. Wheels in .whl/ (pytest-xdist, execnet) are installed first when
 # carried, so the GPU tests run in 8 processes.
@@ -51,7 +51,7 @@ for part in "${parts[@]}"; do
   echo "== $part"
   case $part in
     tests)
-      run 120 python3 -m pytest tests/test_decode_kernel.py tests/test_decode_gemv.py tests/test_continuous_batching.py \
+      run 170 python3 -m pytest tests/test_decode_kernel.py tests/test_decode_gemv.py tests/test_continuous_batching.py \
         tests/test_fp8_cache.py tests/test_deferred_stop_check.py -q -rf -p no:cacheprovider $xdist \
         >"$dir/pytest_gpu.log" 2>&1
       ;;
