@@ -378,28 +378,29 @@ def needs_gradient(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(tensor.requires_grad for tensor in tensors)
 
 
+def reads_as_is(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether a kernel may read `module.weight` where calling the module on x would: no hooks, no replaced forward
+    (accelerate's hooks replace it for offloaded weights), its weight an ordinary tensor in x's dtype and device that
+    needs no gradient here."""
+    weight = module.weight
+    return not (
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or "forward" in module.__dict__
+        or type(weight) not in (nn.Parameter, torch.Tensor)
+        or weight.dtype != x.dtype
+        or weight.device != x.device
+        or needs_gradient(weight, x)
+    )
+
+
 def plain_weights(linears: tuple[nn.Module, ...], x: torch.Tensor) -> list[torch.Tensor] | None:
     """The weights of `linears` where the kernel computes exactly what calling them would: plain nn.Linear modules
     (not a subclass such as a tensor-parallel or quantized layer, not wrapped by an adapter such as peft's LoRA),
-    without bias or hooks, whose weights are ordinary tensors in x's dtype and device that need no gradient here;
-    else None (call the modules)."""
-    weights = []
-    for linear in linears:
-        weight = linear.weight if type(linear) is nn.Linear else None
-        if (
-            weight is None
-            or linear.bias is not None
-            or linear._forward_hooks
-            or linear._forward_pre_hooks
-            or "forward" in linear.__dict__  # accelerate's hooks replace it (offloaded weights)
-            or type(weight) not in (nn.Parameter, torch.Tensor)
-            or weight.dtype != x.dtype
-            or weight.device != x.device
-            or needs_gradient(weight, x)
-        ):
-            return None
-        weights.append(weight)
-    return weights
+    without bias, read as they are (`reads_as_is`); else None (call the modules)."""
+    if all(type(linear) is nn.Linear and linear.bias is None and reads_as_is(linear, x) for linear in linears):
+        return [linear.weight for linear in linears]
+    return None
 
 
 def gemv_linears(
@@ -427,4 +428,6 @@ def gemv_linears(
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
-__all__ = ["MAX_ROWS", "gemv_linears", "mlra_gemv", "needs_gradient", "programmatic_launch", "triton_available"]
+__all__ = [
+    "MAX_ROWS", "gemv_linears", "mlra_gemv", "needs_gradient", "programmatic_launch", "reads_as_is", "triton_available",
+]

@@ -27,7 +27,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_mlra import MLRAConfig
 from .decode_gemv import MAX_ROWS as GEMV_MAX_ROWS
-from .decode_gemv import gemv_linears, mlra_gemv, needs_gradient
+from .decode_gemv import gemv_linears, mlra_gemv, needs_gradient, reads_as_is
 from .mlra_decode_kernel import (
     LatentPages, fp8_cache_layout, kernel_supports, mlra_decode_attention, triton_available,
 )
@@ -532,25 +532,13 @@ def use_decode_gemv(config: MLRAConfig, hidden_states: torch.Tensor) -> bool:
 
 def norm_in_gemv(norm: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, float] | None:
     """(weight, eps) of `norm` where the GEMV computes what calling it on x would: an MLRARMSNorm (not a subclass)
-    over the whole vector, without hooks, its weight an ordinary tensor in x's dtype and device that needs no gradient
-    here; else None (call it). One row of x only: in the tl.dot path of 2-16 rows the norm costs the loop 40% more
-    instructions (sm_90, gate + up: 118 -> 170 per step, 87 -> 141 registers), and the 16 x 32K step with it ran
-    slower (benchmarks/results/decode_step_h200_16x32k_norm_in_gemv.md)."""
-    weight = norm.weight
-    if (
-        x.numel() != x.shape[-1]
-        or type(norm) is not MLRARMSNorm
-        or norm.num_groups != 1
-        or norm._forward_hooks
-        or norm._forward_pre_hooks
-        or "forward" in norm.__dict__
-        or type(weight) not in (nn.Parameter, torch.Tensor)
-        or weight.dtype != x.dtype
-        or weight.device != x.device
-        or needs_gradient(weight, x)
-    ):
-        return None
-    return weight, norm.variance_epsilon
+    over the whole vector, read as it is (`decode_gemv.reads_as_is`); else None (call it). One row of x only: in
+    the tl.dot path of 2-16 rows the norm costs the loop 40% more instructions (sm_90, gate + up: 118 -> 170 per
+    step, 87 -> 141 registers), and the 16 x 32K step with it ran slower
+    (benchmarks/results/decode_step_h200_16x32k_norm_in_gemv.md)."""
+    if x.numel() == x.shape[-1] and type(norm) is MLRARMSNorm and norm.num_groups == 1 and reads_as_is(norm, x):
+        return norm.weight, norm.variance_epsilon
+    return None
 
 
 def project(
