@@ -7,7 +7,8 @@
 # returns at most 8 files), plus its log on stdout. Wheels in .whl/ (pytest-xdist, execnet) are installed first when
 # carried, so the GPU tests run in 8 processes.
 #
-#   tests     the GPU tests of the kernels, the GEMV, continuous batching, the fp8 cache, the deferred stop check
+#   tests     the GPU tests of the kernels, the GEMV, the latent write, continuous batching, the fp8 cache, the deferred
+#             stop check
 #   check     gpu_check.py: fixtures, absorbed vs expanded in bf16, static/compiled generate(), continuous batching
 #   kernel    device_run_decode_kernel.sh: the decode kernel's quick table and sweep (issue 17)
 #   step      gemv.py --sweep, then decode_step.py: the decode step against the floor (issue 16)
@@ -52,7 +53,7 @@ for part in "${parts[@]}"; do
   case $part in
     tests)
       run 170 python3 -m pytest tests/test_decode_kernel.py tests/test_decode_gemv.py tests/test_continuous_batching.py \
-        tests/test_fp8_cache.py tests/test_deferred_stop_check.py -q -rf -p no:cacheprovider $xdist \
+        tests/test_fp8_cache.py tests/test_deferred_stop_check.py tests/test_latent_write.py -q -rf -p no:cacheprovider $xdist \
         >"$dir/pytest_gpu.log" 2>&1
       ;;
     check)

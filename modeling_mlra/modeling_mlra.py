@@ -28,6 +28,7 @@ from transformers.utils.output_capturing import capture_outputs
 from .configuration_mlra import MLRAConfig
 from .decode_gemv import MAX_ROWS as GEMV_MAX_ROWS
 from .decode_gemv import gemv_linears, mlra_gemv, needs_gradient, reads_as_is
+from .latent_write import write_latent_rows
 from .mlra_decode_kernel import (
     LatentPages, fp8_cache_layout, kernel_supports, mlra_decode_attention, triton_available,
 )
@@ -295,14 +296,8 @@ class MLRALatentCacheLayer(CacheLayerMixin):
         if self.cache_dtype is not None:
             states = quantize_latent_rows(states, self.latent_block_dim, self.rope_dim)
         new_tokens = states.shape[1]
-        if self.is_compileable and self.starts_batch:
-            self._resize_batch(states.shape[0])
         if self.is_compileable:
-            assert_on_device(
-                self.cumulative_length + new_tokens <= self.max_cache_len,
-                f"the static MLRACache is full (max_cache_len={self.max_cache_len}) and cannot take {new_tokens} more "
-                "token(s): pass a larger `max_cache_len` to MLRACache or a larger `max_length` to generate()",
-            )
+            self._make_room(states.shape[0], new_tokens)
             slots = torch.arange(new_tokens, device=self.buffer.device) + self.cumulative_length
             rows = self._batch_rows()
             rows.index_copy_(1, slots, states.to(self.buffer.dtype))
@@ -316,6 +311,33 @@ class MLRALatentCacheLayer(CacheLayerMixin):
         self.buffer[:, self.cumulative_length : end] = states
         self.cumulative_length = end
         return self.buffer[:, :end]
+
+    def write_projected(
+        self, projected: torch.Tensor, norm: "MLRARMSNorm", scale: float, cos: torch.Tensor, sin: torch.Tensor,
+        interleave: bool,
+    ) -> torch.Tensor:
+        """`update` of an initialized static layer in the model's dtype from the projection's output [bsz, T, d_c + d_r]
+        before the latent norm (`norm`, then times `scale`) and the rope key's rotation (cos/sin [bsz, T, d_r]): all
+        three inside the one launch that writes the rows (`latent_write.write_latent_rows`). Returns the rows."""
+        bsz, new_tokens, _ = projected.shape
+        self._make_room(bsz, new_tokens)
+        write_latent_rows(
+            self.buffer, self.cumulative_length, projected, norm.weight, norm.variance_epsilon, norm.num_groups, scale,
+            cos, sin, interleave,
+        )
+        self.cumulative_length.add_(new_tokens)
+        return self._batch_rows()
+
+    def _make_room(self, bsz: int, new_tokens: int) -> None:
+        """Static layer: take the batch size at the first update of a batch, and fail (on the device, no host
+        synchronisation) where `new_tokens` more do not fit."""
+        if self.starts_batch:
+            self._resize_batch(bsz)
+        assert_on_device(
+            self.cumulative_length + new_tokens <= self.max_cache_len,
+            f"the static MLRACache is full (max_cache_len={self.max_cache_len}) and cannot take {new_tokens} more "
+            "token(s): pass a larger `max_cache_len` to MLRACache or a larger `max_length` to generate()",
+        )
 
     def get_seq_length(self) -> int:
         return self.cumulative_length
@@ -572,6 +594,27 @@ def project(
     return outputs if residual is None else (residual + outputs[0],)
 
 
+def layer_written_in_one_launch(
+    config: MLRAConfig, cache: Cache | None, layer_idx: int, norm: nn.Module, projected: torch.Tensor
+) -> MLRALatentCacheLayer | None:
+    """The cache layer whose new rows one launch finishes and writes (`MLRALatentCacheLayer.write_projected`): where
+    the decode step's projections run the GEMV (`use_decode_gemv`: a compiled step on CUDA), into an initialized
+    static MLRACache layer in the model's dtype, with the latent norm a plain MLRARMSNorm over the projection's whole
+    latent read as it is; else None (the PyTorch ops, then `Cache.update`)."""
+    if not isinstance(cache, MLRACache) or not use_decode_gemv(config, projected):
+        return None
+    layer = cache.layers[layer_idx]
+    if not (layer.is_initialized and layer.is_compileable and layer.cache_dtype is None):
+        return None
+    fits = (
+        type(norm) is MLRARMSNorm
+        and norm.weight.shape[0] + config.qk_rope_head_dim == projected.shape[-1] == layer.buffer.shape[-1]
+        and layer.buffer.dtype == projected.dtype
+        and reads_as_is(norm, projected)
+    )
+    return layer if fits else None
+
+
 def key_mask_for_kernel(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     """The decode kernel's key mask [bsz, S] (nonzero: the key may be attended) from a 2D mask [bsz, S], or from
     the last query row of a prepared 4D mask (additive or boolean); the kernel applies the causal rule itself."""
@@ -699,17 +742,23 @@ class MLRAAttention(nn.Module):
         query = query.view(bsz, q_len, self.num_heads, -1)
         q_nope, q_rope = query.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
 
-        # the rope key is the projection's last d_r columns (a tensor-parallel rank with a shared latent norm projects
-        # the whole latent and its norm keeps the rank's blocks)
-        latent, k_rope = latent_and_rope[..., : -self.qk_rope_head_dim], latent_and_rope[..., -self.qk_rope_head_dim :]
-        latent = self.kv_a_layernorm(latent) * self.config.kv_latent_scale
         cos, sin = position_embeddings
         q_rope = apply_rotary_pos_emb(q_rope, cos, sin, self.config.rope_interleave)
-        k_rope = apply_rotary_pos_emb(k_rope.unsqueeze(2), cos, sin, self.config.rope_interleave).squeeze(2)
-
-        kv_states = torch.cat([latent, k_rope], dim=-1)  # exactly what the cache keeps
-        if cache is not None and not isinstance(cache, MLRAPagedLatent):  # pages are written in `paged_attention`
-            kv_states = cache.update(kv_states, self.layer_idx)
+        cache_layer = layer_written_in_one_launch(self.config, cache, self.layer_idx, self.kv_a_layernorm, latent_and_rope)
+        if cache_layer is not None:  # the latent norm, the rope key's rotation and the cache write: one launch
+            kv_states = cache_layer.write_projected(
+                latent_and_rope, self.kv_a_layernorm, self.config.kv_latent_scale, cos, sin, self.config.rope_interleave
+            )
+        else:
+            # the rope key is the projection's last d_r columns (a tensor-parallel rank with a shared latent norm
+            # projects the whole latent and its norm keeps the rank's blocks)
+            rope_dim = self.qk_rope_head_dim
+            latent, k_rope = latent_and_rope[..., :-rope_dim], latent_and_rope[..., -rope_dim:]
+            latent = self.kv_a_layernorm(latent) * self.config.kv_latent_scale
+            k_rope = apply_rotary_pos_emb(k_rope.unsqueeze(2), cos, sin, self.config.rope_interleave).squeeze(2)
+            kv_states = torch.cat([latent, k_rope], dim=-1)  # exactly what the cache keeps
+            if cache is not None and not isinstance(cache, MLRAPagedLatent):  # pages are written in `paged_attention`
+                kv_states = cache.update(kv_states, self.layer_idx)
         if kv_states.dtype == torch.uint8 and decode_kernel_inputs is None:  # the fp8 cache's packed rows
             kv_states = dequantize_latent_rows(
                 kv_states, self.num_latent_blocks, self.latent_block_dim, self.qk_rope_head_dim, hidden_states.dtype

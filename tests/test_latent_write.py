@@ -1,0 +1,139 @@
+"""The one-launch write of a decode step's new latent rows into the static cache (`modeling_mlra/latent_write.py`)
+against the PyTorch ops it replaces. Without a GPU the kernel runs in Triton's interpreter (conftest), float16 and
+float32; on a GPU compiled, bfloat16 included.
+"""
+
+import pytest
+import torch
+
+from conftest import FAMILY, MLRACache, cache_kwargs, random_tokens, tiny_model
+from modeling_mlra import latent_write
+from modeling_mlra.latent_write import triton_available, write_latent_rows
+from modeling_mlra.modeling_mlra import MLRARMSNorm, apply_rotary_pos_emb
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="Triton is not installed")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
+
+
+@pytest.fixture
+def writes(monkeypatch):
+    """The launches of the latent write, by new tokens (a test of the fast path must fail if it is not taken)."""
+    calls = []
+    original = latent_write._write_latent_rows
+
+    def counted(buffer, start, projected, *args):
+        calls.append(projected.shape[1])
+        return original(buffer, start, projected, *args)
+
+    monkeypatch.setattr(latent_write, "_write_latent_rows", counted)
+    return calls
+
+
+def draw(*shape, dtype, seed, scale=1.0):
+    generator = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(shape, generator=generator)).to(dtype).to(DEVICE)
+
+
+# (latent width, norm groups, rope width, interleaved rope): the published 4 x 128 + 64, one group, widths that are
+# not powers of two (masked tiles)
+SHAPES = [(512, 4, 64, False), (16, 1, 8, True), (24, 2, 6, False), (48, 4, 12, True)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("latent_dim, groups, rope_dim, interleave", SHAPES)
+def test_written_rows_are_the_normed_scaled_latent_and_the_rotated_rope_key_at_their_slots(
+    dtype, latent_dim, groups, rope_dim, interleave
+):
+    bsz, new_tokens, capacity, start = 3, 2, 9, 5
+    norm = MLRARMSNorm(latent_dim, eps=1e-6, num_groups=groups).to(DEVICE, dtype)
+    with torch.no_grad():
+        norm.weight.copy_(1 + draw(latent_dim, dtype=dtype, seed=1, scale=0.3))
+    projected = draw(bsz, new_tokens, latent_dim + rope_dim, dtype=dtype, seed=2, scale=3.0)
+    cos, sin = draw(bsz, new_tokens, rope_dim, dtype=dtype, seed=3), draw(bsz, new_tokens, rope_dim, dtype=dtype, seed=4)
+    buffer = torch.zeros(bsz + 1, capacity, latent_dim + rope_dim, dtype=dtype, device=DEVICE)  # a spare row
+    write_latent_rows(
+        buffer, torch.tensor(start, device=DEVICE), projected, norm.weight, 1e-6, groups, 1.7, cos, sin, interleave
+    )
+    with torch.no_grad():
+        latent = norm(projected[..., :latent_dim]) * 1.7
+        rope_key = apply_rotary_pos_emb(projected[..., latent_dim:].unsqueeze(2), cos, sin, interleave).squeeze(2)
+    expected = torch.cat([latent, rope_key], dim=-1)
+    # the PyTorch ops' roundings in 16-bit dtypes; float32 up to the order of the norm's sum
+    tolerance = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 0, "atol": 0}
+    torch.testing.assert_close(buffer[:bsz, start : start + new_tokens], expected, **tolerance)
+    written = torch.zeros_like(buffer, dtype=torch.bool)
+    written[:bsz, start : start + new_tokens] = True
+    assert not buffer[~written].any()  # no other slot, no spare row
+
+
+def test_a_buffer_of_another_width_or_dtype_is_refused():
+    projected = draw(1, 1, 20, dtype=torch.float32, seed=5)
+    weight, tables = torch.ones(16, device=DEVICE), draw(1, 1, 4, dtype=torch.float32, seed=6)
+    start = torch.tensor(0, device=DEVICE)
+    for buffer in (torch.zeros(1, 4, 24, device=DEVICE), torch.zeros(1, 4, 20, dtype=torch.float16, device=DEVICE)):
+        with pytest.raises(ValueError, match="write_latent_rows needs a buffer"):
+            write_latent_rows(buffer, start, projected, weight, 1e-6, 1, 1.0, tables, tables, False)
+
+
+@pytest.mark.parametrize("member", FAMILY)
+def test_decode_steps_into_a_static_cache_write_in_one_launch_and_match_the_plain_path(member, writes):
+    fast = tiny_model(seed=30, **FAMILY[member], decode_kernel="triton").to(DEVICE)
+    plain = tiny_model(seed=30, **FAMILY[member], decode_kernel="torch").to(DEVICE)
+    ids = random_tokens((2, 8), seed=31).to(DEVICE)
+    fast_cache, plain_cache = MLRACache(fast.config, max_cache_len=12), MLRACache(plain.config, max_cache_len=12)
+    with torch.no_grad():
+        fast(ids[:, :5], **cache_kwargs(fast_cache))  # the prefill initializes the layers (the PyTorch ops)
+        plain(ids[:, :5], **cache_kwargs(plain_cache))
+        assert writes == []
+        for position in (5, 6, 7):
+            step = fast(ids[:, position : position + 1], **cache_kwargs(fast_cache)).logits
+            expected = plain(ids[:, position : position + 1], **cache_kwargs(plain_cache)).logits
+            torch.testing.assert_close(step, expected, rtol=1e-5, atol=1e-5)
+    assert writes == [1] * (3 * fast.config.num_hidden_layers)
+    for fast_layer, plain_layer in zip(fast_cache.layers, plain_cache.layers):
+        torch.testing.assert_close(fast_layer.buffer, plain_layer.buffer, rtol=1e-5, atol=1e-5)  # the GEMV sums in another order
+        assert int(fast_layer.cumulative_length) == 8
+
+
+def test_the_dynamic_cache_and_the_fp8_cache_keep_the_plain_write(writes):
+    model = tiny_model(seed=32, decode_kernel="triton").to(DEVICE)
+    ids = random_tokens((1, 4), seed=33).to(DEVICE)
+    with torch.no_grad():
+        for cache in (MLRACache(model.config), MLRACache(model.config, max_cache_len=8, dtype=torch.float8_e4m3fn)):
+            model(ids[:, :3], **cache_kwargs(cache))
+            model(ids[:, 3:], **cache_kwargs(cache))
+    assert writes == []
+
+
+def test_a_full_static_cache_still_fails_loudly():
+    model = tiny_model(seed=34, decode_kernel="triton").to(DEVICE)
+    ids = random_tokens((1, 5), seed=35).to(DEVICE)
+    cache = MLRACache(model.config, max_cache_len=4)
+    with torch.no_grad():
+        model(ids[:, :4], **cache_kwargs(cache))
+        with pytest.raises((ValueError, RuntimeError), match="static MLRACache is full"):
+            model(ids[:, 4:], **cache_kwargs(cache))
+            torch.cuda.synchronize() if DEVICE == "cuda" else None
+
+
+def test_the_write_is_captured_by_torch_compile_and_mutates_the_cache_in_place(writes):
+    fast = tiny_model(seed=36, decode_kernel="triton").to(DEVICE)
+    plain = tiny_model(seed=36, decode_kernel="torch").to(DEVICE)
+    ids = random_tokens((1, 6), seed=37).to(DEVICE)
+    fast_cache, plain_cache = MLRACache(fast.config, max_cache_len=8), MLRACache(plain.config, max_cache_len=8)
+    torch._dynamo.reset()
+    step = torch.compile(fast, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        fast(ids[:, :4], **cache_kwargs(fast_cache))
+        plain(ids[:, :4], **cache_kwargs(plain_cache))
+        buffers = [layer.buffer.data_ptr() for layer in fast_cache.layers]
+        for position in (4, 5):
+            logits = step(ids[:, position : position + 1], **cache_kwargs(fast_cache)).logits
+            expected = plain(ids[:, position : position + 1], **cache_kwargs(plain_cache)).logits
+            torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    assert len(writes) == 2 * fast.config.num_hidden_layers
+    assert [layer.buffer.data_ptr() for layer in fast_cache.layers] == buffers
+    for fast_layer, plain_layer in zip(fast_cache.layers, plain_cache.layers):
+        torch.testing.assert_close(fast_layer.buffer, plain_layer.buffer, rtol=1e-5, atol=1e-5)  # the GEMV sums in another order
