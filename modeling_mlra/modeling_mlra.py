@@ -744,17 +744,18 @@ class MLRAAttention(nn.Module):
 
         cos, sin = position_embeddings
         q_rope = apply_rotary_pos_emb(q_rope, cos, sin, self.config.rope_interleave)
-        cache_layer = layer_written_in_one_launch(self.config, cache, self.layer_idx, self.kv_a_layernorm, latent_and_rope)
+        norm = self.kv_a_layernorm
+        cache_layer = layer_written_in_one_launch(self.config, cache, self.layer_idx, norm, latent_and_rope)
         if cache_layer is not None:  # the latent norm, the rope key's rotation and the cache write: one launch
             kv_states = cache_layer.write_projected(
-                latent_and_rope, self.kv_a_layernorm, self.config.kv_latent_scale, cos, sin, self.config.rope_interleave
+                latent_and_rope, norm, self.config.kv_latent_scale, cos, sin, self.config.rope_interleave
             )
         else:
             # the rope key is the projection's last d_r columns (a tensor-parallel rank with a shared latent norm
             # projects the whole latent and its norm keeps the rank's blocks)
             rope_dim = self.qk_rope_head_dim
             latent, k_rope = latent_and_rope[..., :-rope_dim], latent_and_rope[..., -rope_dim:]
-            latent = self.kv_a_layernorm(latent) * self.config.kv_latent_scale
+            latent = norm(latent) * self.config.kv_latent_scale
             k_rope = apply_rotary_pos_emb(k_rope.unsqueeze(2), cos, sin, self.config.rope_interleave).squeeze(2)
             kv_states = torch.cat([latent, k_rope], dim=-1)  # exactly what the cache keeps
             if cache is not None and not isinstance(cache, MLRAPagedLatent):  # pages are written in `paged_attention`

@@ -51,7 +51,8 @@ def test_written_rows_are_the_normed_scaled_latent_and_the_rotated_rope_key_at_t
     with torch.no_grad():
         norm.weight.copy_(1 + draw(latent_dim, dtype=dtype, seed=1, scale=0.3))
     projected = draw(bsz, new_tokens, latent_dim + rope_dim, dtype=dtype, seed=2, scale=3.0)
-    cos, sin = draw(bsz, new_tokens, rope_dim, dtype=dtype, seed=3), draw(bsz, new_tokens, rope_dim, dtype=dtype, seed=4)
+    cos = draw(bsz, new_tokens, rope_dim, dtype=dtype, seed=3)
+    sin = draw(bsz, new_tokens, rope_dim, dtype=dtype, seed=4)
     buffer = torch.zeros(bsz + 1, capacity, latent_dim + rope_dim, dtype=dtype, device=DEVICE)  # a spare row
     write_latent_rows(
         buffer, torch.tensor(start, device=DEVICE), projected, norm.weight, 1e-6, groups, 1.7, cos, sin, interleave
@@ -93,7 +94,8 @@ def test_decode_steps_into_a_static_cache_write_in_one_launch_and_match_the_plai
             torch.testing.assert_close(step, expected, rtol=1e-5, atol=1e-5)
     assert writes == [1] * (3 * fast.config.num_hidden_layers)
     for fast_layer, plain_layer in zip(fast_cache.layers, plain_cache.layers):
-        torch.testing.assert_close(fast_layer.buffer, plain_layer.buffer, rtol=1e-5, atol=1e-5)  # the GEMV sums in another order
+        # the GEMV sums the projections in another order
+        torch.testing.assert_close(fast_layer.buffer, plain_layer.buffer, rtol=1e-5, atol=1e-5)
         assert int(fast_layer.cumulative_length) == 8
 
 
@@ -136,4 +138,5 @@ def test_the_write_is_captured_by_torch_compile_and_mutates_the_cache_in_place(w
     assert len(writes) == 2 * fast.config.num_hidden_layers
     assert [layer.buffer.data_ptr() for layer in fast_cache.layers] == buffers
     for fast_layer, plain_layer in zip(fast_cache.layers, plain_cache.layers):
-        torch.testing.assert_close(fast_layer.buffer, plain_layer.buffer, rtol=1e-5, atol=1e-5)  # the GEMV sums in another order
+        # the GEMV sums the projections in another order
+        torch.testing.assert_close(fast_layer.buffer, plain_layer.buffer, rtol=1e-5, atol=1e-5)
