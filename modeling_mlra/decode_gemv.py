@@ -75,7 +75,7 @@ def gemv_config(
     )
     return dict(
         BLOCK_M=1 if rows == 1 else 16, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
-        num_stages=choices.get("num_stages", 1 if rows == 1 else 3), pdl=choices.get("pdl"),
+        num_stages=choices.get("num_stages", 1 if rows == 1 else 3),
     )
 
 
@@ -96,47 +96,26 @@ if triton is not None:
     def _gemv_tile(
         acc, x_ptrs, w_ptrs, norm_ptrs, m_ok, n_ok, k_ok,
         BLOCK_M: tl.constexpr, MASK_K: tl.constexpr, NORM: tl.constexpr, PRECISION: tl.constexpr,
-        X_AS_W: tl.constexpr, K_VEC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """acc [BLOCK_M, BLOCK_N] += x tile [BLOCK_M, BLOCK_K] @ weight tile [BLOCK_K, BLOCK_N]; one row: acc
-        [BLOCK_K, BLOCK_N] += the products. NORM: x times the norm's weight (its rms divides the sums later).
-        X_AS_W (one row, k contiguous in the weight): x_ptrs and norm_ptrs are [BLOCK_K, BLOCK_N] tiles, each column
-        the same addresses, so that x and the norm's weight load into the weight tile's own register layout (no
-        layout conversion through shared memory and barrier per step; the repeated addresses hit L1)."""
-        if X_AS_W:
-            if MASK_K:
-                x = tl.load(x_ptrs, mask=k_ok[:, None], other=0.0)
-                w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            else:
-                x = tl.load(x_ptrs)
-                w = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
-            x = x.to(tl.float32)
-            if NORM:
-                if MASK_K:
-                    x *= tl.load(norm_ptrs, mask=k_ok[:, None], other=0.0).to(tl.float32)
-                else:
-                    x *= tl.load(norm_ptrs).to(tl.float32)
-            products = x * w.to(tl.float32)
-            # the k of one 16-byte load are one thread's: summed there, so acc holds 1/K_VEC of the tile's values
-            acc += tl.sum(tl.reshape(products, (BLOCK_K // K_VEC, K_VEC, BLOCK_N)), axis=1)
+        [BLOCK_K, BLOCK_N] += the products. NORM: x times the norm's weight (its rms divides the sums later)."""
+        if MASK_K:
+            x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         else:
+            x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
+        if NORM:
             if MASK_K:
-                x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-                w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                norm_weight = tl.load(norm_ptrs, mask=k_ok, other=0.0)
             else:
-                x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
-                w = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
-            if NORM:
-                if MASK_K:
-                    norm_weight = tl.load(norm_ptrs, mask=k_ok, other=0.0)
-                else:
-                    norm_weight = tl.load(norm_ptrs)
-                weighted = x.to(tl.float32) * norm_weight.to(tl.float32)[None, :]
-                x = weighted if BLOCK_M == 1 else weighted.to(x.dtype)  # tl.dot's operands stay in x's dtype
-            if BLOCK_M == 1:  # products kept per k, summed once after the loop
-                acc += tl.trans(x.to(tl.float32)) * w.to(tl.float32)
-            else:
-                acc = tl.dot(x, w, acc, input_precision=PRECISION)
+                norm_weight = tl.load(norm_ptrs)
+            weighted = x.to(tl.float32) * norm_weight.to(tl.float32)[None, :]
+            x = weighted if BLOCK_M == 1 else weighted.to(x.dtype)  # tl.dot's operands stay in x's dtype
+        if BLOCK_M == 1:  # products kept per k, summed once after the loop
+            acc += tl.trans(x.to(tl.float32)) * w.to(tl.float32)
+        else:
+            acc = tl.dot(x, w, acc, input_precision=PRECISION)
         return acc
 
     @triton.jit
@@ -144,53 +123,38 @@ if triton is not None:
         x_ptr, w_ptr, norm_ptr, offs_m, offs_n, m_ok, n_ok, M, K,
         stride_xs, stride_xm, stride_xk, stride_ws, stride_wn, stride_wk,
         ALIGN_XM: tl.constexpr, ALIGN_WN: tl.constexpr, ALIGN_WK: tl.constexpr, NORM: tl.constexpr,
-        SEGMENTS: tl.constexpr, ONE_STEP: tl.constexpr, X_AS_W: tl.constexpr, K_VEC: tl.constexpr,
+        SEGMENTS: tl.constexpr, ONE_STEP: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
     ):
         """One weight's tile of outputs [BLOCK_M, BLOCK_N] in float32, over every segment and the whole reduction:
         whole BLOCK_K steps unmasked along k (so the loads stay 16 bytes wide), then the remainder masked; ONE_STEP
         (K == BLOCK_K): every segment's tile in straight-line code, so that their loads are in flight together. NORM
-        (one segment): of x times the norm's weight at norm_ptr (the caller divides by the rms, `_rms_reciprocal`).
-        X_AS_W: x and the norm's weight read as tiles of the weight tile's shape (`_gemv_tile`)."""
+        (one segment): of x times the norm's weight at norm_ptr (the caller divides by the rms, `_rms_reciprocal`)."""
         offs_k = tl.arange(0, BLOCK_K)
         x_rows = tl.multiple_of(offs_m * stride_xm, ALIGN_XM)
         w_rows = tl.multiple_of(offs_n * stride_wn, ALIGN_WN)
         w_cols = tl.multiple_of(offs_k * stride_wk, ALIGN_WK)
-        if X_AS_W:  # the sums of each thread's k (`_gemv_tile`)
-            acc = tl.zeros((BLOCK_K // K_VEC, BLOCK_N), dtype=tl.float32)
-        else:
-            acc = tl.zeros((BLOCK_K if BLOCK_M == 1 else BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_K if BLOCK_M == 1 else BLOCK_M, BLOCK_N), dtype=tl.float32)
         k_whole = (K // BLOCK_K) * BLOCK_K
-        if X_AS_W:  # every column of the tile the same k addresses (one row: x_rows is 0)
-            x_offsets = tl.broadcast_to((offs_k * stride_xk)[:, None], (BLOCK_K, BLOCK_N))
-            norm_offsets = tl.broadcast_to(offs_k[:, None], (BLOCK_K, BLOCK_N))
-        else:
-            x_offsets = x_rows[:, None] + offs_k[None, :] * stride_xk
-            norm_offsets = offs_k
         if ONE_STEP:
             for s in tl.static_range(SEGMENTS):
-                x_ptrs = x_ptr + s * stride_xs + x_offsets
+                x_ptrs = x_ptr + s * stride_xs + x_rows[:, None] + offs_k[None, :] * stride_xk
                 w_ptrs = w_ptr + s * stride_ws + w_cols[:, None] + w_rows[None, :]
                 acc = _gemv_tile(
-                    acc, x_ptrs, w_ptrs, norm_ptr + norm_offsets, m_ok, n_ok, offs_k, BLOCK_M, False, NORM, PRECISION,
-                    X_AS_W, K_VEC, BLOCK_N, BLOCK_K,
+                    acc, x_ptrs, w_ptrs, norm_ptr + offs_k, m_ok, n_ok, offs_k, BLOCK_M, False, NORM, PRECISION
                 )
         for s in range(0 if ONE_STEP else SEGMENTS):
-            x_ptrs = x_ptr + s * stride_xs + x_offsets
+            x_ptrs = x_ptr + s * stride_xs + x_rows[:, None] + offs_k[None, :] * stride_xk
             w_ptrs = w_ptr + s * stride_ws + w_cols[:, None] + w_rows[None, :]
-            norm_ptrs = norm_ptr + norm_offsets
+            norm_ptrs = norm_ptr + offs_k
             for k in range(0, k_whole, BLOCK_K):
-                acc = _gemv_tile(
-                    acc, x_ptrs, w_ptrs, norm_ptrs, m_ok, n_ok, offs_k, BLOCK_M, False, NORM, PRECISION, X_AS_W,
-                    K_VEC, BLOCK_N, BLOCK_K,
-                )
+                acc = _gemv_tile(acc, x_ptrs, w_ptrs, norm_ptrs, m_ok, n_ok, offs_k, BLOCK_M, False, NORM, PRECISION)
                 x_ptrs += BLOCK_K * stride_xk
                 w_ptrs += BLOCK_K * stride_wk
                 norm_ptrs += BLOCK_K
             if k_whole < K:
                 acc = _gemv_tile(
-                    acc, x_ptrs, w_ptrs, norm_ptrs, m_ok, n_ok, k_whole + offs_k < K, BLOCK_M, True, NORM, PRECISION,
-                    X_AS_W, K_VEC, BLOCK_N, BLOCK_K,
+                    acc, x_ptrs, w_ptrs, norm_ptrs, m_ok, n_ok, k_whole + offs_k < K, BLOCK_M, True, NORM, PRECISION
                 )
         if BLOCK_M == 1:
             out = tl.sum(acc, axis=0)[None, :]
@@ -242,11 +206,8 @@ if triton is not None:
         MODE: tl.constexpr, ALIGN_XM: tl.constexpr, ALIGN_WN: tl.constexpr, ALIGN_WK: tl.constexpr,
         SEGMENTS: tl.constexpr, ONE_STEP: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
         PDL: tl.constexpr, W_K_CONTIGUOUS: tl.constexpr, PREFETCH_K: tl.constexpr, BLOCK_R: tl.constexpr,
-        X_AS_W: tl.constexpr, K_VEC: tl.constexpr, K_ALIGNED: tl.constexpr, PAIRED: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
     ):
-        if K_ALIGNED:  # whole 16-byte loads to the end of each row: the last, masked step's loads stay 16 bytes wide
-            K = tl.multiple_of(K, K_VEC)
         # program -> (tile of outputs, weight batch); SIDE_BY_SIDE: the first weight's tiles, then the second's
         tile = tl.program_id(0)
         g = tl.program_id(1)
@@ -273,27 +234,17 @@ if triton is not None:
             if MODE == 2:
                 _prefetch_tile(w2_ptr, offs_n, n_ok, K, stride_wn, stride_wk, W_K_CONTIGUOUS, PREFETCH_K)
             tl.extra.cuda.gdc_wait()
-        if PAIRED:  # SwiGLU at one row: gate row j in column 2j of one tile, up row j in column 2j + 1
-            pair = tl.arange(0, 2 * BLOCK_N)
-            pair_n = tile * BLOCK_N + pair // 2
-            products = _gemv_weight(
-                x_ptr, tl.where(pair % 2 == 0, w_ptr, w2_ptr), norm_ptr, offs_m, pair_n, m_ok, pair_n < N, M, K,
-                stride_xs, stride_xm, stride_xk, stride_ws, stride_wn, stride_wk, ALIGN_XM, ALIGN_WN, ALIGN_WK, NORM,
-                SEGMENTS, ONE_STEP, X_AS_W, K_VEC, BLOCK_M, 2 * BLOCK_N, BLOCK_K, PRECISION,
+        acc = _gemv_weight(
+            x_ptr, weight, norm_ptr, offs_m, offs_n, m_ok, n_ok, M, K, stride_xs, stride_xm, stride_xk, stride_ws,
+            stride_wn, stride_wk, ALIGN_XM, ALIGN_WN, ALIGN_WK, NORM, SEGMENTS, ONE_STEP, BLOCK_M, BLOCK_N, BLOCK_K,
+            PRECISION,
+        )
+        if MODE == 2:  # up rows from the second weight
+            up = _gemv_weight(
+                x_ptr, w2_ptr, norm_ptr, offs_m, offs_n, m_ok, n_ok, M, K, stride_xs, stride_xm, stride_xk,
+                stride_ws, stride_wn, stride_wk, ALIGN_XM, ALIGN_WN, ALIGN_WK, NORM, SEGMENTS, ONE_STEP, BLOCK_M,
+                BLOCK_N, BLOCK_K, PRECISION,
             )
-            acc, up = tl.split(tl.reshape(products, (BLOCK_M, BLOCK_N, 2)))
-        else:
-            acc = _gemv_weight(
-                x_ptr, weight, norm_ptr, offs_m, offs_n, m_ok, n_ok, M, K, stride_xs, stride_xm, stride_xk,
-                stride_ws, stride_wn, stride_wk, ALIGN_XM, ALIGN_WN, ALIGN_WK, NORM, SEGMENTS, ONE_STEP, X_AS_W,
-                K_VEC, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
-            )
-            if MODE == 2:  # up rows from the second weight
-                up = _gemv_weight(
-                    x_ptr, w2_ptr, norm_ptr, offs_m, offs_n, m_ok, n_ok, M, K, stride_xs, stride_xm, stride_xk,
-                    stride_ws, stride_wn, stride_wk, ALIGN_XM, ALIGN_WN, ALIGN_WK, NORM, SEGMENTS, ONE_STEP, X_AS_W,
-                    K_VEC, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION,
-                )
         if NORM:  # RMSNorm's division, once per output
             rms_reciprocal = _rms_reciprocal(x_ptr, offs_m, m_ok, K, eps, stride_xm, stride_xk, BLOCK_M, BLOCK_R)
             acc = acc * rms_reciprocal[:, None]
@@ -344,9 +295,7 @@ def _gemv(
     block_n, block_k = config["BLOCK_N"], config["BLOCK_K"]
     tiles = triton.cdiv(rows_out, block_n) + (triton.cdiv(second_rows, block_n) if mode == SIDE_BY_SIDE else 0)
     # PDL measured at one row (the 1 x 16 step, benchmarks/results/decode_step_h200_1x16_pdl.md); not yet at more
-    pdl = config["pdl"]
-    if pdl is None:
-        pdl = rows == 1 and x.is_cuda and programmatic_launch(x.device.index or 0)
+    pdl = choices.get("pdl", rows == 1 and x.is_cuda and programmatic_launch(x.device.index or 0))
     size = w.element_size()
     # the columns of its weight rows a program asks into L2 ahead: about PREFETCH_BYTES, a power of two >= 64
     columns = max(1, PREFETCH_BYTES // (block_n * size * (2 if mode == SWIGLU else 1)))
@@ -361,9 +310,6 @@ def _gemv(
         ALIGN_WK=_alignment(w.stride(3), size), SEGMENTS=segments, ONE_STEP=rows == 1 and reduction == block_k,
         NORM=norm_weight is not None, RESIDUAL=residual is not None, PDL=pdl, W_K_CONTIGUOUS=w.stride(3) == 1,
         PREFETCH_K=prefetch_k, BLOCK_R=min(4096 // config["BLOCK_M"], triton.next_power_of_2(reduction)),
-        X_AS_W=config["BLOCK_M"] == 1 and w.stride(3) == 1 and choices.get("x_as_w", True),
-        K_VEC=min(16 // size, block_k), K_ALIGNED=reduction % (16 // size) == 0,
-        PAIRED=config["BLOCK_M"] == 1 and mode == SWIGLU and choices.get("paired", True),
         BLOCK_M=config["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=block_k,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=config["num_warps"], num_stages=config["num_stages"], **({"launch_pdl": True} if pdl else {}),

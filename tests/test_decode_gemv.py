@@ -312,37 +312,3 @@ def test_auto_leaves_eager_steps_to_cublas_and_takes_the_gemv_inside_torch_compi
         torch._dynamo.reset()
         torch.compile(model, fullgraph=True, backend="eager")(ids)
     assert (len(launches) > 0) == (DEVICE == "cuda")
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mode", [SINGLE, SIDE_BY_SIDE, SWIGLU])
-@pytest.mark.parametrize("reduction", [1100, 3000])
-@pytest.mark.parametrize(
-    "choices",
-    [
-        dict(x_as_w=False, paired=False),  # x loaded in a layout of its own, SwiGLU's weights one after the other
-        dict(BLOCK_N=2, BLOCK_K=1024, num_warps=8),
-        dict(BLOCK_N=16, BLOCK_K=64, num_warps=4),
-        dict(BLOCK_N=4, BLOCK_K=256, num_warps=4, pdl=False),
-    ],
-)
-def test_one_row_launch_choices_give_the_plain_products(dtype, mode, reduction, choices):
-    """The sweep's tiles and the launch before x was read in the weight tile's layout (benchmarks/gemv.py): every
-    one-row choice computes the plain norm, products, scale and residual (masked remainders of k and n)."""
-    x = draw(1, reduction, dtype=dtype, seed=60, scale=3.0)
-    norm_weight = draw(reduction, dtype=dtype, seed=61, scale=0.1) + 1
-    w = draw(44, reduction, dtype=dtype, seed=62, scale=0.2)
-    w2 = draw(44, reduction, dtype=dtype, seed=63, scale=0.2)
-    normed = rms_norm(x.double(), norm_weight.double(), 1e-5)
-    if mode == SWIGLU:
-        product = F.silu(normed @ w.double().T) * (normed @ w2.double().T)
-    elif mode == SIDE_BY_SIDE:
-        product = torch.cat([normed @ w.double().T, normed @ w2.double().T], dim=-1)
-    else:
-        product = normed @ w.double().T
-    residual = draw(*product.shape, dtype=dtype, seed=64)
-    out = decode_gemv._gemv(
-        x[None, None], w[None, None], w2[None, None] if mode != SINGLE else None, mode, norm_weight, 1e-5, 0.7,
-        residual[None], **choices,
-    )[0]
-    assert relative_error(out, residual.double() + 0.7 * product) < TOLERANCE[dtype]
