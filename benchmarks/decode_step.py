@@ -238,6 +238,21 @@ def variant_setting(variant: str):
     return torch._inductor.config.patch({variant: True})
 
 
+def use_gemv_choices(path: Path) -> None:
+    """The GEMV's launches at the shapes in `path` (benchmarks/gemv.py's `_picks.json`: the sweep's fastest per shape)
+    in place of `gemv_config`'s defaults, for this process: so one device call measures the step with the launches
+    it has just picked."""
+    picks = {tuple(pick["key"]): pick["choices"] for pick in json.loads(path.read_text())}
+    defaults = modeling_mlra.decode_gemv.gemv_config
+
+    def picked(rows, outputs, reduction, batches, mode, num_sms, segments=1, **choices):
+        chosen = picks.get((rows, outputs, reduction, batches, mode, segments), {})
+        return defaults(rows, outputs, reduction, batches, mode, num_sms, segments=segments, **{**chosen, **choices})
+
+    modeling_mlra.decode_gemv.gemv_config = picked
+    print(f"GEMV launches from {path}: {picks}", flush=True)
+
+
 def compiled_step(model, args):
     def step(ids, cache):
         return model(ids, logits_to_keep=1, **{CACHE_FIELD: cache}).logits
@@ -445,7 +460,10 @@ def main(argv=None):
                         help="MLRA-4's compiled step at the first shape under other settings (`variant_setting`)")
     parser.add_argument("--no-warm-compile", action="store_true", help="skip the compile in a second process")
     parser.add_argument("--warm-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--gemv-choices", type=Path, help="the GEMV's launches per shape (`use_gemv_choices`)")
     args = parser.parse_args(argv)
+    if args.gemv_choices is not None:
+        use_gemv_choices(args.gemv_choices)
     parse = lambda shapes: [tuple(int(x) for x in s.split("x")) for s in shapes]  # noqa: E731
     if args.quick:
         args.layers, args.shapes, args.new_tokens, args.check_tokens = 2, ["1x16", "1x64", "2x64"], 24, 8

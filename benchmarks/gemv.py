@@ -24,6 +24,7 @@ loads (LDG.E.128), all global loads, spills and the matrix instructions.
 """
 
 import argparse
+import json
 import math
 import os
 import re
@@ -66,12 +67,30 @@ LINEARS = [
     ("lm_head", SINGLE, 50304, 0, 3072),
 ]
 UP_PROJECTIONS = ["W_UK fold", "W_UV"]
-SWEEP = {
-    1: [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s) for n, k, w, s in
-        ((8, 512, 4, 1), (4, 1024, 4, 1), (8, 1024, 8, 1), (2, 1024, 4, 1), (4, 512, 4, 3))],
-    16: [dict(BLOCK_N=n, BLOCK_K=k, num_stages=s) for n, k, s in
-         ((16, 128, 3), (16, 64, 4), (32, 64, 4), (32, 128, 3), (64, 64, 3))],
-}  # fmt: skip
+def _tiles(*tiles):
+    return [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w) for n, k, w in tiles]
+
+
+# --sweep at one row: per shape, tiles (BLOCK_N, BLOCK_K, warps) around the model's (sm_90 registers and 16-byte
+# loads in flight per thread from --offline); at 16 rows the tl.dot tiles
+SWEEP_ONE_ROW = {
+    "q_a + kv_a": _tiles((4, 1024, 4), (2, 1024, 4), (4, 512, 4), (4, 1024, 8)),
+    "q_b": _tiles((4, 1024, 4), (2, 1024, 4), (4, 512, 4), (16, 512, 8)),
+    "o": _tiles((4, 1024, 4), (2, 1024, 4), (4, 1024, 8), (8, 512, 4)),
+    "gate + up": _tiles((4, 512, 4), (4, 1024, 4), (2, 1024, 4), (8, 256, 4), (2, 2048, 8)),
+    "down": _tiles((2, 1024, 4), (8, 512, 4), (4, 1024, 4), (2, 2048, 8), (4, 2048, 8)),
+    "lm_head": _tiles((8, 512, 4), (8, 1024, 4), (4, 1024, 4)),
+    "W_UK fold": [dict(BLOCK_N=32), dict(BLOCK_N=64)],
+    "W_UV": [dict(BLOCK_N=8), dict(BLOCK_N=2)],
+}
+SWEEP_ROWS = [dict(BLOCK_N=n, BLOCK_K=k, num_stages=s) for n, k, s in
+              ((16, 128, 3), (16, 64, 4), (32, 64, 4), (32, 128, 3), (64, 64, 3))]  # fmt: skip
+
+
+def sweep(name, rows):
+    return SWEEP_ONE_ROW.get(name, []) if rows == 1 else SWEEP_ROWS if name in SWEPT else []
+
+
 SWEPT = ("q_a + kv_a", "q_b", "o", "gate + up", "down")  # the shapes --sweep covers (97% of a layer's weight bytes)
 NORMED = ("q_a + kv_a", "q_b", "gate + up")  # the model's launches with the RMSNorm of their input inside
 WITH_RESIDUAL = ("o", "down")  # ... and with the residual added inside
@@ -172,9 +191,9 @@ def measure_projections(args, device, dtype, copy_gbs, report):
                 report.record(dict(part="projection", shape=name, rows=rows, error=error_text(error)))
                 continue
 
-            def record(variant, fn, check=None):
+            def record(variant, fn, check=None, choices=None):
                 row = dict(part="projection", shape=name, rows=rows, variant=variant, copies=len(calls),
-                           weight_mb=weight_bytes / 1e6)  # fmt: skip
+                           weight_mb=weight_bytes / 1e6, choices=choices)  # fmt: skip
                 try:
                     if check is not None:
                         row["relative_error"] = check()
@@ -186,13 +205,41 @@ def measure_projections(args, device, dtype, copy_gbs, report):
                 report.record(row)
                 return row
 
-            record("cuBLAS", lambda: [plain() for plain, _, _ in calls])
-            sweep = SWEEP[1 if rows == 1 else 16] if args.sweep and name in SWEPT else []
-            for variant, choices in [*VARIANTS.items(), *((f"triton {c}", c) for c in sweep)]:
+            record("cuBLAS", lambda: [plain() for plain, _, _ in calls], choices=None)
+            candidates = sweep(name, rows) if args.sweep else []
+            for variant, choices in [*VARIANTS.items(), *((f"triton {c}", c) for c in candidates)]:
                 record(variant, lambda c=choices: [gemv(c) for _, gemv, _ in calls],
-                       lambda c=choices: relative_error(calls[0][1](c), calls[0][2](c)))  # fmt: skip
+                       lambda c=choices: relative_error(calls[0][1](c), calls[0][2](c)), choices)  # fmt: skip
             del calls
             release(device)
+
+
+def config_key(name, rows) -> tuple:
+    """The shape arguments of `gemv_config` for the model's launch of `name` (rows, outputs, reduction, batches,
+    mode, segments)."""
+    if name == "W_UK fold":
+        return rows, BLOCK, NOPE, BRANCHES * HEADS, SINGLE, 1
+    if name == "W_UV":
+        return rows, VALUE, BLOCK, HEADS, SINGLE, BRANCHES
+    _, kind, n1, n2, k = next(case for case in LINEARS if case[0] == name)
+    return rows, n1 + (n2 if kind == SIDE_BY_SIDE else 0), k, 1, kind, 1
+
+
+def pick_launches(rows_measured) -> list:
+    """Per shape and row count, the fastest of the model's launch and the sweep's (what `--gemv-choices` of
+    benchmarks/decode_step.py takes): [{shape, rows, key, choices, us, model_us}]."""
+    picks = []
+    measured = [r for r in rows_measured if r["part"] == "projection" and "us" in r]
+    for shape, count in dict.fromkeys((r["shape"], r["rows"]) for r in measured):
+        group = [r for r in measured if (r["shape"], r["rows"]) == (shape, count)]
+        tritons = [r for r in group if r["variant"] == "triton" or r["variant"].startswith("triton {")]
+        if not tritons:
+            continue
+        best = min(tritons, key=lambda r: r["us"])
+        model = next((r["us"] for r in tritons if r["variant"] == "triton"), None)
+        picks.append(dict(shape=shape, rows=count, key=list(config_key(shape, count)), choices=best["choices"],
+                          us=best["us"], model_us=model))  # fmt: skip
+    return picks
 
 
 def profile_kernels(fn, top=6) -> dict:
@@ -366,7 +413,7 @@ def offline(args):
         meta = dict(device="meta", dtype=torch.bfloat16)
         for rows in args.rows:
             for name, kind, n1, n2, k in LINEARS:
-                for choices in [{}] + (SWEEP[1 if rows == 1 else 16] if args.sweep else []):
+                for choices in [{}] + (sweep(name, rows) if args.sweep else []):
                     second = torch.empty(n2, k, **meta)[None, None] if n2 else None
                     _gemv(torch.empty(1, 1, rows, k, **meta), torch.empty(n1, k, **meta)[None, None], second, kind,
                           **choices)  # fmt: skip
@@ -428,6 +475,12 @@ def main(argv=None):
         f"{n} x{r}: {gemv_config(r, n1 + (n2 if k_ == SIDE_BY_SIDE else 0), k, 1, k_, H200_SMS)}"
         for r in args.rows for n, k_, n1, n2, k in LINEARS), flush=True)  # fmt: skip
     measure_projections(args, device, dtype, copy_gbs, report)
+    if args.sweep:
+        picks = pick_launches(report.rows)
+        args.out.with_name(args.out.name + "_picks.json").write_text(json.dumps(picks, indent=1))
+        for pick in picks:
+            print(f"picked {pick['shape']} x{pick['rows']}: {pick['choices']} {pick['us']:.1f} us (model's launch "
+                  f"{fmt(pick['model_us'], '.1f')}) -> gemv_config {gemv_config(*pick['key'][:5], H200_SMS, segments=pick['key'][5], **pick['choices'])}", flush=True)  # fmt: skip
     if args.steps:
         measure_steps(args, device, dtype, copy_gbs, report)
     report.finish()
