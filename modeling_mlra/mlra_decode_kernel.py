@@ -155,7 +155,6 @@ def launch_config(
     return dict(
         BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=choices.get("BLOCK_N", block_n),
         BLOCK_B=block_b, HOIST_OFFSETS=bool(choices.get("HOIST_OFFSETS", not fp8 and block_b * block_d <= 128)),
-        RELOAD_QUERY=bool(choices.get("RELOAD_QUERY", fp8 and block_b * block_d > 128)),
         head_tiles=head_tiles, programs=bsz * num_branches // block_b * num_groups * head_tiles,
         max_splits=min(triton.cdiv(capacity, min_tokens), 512), num_warps=num_warps,
         num_stages=choices.get("num_stages", num_stages),
@@ -194,6 +193,34 @@ def _programs_per_sm(device: torch.device, args: list, constexprs: dict) -> int:
 if triton is not None:
 
     @triton.jit
+    def _e4m3_to(raw, dtype: tl.constexpr):
+        """e4m3 bytes (uint8) -> their values in `dtype`, exactly. For bf16 the default conversion runs through the
+        quarter-rate conversion unit, one instruction per value (cvt.rn.bf16.f16); here e4m3 -> fp16 pairs -> fp32 ->
+        bf16 pairs take two full-rate instructions per value."""
+        if dtype == tl.bfloat16:
+            return tl.inline_asm_elementwise(
+                """{
+                .reg .b16 lo, hi;
+                .reg .b32 h01, h23;
+                .reg .f16 x0, x1, x2, x3;
+                .reg .f32 f0, f1, f2, f3;
+                mov.b32 {lo, hi}, $2;
+                cvt.rn.f16x2.e4m3x2 h01, lo;
+                cvt.rn.f16x2.e4m3x2 h23, hi;
+                mov.b32 {x0, x1}, h01;
+                mov.b32 {x2, x3}, h23;
+                cvt.f32.f16 f0, x0;
+                cvt.f32.f16 f1, x1;
+                cvt.f32.f16 f2, x2;
+                cvt.f32.f16 f3, x3;
+                cvt.rn.bf16x2.f32 $0, f1, f0;
+                cvt.rn.bf16x2.f32 $1, f3, f2;
+                }""",
+                "=r,=r,r", [raw], dtype=tl.bfloat16, is_pure=True, pack=4,
+            )
+        return raw.to(tl.float8e4nv, bitcast=True).to(dtype)
+
+    @triton.jit
     def _load_halves(key_ptrs, value_ptrs, in_keys, mask):
         """A tile whose columns `in_keys` lie in the key pages and the others in the value pages: two masked loads."""
         from_keys = tl.load(key_ptrs, mask=mask & in_keys, other=0.0)
@@ -203,8 +230,7 @@ if triton is not None:
     @triton.jit
     def _token_block(
         token_start, end, query_slot, q, q_rope, block_cache, block_scales, rope_key_ptr, key_mask_row, d, r,
-        stride_cs: tl.constexpr, stride_ss: tl.constexpr, stride_ks: tl.constexpr, scale_log2, query_scale, m_i, l_i, acc,
-        scale_ref,
+        stride_cs: tl.constexpr, stride_ss: tl.constexpr, stride_ks: tl.constexpr, scale_log2, m_i, l_i, acc, scale_ref,
         row_slots, block_values, values_from, rope_values,
         MASKED: tl.constexpr, HAS_KEY_MASK: tl.constexpr, IS_FP8: tl.constexpr, PRECISION: tl.constexpr,
         LATENT_DIM: tl.constexpr, ROPE_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
@@ -221,7 +247,7 @@ if triton is not None:
         Blocks of tokens before the first new token are visible to every query row: they skip those comparisons, and
         their loads are unpredicated.
 
-        fp8 cache: the e4m3 values convert exactly to q's dtype and each token's float32 scale multiplies
+        fp8 cache: the e4m3 values convert exactly to q's dtype (`_e4m3_to`) and each token's float32 scale multiplies
         its score. The probabilities times the scales enter the second dot divided by `scale_ref`, the largest scale
         seen so far, so that they are at most 1 (inside fp16's range too); the accumulator is kept in units of
         scale_ref and rescaled when it grows.
@@ -273,15 +299,13 @@ if triton is not None:
             latent_offsets = branch * NUM_GROUPS * LATENT_DIM + within[:, None] * stride_cs + d[None, :]
             latent_ptrs = block_cache + first * stride_cs + latent_offsets
             if IS_FP8:
-                # e4m3 converts exactly to fp16 (one instruction per pair of values) and fp32, the queries' dtypes here
-                latent = tl.load(latent_ptrs, mask=latent_mask, other=0).to(tl.float8e4nv, bitcast=True)
-                latent = latent.to(q[branch].dtype)
+                latent = _e4m3_to(tl.load(latent_ptrs, mask=latent_mask, other=0), q[branch].dtype)
                 scales_ptrs = block_scales + first * stride_ss + (branch * NUM_GROUPS + within * stride_ss)
                 if MASKED:
                     scales = tl.load(scales_ptrs, mask=token_ok, other=0.0)
                 else:
                     scales = tl.load(scales_ptrs)
-                scores = tl.dot(q[branch], tl.trans(latent), input_precision=PRECISION) * (scales * query_scale)[None, :]
+                scores = tl.dot(q[branch], tl.trans(latent), input_precision=PRECISION) * scales[None, :]
             else:
                 if STRADDLE:
                     latent = _load_halves(latent_ptrs, block_values + first * stride_cs + latent_offsets,
@@ -302,20 +326,12 @@ if triton is not None:
             ref = scale_ref[branch]
             if IS_FP8:
                 grown_ref = tl.maximum(ref, tl.max(scales, 0))
-                inverse_ref = 1.0 / grown_ref  # one division per block, not one per token
-                alpha = alpha * (ref * inverse_ref)
-                p = p * (scales * inverse_ref)[None, :]
+                alpha = alpha * (ref / grown_ref)
+                p = p * (scales / grown_ref)[None, :]
                 ref = grown_ref
             acc_new = acc[branch] * alpha[:, None] + tl.dot(p.to(latent.dtype), latent, input_precision=PRECISION)
             new_m, new_l, new_acc, new_ref = new_m + (m_new,), new_l + (l_new,), new_acc + (acc_new,), new_ref + (ref,)
         return new_m, new_l, new_acc, new_ref
-
-    @triton.jit
-    def _output_offsets(row, split, new_token, first_branch, head, d, stride_on, stride_os, stride_ot, stride_ob,
-                        stride_oh):
-        """The program's [query rows, d] slice of the output (split: of the partial results), its first branch."""
-        offsets = row * stride_on + split * stride_os + new_token[:, None] * stride_ot + first_branch * stride_ob
-        return offsets + head[:, None] * stride_oh + d[None, :]
 
     @triton.jit(do_not_specialize=["num_splits"])  # one compiled kernel for every split count
     def _mlra_decode_kernel(
@@ -333,8 +349,7 @@ if triton is not None:
         BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_ROW_STARTS: tl.constexpr,
         IS_FP8: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, HOIST_OFFSETS: tl.constexpr,
-        PAGED: tl.constexpr, HALF: tl.constexpr, ROPE_SPLIT: tl.constexpr, F16_QUERY: tl.constexpr,
-        RELOAD_QUERY: tl.constexpr,
+        PAGED: tl.constexpr, HALF: tl.constexpr, ROPE_SPLIT: tl.constexpr,
     ):
         # program -> (batch row, head group and tile of BLOCK_B branches, tile of heads), head tiles adjacent so that
         # programs re-reading the same tokens for other heads run together and hit L2. Latent block l = b * G + g is
@@ -378,37 +393,6 @@ if triton is not None:
             other=0.0,
         )
 
-        query_scale = 1.0
-        if F16_QUERY:
-            # the fp8 cache with a bf16 model: both latent dots run in fp16, as e4m3 converts to fp16 exactly in one
-            # instruction per pair of values (to bf16 it takes four per pair). The query is divided by a power of two
-            # that brings its largest magnitude below 2^15 (fp16's range), and the scores multiplied by it with the
-            # tokens' scales.
-            top = tl.zeros([], tl.float32)
-            for branch in tl.static_range(BLOCK_B):
-                top = tl.maximum(top, tl.max(tl.max(tl.abs(q[branch].to(tl.float32)), 1), 0))
-            exponent = tl.maximum((top.to(tl.int32, bitcast=True) >> 23) - 14, 1)  # float32 exponent field
-            query_scale = (exponent << 23).to(tl.float32, bitcast=True)
-            inverse = ((254 - exponent) << 23).to(tl.float32, bitcast=True)
-            q_f16 = ()
-            for branch in tl.static_range(BLOCK_B):
-                q_f16 += ((q[branch] * inverse).to(tl.float16),)
-            if RELOAD_QUERY:
-                # through the program's own output slice (written at the end; its element e, fp32 partial results or
-                # the 16-bit output, holds query value e) and loaded back: the dots then read the query from shared
-                # memory, as they read a loaded one; computed, it stays in registers, reloaded every token block
-                # (MLA's loop spilled)
-                per_element: tl.constexpr = out_ptr.dtype.element_ty.primitive_bitwidth // 16  # fp16 values
-                scratch = out_ptr.to(tl.pointer_type(tl.float16)) + per_element * _output_offsets(
-                    row, split, new_token, first_branch, head, d, stride_on, stride_os, stride_ot, stride_ob, stride_oh)
-                q_mask = row_ok[:, None] & d_ok[None, :]
-                for branch in tl.static_range(BLOCK_B):
-                    tl.store(scratch + branch * per_element * stride_ob, q_f16[branch], mask=q_mask)
-                tl.debug_barrier()
-                q_f16 = ()
-                for branch in tl.static_range(BLOCK_B):
-                    q_f16 += (tl.load(scratch + branch * per_element * stride_ob, mask=q_mask, other=0.0),)
-            q = q_f16
         # online-softmax state per branch of the program; fp8: the largest scale so far (any positive start)
         m_i, l_i, acc, scale_ref = (), (), (), ()
         for branch in tl.static_range(BLOCK_B):
@@ -452,7 +436,7 @@ if triton is not None:
             for token_start in tl.range(start, tl.where(straddles, end, start), BLOCK_N):
                 m_i, l_i, acc, scale_ref = _token_block(
                     token_start, end, query_slot, q, q_rope, block_cache, block_scales, row_rope_key, key_mask_row, d,
-                    r, stride_cs, stride_ss, stride_ks, scale_log2, query_scale, m_i, l_i, acc, scale_ref,
+                    r, stride_cs, stride_ss, stride_ks, scale_log2, m_i, l_i, acc, scale_ref,
                     row_slots, block_values, values_from, rope_values,
                     True, HAS_KEY_MASK, IS_FP8, PRECISION, LATENT_DIM, ROPE_DIM, BLOCK_N, BLOCK_B, NUM_GROUPS,
                     HOIST_OFFSETS, PAGED, True, ROPE_SPLIT,
@@ -462,7 +446,7 @@ if triton is not None:
         for token_start in range(start, unmasked_end, BLOCK_N):
             m_i, l_i, acc, scale_ref = _token_block(
                 token_start, end, query_slot, q, q_rope, block_cache, block_scales, row_rope_key, key_mask_row, d, r,
-                stride_cs, stride_ss, stride_ks, scale_log2, query_scale, m_i, l_i, acc, scale_ref,
+                stride_cs, stride_ss, stride_ks, scale_log2, m_i, l_i, acc, scale_ref,
                 row_slots, block_values, values_from, rope_values,
                 False, HAS_KEY_MASK, IS_FP8, PRECISION, LATENT_DIM, ROPE_DIM, BLOCK_N, BLOCK_B, NUM_GROUPS,
                 HOIST_OFFSETS, PAGED, False, ROPE_SPLIT,
@@ -470,14 +454,14 @@ if triton is not None:
         for token_start in tl.range(unmasked_end, end, BLOCK_N, num_stages=1):  # too short to pipeline
             m_i, l_i, acc, scale_ref = _token_block(
                 token_start, end, query_slot, q, q_rope, block_cache, block_scales, row_rope_key, key_mask_row, d, r,
-                stride_cs, stride_ss, stride_ks, scale_log2, query_scale, m_i, l_i, acc, scale_ref,
+                stride_cs, stride_ss, stride_ks, scale_log2, m_i, l_i, acc, scale_ref,
                 row_slots, block_values, values_from, rope_values,
                 True, HAS_KEY_MASK, IS_FP8, PRECISION, LATENT_DIM, ROPE_DIM, BLOCK_N, BLOCK_B, NUM_GROUPS,
                 HOIST_OFFSETS, PAGED, False, ROPE_SPLIT,
             )
 
-        out_offsets = _output_offsets(
-            row, split, new_token, first_branch, head, d, stride_on, stride_os, stride_ot, stride_ob, stride_oh)
+        out_offsets = row * stride_on + split * stride_os + new_token[:, None] * stride_ot + first_branch * stride_ob
+        out_offsets += head[:, None] * stride_oh + d[None, :]
         out_mask = row_ok[:, None] & d_ok[None, :]
         lse_offsets = row * stride_ln + split * stride_ls + new_token * stride_lt + first_branch * stride_lb + head
         for branch in tl.static_range(BLOCK_B):
@@ -580,7 +564,6 @@ def launch_plan(
         HAS_KEY_MASK=has_key_mask, HAS_ROW_STARTS=has_row_starts, IS_FP8=is_fp8,
         PRECISION="ieee" if q_absorbed.dtype == torch.float32 else "tf32", BLOCK_B=config["BLOCK_B"],
         HOIST_OFFSETS=config["HOIST_OFFSETS"] and not paged, PAGED=paged, HALF=half,
-        F16_QUERY=is_fp8 and q_absorbed.dtype == torch.bfloat16, RELOAD_QUERY=config["RELOAD_QUERY"],
         # the rope key's columns in the key pages when it straddles both pages, else 0
         ROPE_SPLIT=half - rope_offset if 0 < half - rope_offset < rope_dim else 0,
         num_warps=config["num_warps"], num_stages=config["num_stages"],

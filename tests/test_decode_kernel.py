@@ -213,27 +213,6 @@ def test_fp8_probabilities_keep_their_precision_for_small_and_growing_scales(dty
     assert relative_error(out, reference) < TOLERANCE[dtype]
 
 
-@pytest.mark.skipif(DEVICE != "cuda", reason="bf16 queries: the interpreter computes bf16 dots wrongly")
-@pytest.mark.parametrize("magnitude", [1e5, 1e-6])
-@pytest.mark.parametrize("reload_query", [0, 1])
-def test_fp8_cache_with_bf16_queries_beyond_the_range_of_fp16(magnitude, reload_query):
-    """A bf16 model on the fp8 cache runs the latent dots in fp16: the query is divided by a power of two first, so
-    that queries past fp16's largest value (1e5) or in its subnormal range (1e-6) keep their precision; the query kept
-    in registers or reloaded through memory (RELOAD_QUERY)."""
-    q_absorbed, q_rope, cache, groups = random_inputs("mlra_4", 2, 3, 4, 16, 8, 150, torch.bfloat16, seed=27)
-    q_absorbed = q_absorbed * magnitude
-    scaling = 0.3 / magnitude  # latent scores about 1 after scaling; the rope query scaled with them
-    q_rope = q_rope * magnitude
-    rows = quantize_latent_rows(cache, 16, 8)
-    seq_lens = torch.tensor([150, 77], device=DEVICE)
-    for num_splits in (1, 2):  # the 16-bit output and the fp32 partial results as the query's scratch
-        out = _decode_attention(q_absorbed, q_rope, rows, seq_lens, None, groups, scaling, num_splits,
-                                {"RELOAD_QUERY": reload_query})
-        held = dequantize_latent_rows(rows, STRUCTURES["mlra_4"][0], 16, 8, torch.bfloat16)
-        reference = attention_by_the_equations(q_absorbed, q_rope, held, seq_lens, None, groups, scaling)
-        assert relative_error(out, reference) < TOLERANCE[torch.bfloat16]
-
-
 def _decode_step_by_step(model, input_ids, attention_mask, prefill, static, cache_dtype=None):
     cache = MLRACache(model.config, max_cache_len=input_ids.shape[1] if static else None, dtype=cache_dtype)
     logits = [model(input_ids[:, :prefill], attention_mask=attention_mask[:, :prefill], **cache_kwargs(cache)).logits]
