@@ -244,6 +244,8 @@ def main():
     parser.add_argument("--choices", nargs="*",
                         help="with --sweep: these launch choices at every point run instead of the built-in sweep, "
                              "e.g. MIN_ROWS=32 BLOCK_N=128,num_stages=2 num_splits=8")
+    parser.add_argument("--sweep-cache", choices=("both", "bf16", "fp8"), default="both",
+                        help="with --sweep: the caches whose launches are swept")
     options = parser.parse_args()
     device = torch.device("cpu" if options.tiny else "cuda")
     dtype = torch.float32 if options.tiny else torch.bfloat16  # the interpreter computes bf16 dots wrongly
@@ -266,7 +268,8 @@ def main():
             modules[case] = attention_module(*case[1:], device, dtype)
         for fp8 in (False,) if options.no_fp8 else (False, True):
             sweep = ()
-            if options.sweep and (custom_sweep or (case[0], bsz, context) in SWEEP_POINTS):
+            swept_cache = options.sweep_cache in ("both", "fp8" if fp8 else "bf16")
+            if options.sweep and swept_cache and (custom_sweep or (case[0], bsz, context) in SWEEP_POINTS):
                 sweep = custom_sweep or SWEEP[case[4]]
             report.record(run_case(case, bsz, context, fp8, copy_gbs, device, dtype, module=modules[case],
                                    per_block=case is LAYER, sweep=sweep))
