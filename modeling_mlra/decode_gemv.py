@@ -27,7 +27,7 @@ import functools
 import torch
 from torch import nn
 
-from .mlra_decode_kernel import _num_sms, programmatic_launch, triton, triton_available
+from .mlra_decode_kernel import _num_sms, triton, triton_available
 
 if triton is not None:
     import triton.language as tl
@@ -259,6 +259,20 @@ if triton is not None:
             acc += tl.load(residual_ptrs, mask=mask, other=0.0).to(tl.float32)
         out_ptrs = out_ptr + offs_m[:, None] * stride_om + (column + offs_n)[None, :] * stride_on
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@functools.cache
+def programmatic_launch(device_index: int) -> bool:
+    """Whether the GEMV launches as a programmatic dependent launch (PDL: Hopper and later, a Triton that has it):
+    its weights then start coming in while the kernel before it finishes (`_gemv_kernel`)."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability(device_index)[0] < 9:
+        return False
+    try:
+        from triton.backends.nvidia.compiler import CUDAOptions
+
+        return "launch_pdl" in CUDAOptions.__dataclass_fields__ and hasattr(tl.extra.cuda, "gdc_launch_dependents")
+    except (ImportError, AttributeError):  # a Triton without them
+        return False
 
 
 PREFETCH_BYTES = 8192  # weight bytes per program asked into L2 before the kernel before it has finished

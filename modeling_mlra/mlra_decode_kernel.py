@@ -98,21 +98,6 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-@functools.cache
-def programmatic_launch(device_index: int) -> bool:
-    """Whether kernels may launch as programmatic dependent launches (PDL: Hopper and later, a Triton that has it): a
-    kernel so launched starts while the one before it finishes and waits for its results (`gdc_wait`). The GEMV
-    (decode_gemv: its weights come in meanwhile) and this module's merge of the splits use it."""
-    if triton is None or not torch.cuda.is_available() or torch.cuda.get_device_capability(device_index)[0] < 9:
-        return False
-    try:
-        from triton.backends.nvidia.compiler import CUDAOptions
-
-        return "launch_pdl" in CUDAOptions.__dataclass_fields__ and hasattr(tl.extra.cuda, "gdc_launch_dependents")
-    except (ImportError, AttributeError):  # a Triton without them
-        return False
-
-
 # fp32 accumulator values per thread ([query rows, d_l] per program); beyond these ptxas spills registers on sm_90
 # (compiled offline: benchmarks/compile_decode_kernel.py)
 ACCUMULATOR_VALUES_PER_THREAD = 128
@@ -128,8 +113,7 @@ def launch_config(
     fp8: the cache is the fp8 cache's packed rows; operand_bytes: the queries' element size (4: float32). `choices`
     overrides a default (benchmark sweeps): num_warps, num_stages, BLOCK_N, MIN_ROWS (query rows padded up to this; 64
     lets Hopper's wgmma run the dots), num_splits, programs_per_sm, BLOCK_B (branches of one head group per program),
-    HOIST_OFFSETS (0 or 1: the token loop's address offsets computed once outside it); pdl (0 or 1: the merge of the
-    splits as a programmatic dependent launch, read by `launch_plan`).
+    HOIST_OFFSETS (0 or 1: the token loop's address offsets computed once outside it).
 
     One program runs one latent block (one softmax branch of one head group) for a tile of heads: BLOCK_B = 1. Several
     branches per program load the rope key once for all of them, but on the H200 the 2.9B layer at 16 x 32K took 242
@@ -365,13 +349,8 @@ if triton is not None:
         BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_ROW_STARTS: tl.constexpr,
         IS_FP8: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, HOIST_OFFSETS: tl.constexpr,
-        PAGED: tl.constexpr, HALF: tl.constexpr, ROPE_SPLIT: tl.constexpr, PDL: tl.constexpr,
+        PAGED: tl.constexpr, HALF: tl.constexpr, ROPE_SPLIT: tl.constexpr,
     ):
-        if PDL and SPLIT:
-            # the merge of the splits follows as a programmatic dependent launch: its programs may start now (beside
-            # these, in the registers they leave free) and wait there for this grid's results, so that its launch
-            # overlaps this grid's run instead of following it
-            tl.extra.cuda.gdc_launch_dependents()
         # program -> (batch row, head group and tile of BLOCK_B branches, tile of heads), head tiles adjacent so that
         # programs re-reading the same tokens for other heads run together and hit L2. Latent block l = b * G + g is
         # read by branch b of the heads of group g (MLRAConfig.latent_block): the program's branches read blocks
@@ -501,7 +480,7 @@ if triton is not None:
     @triton.jit
     def _merge_splits_kernel(
         partial_ptr, lse_ptr, out_ptr, rows_per_batch, num_splits,
-        LATENT_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr,
+        LATENT_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """Program (batch row and query row, slice of BLOCK_D latent columns): out = sum_s w_s partial_s / sum_s w_s
         with w_s = 2^(lse_s - max lse), in one pass over BLOCK_S splits at a time (all of them for up to BLOCK_S
@@ -514,11 +493,6 @@ if triton is not None:
         top = tl.full([], float("-inf"), tl.float32)
         total = tl.zeros([], tl.float32)
         acc = tl.zeros([BLOCK_D], tl.float32)
-        if PDL:
-            # launched as a programmatic dependent of the split kernel, possibly before it has finished: its results
-            # are read only after it has (gdc_wait); the kernel after this one may then launch likewise
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
         for s0 in range(0, num_splits, BLOCK_S):
             s = s0 + tl.arange(0, BLOCK_S)
             split_rows = (batch_row * num_splits + s) * rows_per_batch + inner
@@ -583,16 +557,13 @@ def launch_plan(
     half = kv_cache.shape[-1] if paged else 0
     has_key_mask = key_mask is not None
     has_row_starts = row_starts is not None
-    # the merge launched as a programmatic dependent of the split kernel (decided for any device but the CPU, so that
-    # launches recorded on the meta device compile what a launch compiles: benchmarks/compile_decode_kernel.py)
-    pdl = bool(choices.get("pdl", device.type != "cpu" and programmatic_launch(device.index or 0)))
     constexprs = dict(
         NUM_GROUPS=num_groups, NUM_BLOCKS=num_blocks, HEAD_TILES=config["head_tiles"], LATENT_DIM=latent_block_dim,
         ROPE_DIM=rope_dim, BLOCK_H=config["BLOCK_H"], BLOCK_T=config["BLOCK_T"], BLOCK_M=config["BLOCK_M"],
         BLOCK_N=config["BLOCK_N"], BLOCK_D=config["BLOCK_D"], BLOCK_R=max(16, triton.next_power_of_2(rope_dim)),
         HAS_KEY_MASK=has_key_mask, HAS_ROW_STARTS=has_row_starts, IS_FP8=is_fp8,
         PRECISION="ieee" if q_absorbed.dtype == torch.float32 else "tf32", BLOCK_B=config["BLOCK_B"],
-        HOIST_OFFSETS=config["HOIST_OFFSETS"] and not paged, PAGED=paged, HALF=half, PDL=pdl,
+        HOIST_OFFSETS=config["HOIST_OFFSETS"] and not paged, PAGED=paged, HALF=half,
         # the rope key's columns in the key pages when it straddles both pages, else 0
         ROPE_SPLIT=half - rope_offset if 0 < half - rope_offset < rope_dim else 0,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
@@ -620,8 +591,7 @@ def launch_plan(
             {**constexprs, "SPLIT": True},
         )
         num_splits = max(1, min(per_sm * _num_sms(device.index or 0) // config["programs"], config["max_splits"]))
-    return dict(config, num_splits=num_splits, programs_per_sm=per_sm, constexprs=constexprs, kernel_args=kernel_args,
-                pdl=pdl)
+    return dict(config, num_splits=num_splits, programs_per_sm=per_sm, constexprs=constexprs, kernel_args=kernel_args)
 
 
 def _check_pages(key_pages, value_pages, row_starts, row_width, choices) -> None:
@@ -676,8 +646,7 @@ def _decode_attention(
         block_d = min(plan["BLOCK_D"], max(16, 8192 // block_s))
         _merge_splits_kernel[(bsz * rows_per_batch, triton.cdiv(latent_block_dim, block_d))](
             partial, lse, out, rows_per_batch, num_splits,
-            LATENT_DIM=latent_block_dim, BLOCK_S=block_s, BLOCK_D=block_d, PDL=plan["pdl"], num_warps=4,
-            **({"launch_pdl": True} if plan["pdl"] else {}),
+            LATENT_DIM=latent_block_dim, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4,
         )
     return out
 
