@@ -179,16 +179,16 @@ def launch_arithmetic(name, choices, shape, per_sm, bsz, context) -> str:
         heads, blocks, branches, block_dim, bsz, context, cache_dtype, choices, per_sm
     )
     fp8 = cache_dtype == torch.float8_e4m3fn
-    block_n, stages, block_b = kwargs["BLOCK_N"], kwargs["num_stages"], kwargs["BLOCK_B"]
+    block_n, stages = kwargs["BLOCK_N"], kwargs["num_stages"]
     chunk = triton.cdiv(triton.cdiv(context, splits), block_n) * block_n  # the kernel's tokens per split
     if fp8:
         row_bytes = mlra_decode_kernel.fp8_cache_layout(blocks, block_dim, 64, torch.bfloat16).row_bytes
-        requested = block_n * (block_b * (block_dim + 4) + 64 * 2)  # e4m3 blocks, their float32 scales, bf16 rope key
+        requested = block_n * (block_dim + 4 + 64 * 2)  # the e4m3 block, its float32 scale, the bf16 rope key
     else:
         row_bytes = (blocks * block_dim + 64) * 2
-        requested = block_n * (block_b * block_dim + 64) * 2
+        requested = block_n * (block_dim + 64) * 2
     # each token row is read from DRAM once, shared by the programs of the row's latent blocks
-    dram = block_n * row_bytes * block_b / blocks
+    dram = block_n * row_bytes / blocks
     in_flight = (stages - 1) * requested * per_sm
     little = [H200_COPY_GBS / H200_SMS * ns for ns in DRAM_LATENCY_NS]  # bytes per SM
     total_requested = programs * context / block_n * requested  # every program of a split walks the whole row
@@ -226,7 +226,7 @@ def main():
         for choices in variants:
             try:
                 launches = record_launches(*shape, choices=choices)
-            except ValueError as error:  # a choice that does not apply to this shape (BLOCK_B for one branch)
+            except ValueError as error:  # a choice that does not apply to this shape
                 print(f"| {name} {choices} | - | not applicable: {error} |")
                 continue
             for kernel, grid, args, kwargs in launches:

@@ -9,7 +9,9 @@ Shapes (bfloat16 model, cache filled with random values; fp8: the same values th
   (b) MLA on the same GPU: 64 heads on 512 + 64;
   (c) one layer of the 2.9B MLRA-4 on one GPU: 24 heads, 4 x 128 + 64, batch 1-64 x 4K-1M tokens;
   (d) with --only: (c)'s grid and tile without its shared rope key, 24 heads on one block of 128 + 64 (at batch 4x
-      (c)'s, the same programs per split), the control of docs/decode_kernel.md, "Why 16 x 32K misses".
+      (c)'s, the same programs per split), the control of docs/decode_kernel.md, "Why 16 x 32K misses";
+  (e) with --only: (c) with a rope key of 16 instead of 64 (a diagnostic: the same programs and token blocks, each
+      requesting 18 instead of 24 KB, the rows 8% fewer DRAM bytes), whether the time follows the requested bytes.
 Times are GPU time (CUDA-graph replays after a device synchronisation, median); the eager call time (host launch
 overhead included) is a column of its own. Bandwidth = cache bytes read / kernel time, against a device-to-device copy
 timed in the same run. Also timed: the model's whole absorbed attention (W_UK and W_UV included) through the kernel
@@ -38,12 +40,12 @@ from common import Panel, Report, copy_bandwidth, error_text, fmt, gpu_time_ms, 
 
 K = 1024
 FP8 = torch.float8_e4m3fn
-SHARE = ("a: MLRA-4 TP-4 share", 64, 1, 1, 128)  # name, heads, latent blocks, branches, block width
-MLA = ("b: MLA", 64, 1, 1, 512)
-LAYER = ("c: MLRA-4 2.9B layer", 24, 4, 4, 128)
-LAYER_ONE_BLOCK = ("d: 2.9B layer's grid, one block per row", 24, 1, 1, 128)
-CASES = {case[0][0]: case for case in (SHARE, MLA, LAYER, LAYER_ONE_BLOCK)}
-ROPE = 64
+SHARE = ("a: MLRA-4 TP-4 share", 64, 1, 1, 128, 64)  # name, heads, latent blocks, branches, block width, rope width
+MLA = ("b: MLA", 64, 1, 1, 512, 64)
+LAYER = ("c: MLRA-4 2.9B layer", 24, 4, 4, 128, 64)
+LAYER_ONE_BLOCK = ("d: 2.9B layer's grid, one block per row", 24, 1, 1, 128, 64)
+LAYER_NARROW_ROPE = ("e: 2.9B layer, rope key 16 wide", 24, 4, 4, 128, 16)
+CASES = {case[0][0]: case for case in (SHARE, MLA, LAYER, LAYER_ONE_BLOCK, LAYER_NARROW_ROPE)}
 
 # launch choices timed by --sweep (modeling_mlra.mlra_decode_kernel.launch_config), per latent block width; the split
 # count follows each choice's occupancy unless programs_per_sm is given
@@ -88,10 +90,10 @@ def eager_call_us(fn, device, calls: int = 20) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
-def attention_module(heads, blocks, branches, block_dim, device, dtype):
+def attention_module(heads, blocks, branches, block_dim, rope, device, dtype):
     config = MLRAConfig(
         hidden_size=3072, num_attention_heads=heads, kv_lora_rank=blocks * block_dim, num_latent_blocks=blocks,
-        num_softmax_branches=branches, q_lora_rank=1024, qk_nope_head_dim=128, qk_rope_head_dim=ROPE, v_head_dim=128,
+        num_softmax_branches=branches, q_lora_rank=1024, qk_nope_head_dim=128, qk_rope_head_dim=rope, v_head_dim=128,
     )
     module = MLRAAttention(config, 0).to(device=device, dtype=dtype)
     with torch.no_grad():
@@ -99,18 +101,18 @@ def attention_module(heads, blocks, branches, block_dim, device, dtype):
     return module
 
 
-def random_cache(bsz, context, blocks, block_dim, fp8, device, dtype, chunk_tokens=64 * K):
+def random_cache(bsz, context, blocks, block_dim, rope, fp8, device, dtype, chunk_tokens=64 * K):
     """A cache of random states [bsz, context, L * d_l + d_r], or their fp8 rows, filled in chunks (no full-size
     float32 temporaries at 1M tokens)."""
-    width = blocks * block_dim + ROPE
+    width = blocks * block_dim + rope
     if not fp8:
         return torch.randn(bsz, context, width, device=device, dtype=dtype)
-    first = quantize_latent_rows(torch.randn(bsz, 1, width, device=device, dtype=dtype), block_dim, ROPE)
+    first = quantize_latent_rows(torch.randn(bsz, 1, width, device=device, dtype=dtype), block_dim, rope)
     rows = torch.empty(bsz, context, first.shape[-1], device=device, dtype=torch.uint8)
     for start in range(0, context, chunk_tokens):
         end = min(context, start + chunk_tokens)
         states = torch.randn(bsz, end - start, width, device=device, dtype=dtype)
-        rows[:, start:end] = quantize_latent_rows(states, block_dim, ROPE)
+        rows[:, start:end] = quantize_latent_rows(states, block_dim, rope)
     return rows
 
 
@@ -130,11 +132,11 @@ def reference_attention(q_absorbed, q_rope, cache, num_groups, scaling):
 
 def run_case(case, bsz, context, fp8, copy_gbs, device, dtype, module=None, per_block=False, sweep=()):
     """One table row; sweep: launch choices also timed (launch_config's keyword arguments)."""
-    name, heads, blocks, branches, block_dim = case
+    name, heads, blocks, branches, block_dim, rope = case
     groups = blocks // branches
-    cache = random_cache(bsz, context, blocks, block_dim, fp8, device, dtype)
+    cache = random_cache(bsz, context, blocks, block_dim, rope, fp8, device, dtype)
     q_absorbed = torch.randn(bsz, 1, branches, heads, block_dim, device=device, dtype=dtype)
-    q_rope = torch.randn(bsz, 1, heads, ROPE, device=device, dtype=dtype)
+    q_rope = torch.randn(bsz, 1, heads, rope, device=device, dtype=dtype)
     seq_lens = torch.full((bsz,), context, device=device)
     scaling = 192**-0.5
     row = dict(case=name, cache="fp8" if fp8 else "bf16", heads=heads, blocks=blocks, branches=branches,
@@ -148,7 +150,7 @@ def run_case(case, bsz, context, fp8, copy_gbs, device, dtype, module=None, per_
 
     out = kernel()
     if bsz * context <= 256 * K:
-        held = dequantize_latent_rows(cache, blocks, block_dim, ROPE, dtype) if fp8 else cache
+        held = dequantize_latent_rows(cache, blocks, block_dim, rope, dtype) if fp8 else cache
         ref = reference_attention(q_absorbed, q_rope, held, groups, scaling)
         row["rel_err_vs_fp32"] = ((out.float() - ref).norm() / ref.norm()).item()
     if sweep:

@@ -20,9 +20,6 @@ compile() { python3 benchmarks/compile_decode_kernel.py "$@" 2>&1 | grep "^|"; }
 {
   for shapes in share layer MLA grid; do compile --shapes "$shapes" & done
   compile --shapes "TP-4 share" "MLRA-4 layer" --skip-defaults --choices HOIST_OFFSETS=0 &
-  for choice in BLOCK_B=2,BLOCK_N=32,num_warps=4 BLOCK_B=2,num_warps=4,num_stages=2; do
-    compile --shapes "MLRA-4 layer" --skip-defaults --choices "$choice" &
-  done
   compile --shapes "share fp8" "layer fp8" --skip-defaults --choices BLOCK_N=64,num_stages=3 &
   wait
 } >"$OUT/compile_decode_kernel.md" &

@@ -9,8 +9,7 @@ token is [c_0 | c_1 | ... | c_{L-1} | kr] (width L * d_l + d_r), the layout `MLR
 
 Each program owns (batch row, latent block, tile of heads, slice of the sequence): the heads of one group for one
 softmax branch. It streams its slice of the cache once: per block of tokens it loads the latent block and the rope
-key and runs one online softmax (a launch choice, BLOCK_B, gives a program several branches of one group, the rope
-key loaded once for them). A second small kernel merges the slices by log-sum-exp. The cache may also be the fp8
+key and runs one online softmax. A second small kernel merges the slices by log-sum-exp. The cache may also be the fp8
 cache's packed rows (`fp8_cache_layout`), converted in registers. The model code calls `mlra_decode_attention`, a torch
 custom op with a fake implementation, so torch.compile(fullgraph=True) and CUDA graphs capture it without a graph
 break. See docs/decode_kernel.md.
@@ -112,13 +111,11 @@ def launch_config(
 
     fp8: the cache is the fp8 cache's packed rows; operand_bytes: the queries' element size (4: float32). `choices`
     overrides a default (benchmark sweeps): num_warps, num_stages, BLOCK_N, MIN_ROWS (query rows padded up to this; 64
-    lets Hopper's wgmma run the dots), num_splits, programs_per_sm, BLOCK_B (branches of one head group per program),
-    HOIST_OFFSETS (0 or 1: the token loop's address offsets computed once outside it).
+    lets Hopper's wgmma run the dots), num_splits, programs_per_sm, HOIST_OFFSETS (0 or 1: the token loop's address
+    offsets computed once outside it).
 
-    One program runs one latent block (one softmax branch of one head group) for a tile of heads: BLOCK_B = 1. Several
-    branches per program load the rope key once for all of them, but on the H200 the 2.9B layer at 16 x 32K took 242
-    us with 2 branches per program (32-token blocks, so that the two accumulators fit the registers of 4 warps) and
-    315 us with 64-token blocks (one program per multiprocessor), against 191 us (docs/decode_kernel.md). The address
+    One program runs one latent block (one softmax branch of one head group) for a tile of heads. (Several branches
+    per program, the rope key loaded once for them, were slower on the H200: docs/decode_kernel.md.) The address
     offsets are hoisted where registers allow (16-bit caches, blocks up to 128 wide: 199 -> 191 us there; for MLA's
     and the fp8 loops they spilled). Defaults from the H200 sweeps (benchmarks/results/decode_kernel_h200_quick.md,
     decode_kernel_h200_lean_loop.md): 64-token blocks; 4 warps for latent blocks up to 128
@@ -135,11 +132,8 @@ def launch_config(
     block_d = max(16, triton.next_power_of_2(latent_block_dim))
     block_t = triton.next_power_of_2(num_new_tokens)
     heads = triton.next_power_of_2(heads_per_group)
-    block_b = choices.get("BLOCK_B", 1)
-    if num_branches % block_b:
-        raise ValueError(f"BLOCK_B={block_b} branches per program must divide the {num_branches} softmax branches")
-    num_warps = choices.get("num_warps", 8 if block_b * block_d >= 256 else 4)
-    max_rows = max(16, ACCUMULATOR_VALUES_PER_THREAD * 32 * num_warps // (block_b * block_d))
+    num_warps = choices.get("num_warps", 8 if block_d >= 256 else 4)
+    max_rows = max(16, ACCUMULATOR_VALUES_PER_THREAD * 32 * num_warps // block_d)
     if operand_bytes == 4:
         # float32 operands (exact "ieee" dots on the FMA units, every tile in float32): for sm_90, 128 query rows of a
         # published layer spilled 20 KB per thread and took 70 s to compile, 32 rows 9 KB and 12 s
@@ -154,8 +148,8 @@ def launch_config(
         block_n, num_stages = (128, 2) if block_d <= 128 else (32, 3)
     return dict(
         BLOCK_H=block_h, BLOCK_T=block_t, BLOCK_M=block_m, BLOCK_D=block_d, BLOCK_N=choices.get("BLOCK_N", block_n),
-        BLOCK_B=block_b, HOIST_OFFSETS=bool(choices.get("HOIST_OFFSETS", not fp8 and block_b * block_d <= 128)),
-        head_tiles=head_tiles, programs=bsz * num_branches // block_b * num_groups * head_tiles,
+        HOIST_OFFSETS=bool(choices.get("HOIST_OFFSETS", not fp8 and block_d <= 128)),
+        head_tiles=head_tiles, programs=bsz * num_branches * num_groups * head_tiles,
         max_splits=min(triton.cdiv(capacity, min_tokens), 512), num_warps=num_warps,
         num_stages=choices.get("num_stages", num_stages),
     )
@@ -233,15 +227,11 @@ if triton is not None:
         stride_cs: tl.constexpr, stride_ss: tl.constexpr, stride_ks: tl.constexpr, scale_log2, m_i, l_i, acc, scale_ref,
         row_slots, block_values, values_from, rope_values,
         MASKED: tl.constexpr, HAS_KEY_MASK: tl.constexpr, IS_FP8: tl.constexpr, PRECISION: tl.constexpr,
-        LATENT_DIM: tl.constexpr, ROPE_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-        NUM_GROUPS: tl.constexpr, HOIST_OFFSETS: tl.constexpr,
+        LATENT_DIM: tl.constexpr, ROPE_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HOIST_OFFSETS: tl.constexpr,
         PAGED: tl.constexpr, STRADDLE: tl.constexpr, ROPE_SPLIT: tl.constexpr,
     ):
-        """The online-softmax update over one block of BLOCK_N tokens (scores in log2 units) for the BLOCK_B branches
-        of one head group that the program runs: q, m_i, l_i, acc and scale_ref are tuples, one entry per branch, whose
-        latent blocks lie NUM_GROUPS blocks apart in the cache row. The rope key is loaded once for all of them (its dot
-        with the rope query, the same in every branch, is repeated per branch: kept, its scores would hold as many
-        registers as a branch's).
+        """The online-softmax update over one block of BLOCK_N tokens (scores in log2 units) of the program's softmax
+        branch: its latent block and the rope key.
 
         MASKED: the block may hold tokens past the split's end or later than a new token's slot (the causal rule).
         Blocks of tokens before the first new token are visible to every query row: they skip those comparisons, and
@@ -294,44 +284,40 @@ if triton is not None:
                                     rope_mask)
         else:
             rope_key = tl.load(rope_key_ptr + rope_offsets, mask=rope_mask, other=0.0)
-        new_m, new_l, new_acc, new_ref = (), (), (), ()
-        for branch in tl.static_range(BLOCK_B):
-            latent_offsets = branch * NUM_GROUPS * LATENT_DIM + within[:, None] * stride_cs + d[None, :]
-            latent_ptrs = block_cache + first * stride_cs + latent_offsets
-            if IS_FP8:
-                latent = _e4m3_to(tl.load(latent_ptrs, mask=latent_mask, other=0), q[branch].dtype)
-                scales_ptrs = block_scales + first * stride_ss + (branch * NUM_GROUPS + within * stride_ss)
-                if MASKED:
-                    scales = tl.load(scales_ptrs, mask=token_ok, other=0.0)
-                else:
-                    scales = tl.load(scales_ptrs)
-                scores = tl.dot(q[branch], tl.trans(latent), input_precision=PRECISION) * scales[None, :]
+        latent_offsets = within[:, None] * stride_cs + d[None, :]
+        latent_ptrs = block_cache + first * stride_cs + latent_offsets
+        if IS_FP8:
+            latent = _e4m3_to(tl.load(latent_ptrs, mask=latent_mask, other=0), q.dtype)
+            scales_ptrs = block_scales + first * stride_ss + within * stride_ss
+            if MASKED:
+                scales = tl.load(scales_ptrs, mask=token_ok, other=0.0)
             else:
-                if STRADDLE:
-                    latent = _load_halves(latent_ptrs, block_values + first * stride_cs + latent_offsets,
-                                          d[None, :] < values_from, latent_mask)
-                else:
-                    latent = tl.load(latent_ptrs, mask=latent_mask, other=0.0)  # [N, D]
-                scores = tl.dot(q[branch], tl.trans(latent), input_precision=PRECISION)
-            scores = tl.dot(q_rope, tl.trans(rope_key), scores, input_precision=PRECISION)
-            if MASKED or HAS_KEY_MASK:
-                scores = tl.where(allowed, scores, float("-inf"))
-            # the scale applied to the row maximum (the same value: it is positive) and inside the exponential's
-            # argument (one fused multiply-add), not to every score first
-            m_new = tl.maximum(m_i[branch], tl.max(scores, 1) * scale_log2)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i[branch] - m_safe)
-            p = tl.exp2(scores * scale_log2 - m_safe[:, None])
-            l_new = l_i[branch] * alpha + tl.sum(p, 1)
-            ref = scale_ref[branch]
-            if IS_FP8:
-                grown_ref = tl.maximum(ref, tl.max(scales, 0))
-                alpha = alpha * (ref / grown_ref)
-                p = p * (scales / grown_ref)[None, :]
-                ref = grown_ref
-            acc_new = acc[branch] * alpha[:, None] + tl.dot(p.to(latent.dtype), latent, input_precision=PRECISION)
-            new_m, new_l, new_acc, new_ref = new_m + (m_new,), new_l + (l_new,), new_acc + (acc_new,), new_ref + (ref,)
-        return new_m, new_l, new_acc, new_ref
+                scales = tl.load(scales_ptrs)
+            scores = tl.dot(q, tl.trans(latent), input_precision=PRECISION) * scales[None, :]
+        else:
+            if STRADDLE:
+                latent = _load_halves(latent_ptrs, block_values + first * stride_cs + latent_offsets,
+                                      d[None, :] < values_from, latent_mask)
+            else:
+                latent = tl.load(latent_ptrs, mask=latent_mask, other=0.0)  # [N, D]
+            scores = tl.dot(q, tl.trans(latent), input_precision=PRECISION)
+        scores = tl.dot(q_rope, tl.trans(rope_key), scores, input_precision=PRECISION)
+        if MASKED or HAS_KEY_MASK:
+            scores = tl.where(allowed, scores, float("-inf"))
+        # the scale applied to the row maximum (the same value: it is positive) and inside the exponential's argument
+        # (one fused multiply-add), not to every score first
+        m_new = tl.maximum(m_i, tl.max(scores, 1) * scale_log2)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(scores * scale_log2 - m_safe[:, None])
+        l_new = l_i * alpha + tl.sum(p, 1)
+        if IS_FP8:
+            grown_ref = tl.maximum(scale_ref, tl.max(scales, 0))
+            alpha = alpha * (scale_ref / grown_ref)
+            p = p * (scales / grown_ref)[None, :]
+            scale_ref = grown_ref
+        acc = acc * alpha[:, None] + tl.dot(p.to(latent.dtype), latent, input_precision=PRECISION)
+        return m_new, l_new, acc, scale_ref
 
     @triton.jit(do_not_specialize=["num_splits"])  # one compiled kernel for every split count
     def _mlra_decode_kernel(
@@ -348,21 +334,19 @@ if triton is not None:
         LATENT_DIM: tl.constexpr, ROPE_DIM: tl.constexpr,
         BLOCK_H: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, HAS_KEY_MASK: tl.constexpr, HAS_ROW_STARTS: tl.constexpr,
-        IS_FP8: tl.constexpr, PRECISION: tl.constexpr, BLOCK_B: tl.constexpr, HOIST_OFFSETS: tl.constexpr,
+        IS_FP8: tl.constexpr, PRECISION: tl.constexpr, HOIST_OFFSETS: tl.constexpr,
         PAGED: tl.constexpr, HALF: tl.constexpr, ROPE_SPLIT: tl.constexpr,
     ):
-        # program -> (batch row, head group and tile of BLOCK_B branches, tile of heads), head tiles adjacent so that
-        # programs re-reading the same tokens for other heads run together and hit L2. Latent block l = b * G + g is
-        # read by branch b of the heads of group g (MLRAConfig.latent_block): the program's branches read blocks
-        # first_block, first_block + G, ...
+        # program -> (batch row, latent block, tile of heads), head tiles adjacent so that programs re-reading the same
+        # tokens for other heads run together and hit L2. Latent block l = b * G + g is read by branch b of the heads
+        # of group g (MLRAConfig.latent_block).
         program = tl.program_id(0)
         split = tl.program_id(1)
         head_tile = program % HEAD_TILES
-        unit = (program // HEAD_TILES) % (NUM_BLOCKS // BLOCK_B)
-        first_branch = unit // NUM_GROUPS * BLOCK_B
-        group = unit % NUM_GROUPS
-        first_block = first_branch * NUM_GROUPS + group
-        row = (program // (HEAD_TILES * (NUM_BLOCKS // BLOCK_B))).to(tl.int64)
+        block = (program // HEAD_TILES) % NUM_BLOCKS
+        branch = block // NUM_GROUPS
+        group = block % NUM_GROUPS
+        row = (program // (HEAD_TILES * NUM_BLOCKS)).to(tl.int64)
 
         # query rows: m = local head * BLOCK_T + new token
         rows = tl.arange(0, BLOCK_M)
@@ -382,24 +366,19 @@ if triton is not None:
         # whole blocks of tokens before the first new token run unmasked; the rest (at most two blocks) masked
         unmasked_end = start + tl.maximum(tl.minimum(end, seq_len - num_new_tokens) - start, 0) // BLOCK_N * BLOCK_N
 
-        q_offsets = row * stride_qn + new_token * stride_qt + first_branch * stride_qb + head * stride_qh
-        q_ptrs = q_ptr + q_offsets[:, None]
-        q = ()
-        for branch in tl.static_range(BLOCK_B):
-            q += (tl.load(q_ptrs + branch * stride_qb + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0),)
+        q_offsets = row * stride_qn + new_token * stride_qt + branch * stride_qb + head * stride_qh
+        q = tl.load(q_ptr + q_offsets[:, None] + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         q_rope = tl.load(
             q_rope_ptr + row * stride_rn + new_token[:, None] * stride_rt + head[:, None] * stride_rh + r[None, :],
             mask=row_ok[:, None] & (r < ROPE_DIM)[None, :],
             other=0.0,
         )
 
-        # online-softmax state per branch of the program; fp8: the largest scale so far (any positive start)
-        m_i, l_i, acc, scale_ref = (), (), (), ()
-        for branch in tl.static_range(BLOCK_B):
-            m_i += (tl.full([BLOCK_M], float("-inf"), tl.float32),)
-            l_i += (tl.zeros([BLOCK_M], tl.float32),)
-            acc += (tl.zeros([BLOCK_M, BLOCK_D], tl.float32),)
-            scale_ref += (tl.full([], 1.0e-30, tl.float32),)
+        # online-softmax state; fp8: the largest scale so far (any positive start)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        scale_ref = tl.full([], 1.0e-30, tl.float32)
         if HAS_ROW_STARTS:  # rows packed along the token axis (continuous batching): row n starts at token row_starts[n]
             first_token = tl.load(row_starts_ptr + row).to(tl.int64)
             row_cache = cache_ptr + first_token * stride_cs
@@ -409,8 +388,8 @@ if triton is not None:
             row_cache = cache_ptr + row * stride_cn
             row_scales = scale_ptr + row * stride_sn
             row_rope_key = rope_key_ptr + row * stride_kn
-        block_cache = row_cache + first_block * LATENT_DIM
-        block_scales = row_scales + scales_offset + first_block
+        block_cache = row_cache + block * LATENT_DIM
+        block_scales = row_scales + scales_offset + block
         row_rope_key += rope_offset
         key_mask_row = key_mask_ptr + row * stride_mn
         # continuous batching reading the pages in place (PAGED): the row's tokens at slots_ptr[first_token:], their
@@ -418,7 +397,7 @@ if triton is not None:
         row_slots, block_values, values_from, rope_values = slots_ptr, value_ptr, 0, value_ptr
         if PAGED:
             row_slots = slots_ptr + first_token
-            block_column = first_block * LATENT_DIM
+            block_column = block * LATENT_DIM
             values_from = HALF - block_column  # the block's first column in the value pages, counted in the block
             block_values = value_ptr + (block_column - HALF)
             if values_from > 0:
@@ -438,7 +417,7 @@ if triton is not None:
                     token_start, end, query_slot, q, q_rope, block_cache, block_scales, row_rope_key, key_mask_row, d,
                     r, stride_cs, stride_ss, stride_ks, scale_log2, m_i, l_i, acc, scale_ref,
                     row_slots, block_values, values_from, rope_values,
-                    True, HAS_KEY_MASK, IS_FP8, PRECISION, LATENT_DIM, ROPE_DIM, BLOCK_N, BLOCK_B, NUM_GROUPS,
+                    True, HAS_KEY_MASK, IS_FP8, PRECISION, LATENT_DIM, ROPE_DIM, BLOCK_N,
                     HOIST_OFFSETS, PAGED, True, ROPE_SPLIT,
                 )
             end = tl.where(straddles, start, end)
@@ -448,7 +427,7 @@ if triton is not None:
                 token_start, end, query_slot, q, q_rope, block_cache, block_scales, row_rope_key, key_mask_row, d, r,
                 stride_cs, stride_ss, stride_ks, scale_log2, m_i, l_i, acc, scale_ref,
                 row_slots, block_values, values_from, rope_values,
-                False, HAS_KEY_MASK, IS_FP8, PRECISION, LATENT_DIM, ROPE_DIM, BLOCK_N, BLOCK_B, NUM_GROUPS,
+                False, HAS_KEY_MASK, IS_FP8, PRECISION, LATENT_DIM, ROPE_DIM, BLOCK_N,
                 HOIST_OFFSETS, PAGED, False, ROPE_SPLIT,
             )
         for token_start in tl.range(unmasked_end, end, BLOCK_N, num_stages=1):  # too short to pipeline
@@ -456,26 +435,25 @@ if triton is not None:
                 token_start, end, query_slot, q, q_rope, block_cache, block_scales, row_rope_key, key_mask_row, d, r,
                 stride_cs, stride_ss, stride_ks, scale_log2, m_i, l_i, acc, scale_ref,
                 row_slots, block_values, values_from, rope_values,
-                True, HAS_KEY_MASK, IS_FP8, PRECISION, LATENT_DIM, ROPE_DIM, BLOCK_N, BLOCK_B, NUM_GROUPS,
+                True, HAS_KEY_MASK, IS_FP8, PRECISION, LATENT_DIM, ROPE_DIM, BLOCK_N,
                 HOIST_OFFSETS, PAGED, False, ROPE_SPLIT,
             )
 
-        out_offsets = row * stride_on + split * stride_os + new_token[:, None] * stride_ot + first_branch * stride_ob
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        if IS_FP8:
+            out = acc * (scale_ref / l_safe)[:, None]
+        else:
+            out = acc / l_safe[:, None]
+        out_offsets = row * stride_on + split * stride_os + new_token[:, None] * stride_ot + branch * stride_ob
         out_offsets += head[:, None] * stride_oh + d[None, :]
         out_mask = row_ok[:, None] & d_ok[None, :]
-        lse_offsets = row * stride_ln + split * stride_ls + new_token * stride_lt + first_branch * stride_lb + head
-        for branch in tl.static_range(BLOCK_B):
-            l_safe = tl.where(l_i[branch] == 0.0, 1.0, l_i[branch])
-            if IS_FP8:
-                out = acc[branch] * (scale_ref[branch] / l_safe)[:, None]
-            else:
-                out = acc[branch] / l_safe[:, None]
-            if SPLIT:
-                tl.store(out_ptr + out_offsets + branch * stride_ob, out, mask=out_mask)
-                lse = tl.where(l_i[branch] == 0.0, float("-inf"), m_i[branch] + tl.log2(l_safe))
-                tl.store(lse_ptr + lse_offsets + branch * stride_lb, lse, mask=row_ok)
-            else:
-                tl.store(out_ptr + out_offsets + branch * stride_ob, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+        if SPLIT:
+            tl.store(out_ptr + out_offsets, out, mask=out_mask)
+            lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
+            lse_offsets = row * stride_ln + split * stride_ls + new_token * stride_lt + branch * stride_lb + head
+            tl.store(lse_ptr + lse_offsets, lse, mask=row_ok)
+        else:
+            tl.store(out_ptr + out_offsets, out.to(out_ptr.dtype.element_ty), mask=out_mask)
 
     @triton.jit
     def _merge_splits_kernel(
@@ -530,7 +508,7 @@ def launch_plan(
     is_fp8 = kv_cache.dtype == torch.uint8
     paged = slots is not None
     if paged:
-        _check_pages(kv_cache, value_pages, row_starts, num_blocks * latent_block_dim + rope_dim, choices)
+        _check_pages(kv_cache, value_pages, row_starts, num_blocks * latent_block_dim + rope_dim)
     # packed rows (continuous batching) hold a different number of tokens at every step: rounded, so that the cached
     # launch configs stay few
     tokens = slots.shape[0] if paged else kv_cache.shape[1]
@@ -562,7 +540,7 @@ def launch_plan(
         ROPE_DIM=rope_dim, BLOCK_H=config["BLOCK_H"], BLOCK_T=config["BLOCK_T"], BLOCK_M=config["BLOCK_M"],
         BLOCK_N=config["BLOCK_N"], BLOCK_D=config["BLOCK_D"], BLOCK_R=max(16, triton.next_power_of_2(rope_dim)),
         HAS_KEY_MASK=has_key_mask, HAS_ROW_STARTS=has_row_starts, IS_FP8=is_fp8,
-        PRECISION="ieee" if q_absorbed.dtype == torch.float32 else "tf32", BLOCK_B=config["BLOCK_B"],
+        PRECISION="ieee" if q_absorbed.dtype == torch.float32 else "tf32",
         HOIST_OFFSETS=config["HOIST_OFFSETS"] and not paged, PAGED=paged, HALF=half,
         # the rope key's columns in the key pages when it straddles both pages, else 0
         ROPE_SPLIT=half - rope_offset if 0 < half - rope_offset < rope_dim else 0,
@@ -594,14 +572,12 @@ def launch_plan(
     return dict(config, num_splits=num_splits, programs_per_sm=per_sm, constexprs=constexprs, kernel_args=kernel_args)
 
 
-def _check_pages(key_pages, value_pages, row_starts, row_width, choices) -> None:
+def _check_pages(key_pages, value_pages, row_starts, row_width) -> None:
     """Pages read in place: two [slots, half] tensors of one dtype and row stride holding the rows' halves."""
     if row_starts is None or value_pages is None:
         raise ValueError("latent pages are read through slots per packed row: pass row_starts and the value pages")
     if key_pages.dtype == torch.uint8:
         raise ValueError("latent pages hold the model's dtype: the fp8 cache's packed rows are read as rows")
-    if choices.get("BLOCK_B", 1) != 1:
-        raise ValueError("latent pages are read one latent block per program (BLOCK_B=1)")
     if (
         key_pages.dim() != 2 or value_pages.dim() != 2 or 2 * key_pages.shape[1] != row_width
         or key_pages.shape[1] != value_pages.shape[1] or key_pages.dtype != value_pages.dtype

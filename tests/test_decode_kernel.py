@@ -10,7 +10,7 @@ import torch
 from conftest import FAMILY, MLRACache, cache_kwargs, random_tokens, tiny_model
 from modeling_mlra import MLRAConfig
 from modeling_mlra.mlra_decode_kernel import (
-    LatentPages, _decode_attention, fp8_cache_layout, launch_config, mlra_decode_attention, triton_available,
+    LatentPages, _decode_attention, fp8_cache_layout, mlra_decode_attention, triton_available,
 )
 from modeling_mlra.modeling_mlra import dequantize_latent_rows, quantize_latent_rows
 
@@ -138,24 +138,6 @@ def _masked_ragged_inputs(member, new_tokens, dtype, seed, fp8=False):
         cache = quantize_latent_rows(cache, 16, 8)
         held = dequantize_latent_rows(cache, STRUCTURES[member][0], 16, 8, dtype)
     return q_absorbed, q_rope, cache, held, seq_lens, key_mask, groups
-
-
-@pytest.mark.parametrize("member, branches_per_program", [("mlra_4", 2), ("mlra_4", 4), ("mlra_2", 2)])
-@pytest.mark.parametrize("fp8", [False, True])
-def test_branches_sharing_a_program_each_get_the_attention_of_their_own_latent_block(member, branches_per_program, fp8):
-    """BLOCK_B branches of one head group in one program (the rope key loaded once for all of them)."""
-    q_absorbed, q_rope, cache, held, seq_lens, key_mask, groups = _masked_ragged_inputs(
-        member, 2, torch.float16, 31, fp8
-    )
-    choices = {"BLOCK_B": branches_per_program}
-    out = _decode_attention(q_absorbed, q_rope, cache, seq_lens, key_mask, groups, 0.2, 3, choices)
-    reference = attention_by_the_equations(q_absorbed, q_rope, held, seq_lens, key_mask, groups, 0.2)
-    assert relative_error(out, reference) < TOLERANCE[torch.float16]
-
-
-def test_a_branch_tile_that_does_not_divide_the_branches_is_refused():
-    with pytest.raises(ValueError, match="BLOCK_B=3"):
-        launch_config(1, 1, 4, 4, 128, 64, 1, 1024, 1152, False, BLOCK_B=3)
 
 
 @pytest.mark.parametrize("hoist_offsets", [0, 1])
