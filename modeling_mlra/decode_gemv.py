@@ -40,7 +40,8 @@ SINGLE, SIDE_BY_SIDE, SWIGLU = 0, 1, 2  # how a launch combines its weights
 def gemv_config(
     rows: int, outputs: int, reduction: int, batches: int, mode: int, num_sms: int, segments: int = 1, **choices
 ) -> dict:
-    """Tiles and warps from the shapes only (CUDA-graph safe); `choices` overrides any value (benchmarks/gemv.py).
+    """Tiles and warps from the shapes only (CUDA-graph safe); `choices` overrides any value (benchmarks/gemv.py),
+    `pdl` included (whether the launch is a programmatic dependent one; None: one row where the GPU has it).
 
     One row: the weight tile [BLOCK_K, BLOCK_N] is multiplied by the row and summed once after the loop; the tile
     holds 2K-8K values per weight (at least two 16-byte loads per thread per step, at most 64 float32 products per
@@ -75,7 +76,7 @@ def gemv_config(
     )
     return dict(
         BLOCK_M=1 if rows == 1 else 16, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
-        num_stages=choices.get("num_stages", 1 if rows == 1 else 3),
+        num_stages=choices.get("num_stages", 1 if rows == 1 else 3), pdl=choices.get("pdl"),
     )
 
 
@@ -295,7 +296,9 @@ def _gemv(
     block_n, block_k = config["BLOCK_N"], config["BLOCK_K"]
     tiles = triton.cdiv(rows_out, block_n) + (triton.cdiv(second_rows, block_n) if mode == SIDE_BY_SIDE else 0)
     # PDL measured at one row (the 1 x 16 step, benchmarks/results/decode_step_h200_1x16_pdl.md); not yet at more
-    pdl = choices.get("pdl", rows == 1 and x.is_cuda and programmatic_launch(x.device.index or 0))
+    pdl = config["pdl"]
+    if pdl is None:
+        pdl = rows == 1 and x.is_cuda and programmatic_launch(x.device.index or 0)
     size = w.element_size()
     # the columns of its weight rows a program asks into L2 ahead: about PREFETCH_BYTES, a power of two >= 64
     columns = max(1, PREFETCH_BYTES // (block_n * size * (2 if mode == SWIGLU else 1)))
