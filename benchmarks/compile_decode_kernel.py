@@ -16,7 +16,7 @@ the bytes one program requests per token block (its latent block, its scales, th
 DRAM bytes (the programs of a row's other latent blocks request the same rope key), the loads in flight per
 multiprocessor ((stages - 1) tiles per program: Triton's pipeliner issues a block's loads that many iterations ahead)
 against Little's law at the copy rate, and the time the launch would take at the best rate of requested bytes the
-kernel has reached on the H200 (docs/decode_kernel.md, "Why 16 x 32K misses").
+kernel has reached on the H200 (docs/decode_kernel.md, "Why 16 x 32K missed before session 5").
 """
 
 import argparse

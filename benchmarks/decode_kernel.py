@@ -9,7 +9,7 @@ Shapes (bfloat16 model, cache filled with random values; fp8: the same values th
   (b) MLA on the same GPU: 64 heads on 512 + 64;
   (c) one layer of the 2.9B MLRA-4 on one GPU: 24 heads, 4 x 128 + 64, batch 1-64 x 4K-1M tokens;
   (d) with --only: (c)'s grid and tile without its shared rope key, 24 heads on one block of 128 + 64 (at batch 4x
-      (c)'s, the same programs per split), the control of docs/decode_kernel.md, "Why 16 x 32K misses";
+      (c)'s, the same programs per split), the control of docs/decode_kernel.md, "Why 16 x 32K missed before session 5";
   (e) with --only: (c) with a rope key of 16 instead of 64 (a diagnostic: the same programs and token blocks, each
       requesting 18 instead of 24 KB, the rows 8% fewer DRAM bytes), whether the time follows the requested bytes.
 Times are GPU time (CUDA-graph replays after a device synchronisation, median); the eager call time (host launch
