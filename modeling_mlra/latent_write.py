@@ -9,10 +9,12 @@ side by side, as `kv_a_proj_with_mqa` gives them) and stores the finished row at
 
     rows[n, start + t] = [ (w * norm_g(x[n, t, :d_c])) * scale | rope(x[n, t, d_c:], cos[n, t], sin[n, t]) ]
 
-with the roundings of the PyTorch path in the model's dtype (the norm in float32, rounded, times its weight,
-rounded, times the scale, rounded; the rotation's two products rounded, then their sum), so the cache holds what
-the PyTorch path stores. `write_latent_rows` is a torch custom op that mutates the buffer in place, so
-torch.compile(fullgraph=True) and CUDA graphs capture it.
+the latent with the roundings of the PyTorch path in the model's dtype (the norm in float32, rounded, times its
+weight, rounded, times the scale, rounded: the values eager PyTorch stores, bit for bit on the H200 in float16 and
+bfloat16), the rotation in float32 rounded once, as inductor's kernel of the compiled step did (eager PyTorch rounds
+its two products first: on the H200 a quarter of the rotated values were one unit in the last place apart).
+`write_latent_rows` is a torch custom op that mutates the buffer in place, so torch.compile(fullgraph=True) and CUDA
+graphs capture it (inductor passes it the cache buffer itself, no copy).
 """
 
 import torch
@@ -65,8 +67,8 @@ if triton is not None:
         cos_second = tl.load(cos_ptr + tables + half + offs_r, mask=in_half, other=0.0).to(tl.float32)
         sin_first = tl.load(sin_ptr + tables + offs_r, mask=in_half, other=0.0).to(tl.float32)
         sin_second = tl.load(sin_ptr + tables + half + offs_r, mask=in_half, other=0.0).to(tl.float32)
-        rotated_first = (first * cos_first).to(dtype).to(tl.float32) - (second * sin_first).to(dtype).to(tl.float32)
-        rotated_second = (second * cos_second).to(dtype).to(tl.float32) + (first * sin_second).to(dtype).to(tl.float32)
+        rotated_first = first * cos_first - second * sin_first
+        rotated_second = second * cos_second + first * sin_second
         rope_target = target + GROUPS * GROUP_DIM
         tl.store(rope_target + offs_r, rotated_first.to(dtype), mask=in_half)
         tl.store(rope_target + half + offs_r, rotated_second.to(dtype), mask=in_half)
