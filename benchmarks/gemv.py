@@ -67,6 +67,8 @@ LINEARS = [
     ("lm_head", SINGLE, 50304, 0, 3072),
 ]
 UP_PROJECTIONS = ["W_UK fold", "W_UV"]
+
+
 def _tiles(*tiles):
     return [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w) for n, k, w in tiles]
 
@@ -85,13 +87,14 @@ SWEEP_ONE_ROW = {
 }
 SWEEP_ROWS = [dict(BLOCK_N=n, BLOCK_K=k, num_stages=s) for n, k, s in
               ((16, 128, 3), (16, 64, 4), (32, 64, 4), (32, 128, 3), (64, 64, 3))]  # fmt: skip
+SWEPT_ROWS = ("q_a + kv_a", "q_b", "o", "gate + up", "down")  # the 16-row shapes swept (97% of a layer's weight bytes)
 
 
 def sweep(name, rows):
-    return SWEEP_ONE_ROW.get(name, []) if rows == 1 else SWEEP_ROWS if name in SWEPT else []
+    """The launch choices --sweep times for the shape `name` at `rows` rows."""
+    return SWEEP_ONE_ROW.get(name, []) if rows == 1 else SWEEP_ROWS if name in SWEPT_ROWS else []
 
 
-SWEPT = ("q_a + kv_a", "q_b", "o", "gate + up", "down")  # the shapes --sweep covers (97% of a layer's weight bytes)
 NORMED = ("q_a + kv_a", "q_b", "gate + up")  # the model's launches with the RMSNorm of their input inside
 WITH_RESIDUAL = ("o", "down")  # ... and with the residual added inside
 # the model's launch (norm, scale and residual inside, PDL where the GPU and Triton have it) and its variants
@@ -205,7 +208,7 @@ def measure_projections(args, device, dtype, copy_gbs, report):
                 report.record(row)
                 return row
 
-            record("cuBLAS", lambda: [plain() for plain, _, _ in calls], choices=None)
+            record("cuBLAS", lambda: [plain() for plain, _, _ in calls])
             candidates = sweep(name, rows) if args.sweep else []
             for variant, choices in [*VARIANTS.items(), *((f"triton {c}", c) for c in candidates)]:
                 record(variant, lambda c=choices: [gemv(c) for _, gemv, _ in calls],

@@ -1,7 +1,7 @@
 """Triton kernel that writes a decode step's new cache rows into the static latent cache in one launch.
 
 What the static cache keeps per token is [norm(latent) * kv_latent_scale | rope(k_rope)] (docs/design.md, "The
-cache"). In PyTorch that is an RMSNorm per latent block (a reduction), a scale, the rotation of the rope key, a
+compressed cache"). In PyTorch that is an RMSNorm per latent block (a reduction), a scale, the rotation of the rope key, a
 concatenation and an `index_copy_` into the buffer: under torch.compile inductor ran them as four to five small
 kernels per layer (a 1 x 16 decode step of the 2.9B model: about 5 us per layer, benchmarks/results/
 decode_step_h200_final.md). Here one program per new token reads the projection's output row (latent and rope key
