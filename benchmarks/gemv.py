@@ -75,7 +75,7 @@ def _tiles(*tiles):
 
 # --sweep at one row: per shape, tiles (BLOCK_N, BLOCK_K, warps) around the model's (sm_90 registers and 16-byte
 # loads in flight per thread from --offline); at 16 rows the tl.dot tiles
-SWEEP_ONE_ROW = {
+SWEEP_ONE_ROW_TILES = {
     "q_a + kv_a": _tiles((4, 1024, 4), (2, 1024, 4), (4, 512, 4), (4, 1024, 8)),
     "q_b": _tiles((4, 1024, 4), (2, 1024, 4), (4, 512, 4), (16, 512, 8)),
     "o": _tiles((4, 1024, 4), (2, 1024, 4), (4, 1024, 8), (8, 512, 4)),
@@ -85,6 +85,9 @@ SWEEP_ONE_ROW = {
     "W_UK fold": [dict(BLOCK_N=32), dict(BLOCK_N=64)],
     "W_UV": [dict(BLOCK_N=8), dict(BLOCK_N=2)],
 }
+# ... and the model's tile asking more of each program's weight rows into L2 before it waits (PDL): 32 KB, all of them
+SWEEP_ONE_ROW = {name: [*tiles, dict(prefetch_bytes=32768), dict(prefetch_bytes=1 << 20)]
+                 for name, tiles in SWEEP_ONE_ROW_TILES.items()}
 SWEEP_ROWS = [dict(BLOCK_N=n, BLOCK_K=k, num_stages=s) for n, k, s in
               ((16, 128, 3), (16, 64, 4), (32, 64, 4), (32, 128, 3), (64, 64, 3))]  # fmt: skip
 SWEPT_ROWS = ("q_a + kv_a", "q_b", "o", "gate + up", "down")  # the 16-row shapes swept (97% of a layer's weight bytes)

@@ -32,6 +32,7 @@ from .mlra_decode_kernel import _num_sms, triton, triton_available
 if triton is not None:
     import triton.language as tl
 
+PREFETCH_BYTES = 8192  # weight bytes per program asked into L2 before the kernel before it has finished
 MAX_ROWS = 16  # rows of activations the kernel takes (batch x new tokens); larger GEMMs are cuBLAS's
 SINGLE, SIDE_BY_SIDE, SWIGLU = 0, 1, 2  # how a launch combines its weights
 
@@ -41,7 +42,8 @@ def gemv_config(
     rows: int, outputs: int, reduction: int, batches: int, mode: int, num_sms: int, segments: int = 1, **choices
 ) -> dict:
     """Tiles and warps from the shapes only (CUDA-graph safe); `choices` overrides any value (benchmarks/gemv.py),
-    `pdl` included (whether the launch is a programmatic dependent one; None: one row where the GPU has it).
+    `pdl` included (whether the launch is a programmatic dependent one; None: one row where the GPU has it) and
+    `prefetch_bytes` (the weight bytes per program asked into L2 before a programmatic launch waits, PREFETCH_BYTES).
 
     One row: the weight tile [BLOCK_K, BLOCK_N] is multiplied by the row and summed once after the loop; the tile
     holds 2K-8K values per weight (at least two 16-byte loads per thread per step, at most 64 float32 products per
@@ -77,6 +79,7 @@ def gemv_config(
     return dict(
         BLOCK_M=1 if rows == 1 else 16, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
         num_stages=choices.get("num_stages", 1 if rows == 1 else 3), pdl=choices.get("pdl"),
+        prefetch_bytes=choices.get("prefetch_bytes", PREFETCH_BYTES),
     )
 
 
@@ -276,9 +279,6 @@ def programmatic_launch(device_index: int) -> bool:
         return False
 
 
-PREFETCH_BYTES = 8192  # weight bytes per program asked into L2 before the kernel before it has finished
-
-
 def _gemv(
     x: torch.Tensor, w: torch.Tensor, w2: torch.Tensor | None, mode: int, norm_weight: torch.Tensor | None = None,
     eps: float = 0.0, scale: float = 1.0, residual: torch.Tensor | None = None, **choices,
@@ -300,8 +300,8 @@ def _gemv(
     if pdl is None:
         pdl = rows == 1 and x.is_cuda and programmatic_launch(x.device.index or 0)
     size = w.element_size()
-    # the columns of its weight rows a program asks into L2 ahead: about PREFETCH_BYTES, a power of two >= 64
-    columns = max(1, PREFETCH_BYTES // (block_n * size * (2 if mode == SWIGLU else 1)))
+    # the columns of its weight rows a program asks into L2 ahead: about `prefetch_bytes`, a power of two >= 64
+    columns = max(1, config["prefetch_bytes"] // (block_n * size * (2 if mode == SWIGLU else 1)))
     prefetch_k = max(64, min(triton.next_power_of_2(reduction), 1 << (columns.bit_length() - 1)))
     residual_strides = residual.stride() if residual is not None else (0, 0, 0)
     _gemv_kernel[(tiles, batches)](
