@@ -43,7 +43,8 @@ def gemv_config(
 ) -> dict:
     """Tiles and warps from the shapes only (CUDA-graph safe); `choices` overrides any value (benchmarks/gemv.py),
     `pdl` included (whether the launch is a programmatic dependent one; None: one row where the GPU has it) and
-    `prefetch_bytes` (the weight bytes per program asked into L2 before a programmatic launch waits, PREFETCH_BYTES).
+    `prefetch_bytes` (the weight bytes per program asked into L2 before a programmatic launch waits, PREFETCH_BYTES)
+    and `preload` (a programmatic launch loads its first weight tile before it waits, in place of that prefetch).
 
     One row: the weight tile [BLOCK_K, BLOCK_N] is multiplied by the row and summed once after the loop; the tile
     holds 2K-8K values per weight (at least two 16-byte loads per thread per step, at most 64 float32 products per
@@ -79,7 +80,7 @@ def gemv_config(
     return dict(
         BLOCK_M=1 if rows == 1 else 16, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
         num_stages=choices.get("num_stages", 1 if rows == 1 else 3), pdl=choices.get("pdl"),
-        prefetch_bytes=choices.get("prefetch_bytes", PREFETCH_BYTES),
+        prefetch_bytes=choices.get("prefetch_bytes", PREFETCH_BYTES), preload=choices.get("preload", False),
     )
 
 
@@ -100,15 +101,21 @@ if triton is not None:
     def _gemv_tile(
         acc, x_ptrs, w_ptrs, norm_ptrs, m_ok, n_ok, k_ok,
         BLOCK_M: tl.constexpr, MASK_K: tl.constexpr, NORM: tl.constexpr, PRECISION: tl.constexpr,
+        WAIT: tl.constexpr = False,
     ):
         """acc [BLOCK_M, BLOCK_N] += x tile [BLOCK_M, BLOCK_K] @ weight tile [BLOCK_K, BLOCK_N]; one row: acc
-        [BLOCK_K, BLOCK_N] += the products. NORM: x times the norm's weight (its rms divides the sums later)."""
+        [BLOCK_K, BLOCK_N] += the products. NORM: x times the norm's weight (its rms divides the sums later). WAIT:
+        the weight tile is asked for first, then the kernel before this one is waited for (PDL), then x is read."""
         if MASK_K:
-            x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         else:
-            x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
             w = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
+        if WAIT:
+            tl.extra.cuda.gdc_wait()
+        if MASK_K:
+            x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        else:
+            x = tl.load(x_ptrs, mask=m_ok[:, None], other=0.0)
         if NORM:
             if MASK_K:
                 norm_weight = tl.load(norm_ptrs, mask=k_ok, other=0.0)
@@ -129,11 +136,14 @@ if triton is not None:
         ALIGN_XM: tl.constexpr, ALIGN_WN: tl.constexpr, ALIGN_WK: tl.constexpr, NORM: tl.constexpr,
         SEGMENTS: tl.constexpr, ONE_STEP: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+        PRELOAD: tl.constexpr = False,
     ):
         """One weight's tile of outputs [BLOCK_M, BLOCK_N] in float32, over every segment and the whole reduction:
         whole BLOCK_K steps unmasked along k (so the loads stay 16 bytes wide), then the remainder masked; ONE_STEP
         (K == BLOCK_K): every segment's tile in straight-line code, so that their loads are in flight together. NORM
-        (one segment): of x times the norm's weight at norm_ptr (the caller divides by the rms, `_rms_reciprocal`)."""
+        (one segment): of x times the norm's weight at norm_ptr (the caller divides by the rms, `_rms_reciprocal`).
+        PRELOAD (a programmatic dependent launch): each segment's first weight tile is asked for before the kernel
+        before this one is waited for (`_gemv_tile`'s WAIT), the rest after."""
         offs_k = tl.arange(0, BLOCK_K)
         x_rows = tl.multiple_of(offs_m * stride_xm, ALIGN_XM)
         w_rows = tl.multiple_of(offs_n * stride_wn, ALIGN_WN)
@@ -145,18 +155,28 @@ if triton is not None:
                 x_ptrs = x_ptr + s * stride_xs + x_rows[:, None] + offs_k[None, :] * stride_xk
                 w_ptrs = w_ptr + s * stride_ws + w_cols[:, None] + w_rows[None, :]
                 acc = _gemv_tile(
-                    acc, x_ptrs, w_ptrs, norm_ptr + offs_k, m_ok, n_ok, offs_k, BLOCK_M, False, NORM, PRECISION
+                    acc, x_ptrs, w_ptrs, norm_ptr + offs_k, m_ok, n_ok, offs_k, BLOCK_M, False, NORM, PRECISION,
+                    PRELOAD,
                 )
         for s in range(0 if ONE_STEP else SEGMENTS):
             x_ptrs = x_ptr + s * stride_xs + x_rows[:, None] + offs_k[None, :] * stride_xk
             w_ptrs = w_ptr + s * stride_ws + w_cols[:, None] + w_rows[None, :]
             norm_ptrs = norm_ptr + offs_k
-            for k in range(0, k_whole, BLOCK_K):
+            first = 0
+            if PRELOAD:  # the first tile, masked where K < BLOCK_K
+                acc = _gemv_tile(
+                    acc, x_ptrs, w_ptrs, norm_ptrs, m_ok, n_ok, offs_k < K, BLOCK_M, True, NORM, PRECISION, True
+                )
+                x_ptrs += BLOCK_K * stride_xk
+                w_ptrs += BLOCK_K * stride_wk
+                norm_ptrs += BLOCK_K
+                first = BLOCK_K
+            for k in range(first, k_whole, BLOCK_K):
                 acc = _gemv_tile(acc, x_ptrs, w_ptrs, norm_ptrs, m_ok, n_ok, offs_k, BLOCK_M, False, NORM, PRECISION)
                 x_ptrs += BLOCK_K * stride_xk
                 w_ptrs += BLOCK_K * stride_wk
                 norm_ptrs += BLOCK_K
-            if k_whole < K:
+            if k_whole < K and k_whole >= first:
                 acc = _gemv_tile(
                     acc, x_ptrs, w_ptrs, norm_ptrs, m_ok, n_ok, k_whole + offs_k < K, BLOCK_M, True, NORM, PRECISION
                 )
@@ -209,8 +229,9 @@ if triton is not None:
         stride_rg, stride_rm, stride_rn,
         MODE: tl.constexpr, ALIGN_XM: tl.constexpr, ALIGN_WN: tl.constexpr, ALIGN_WK: tl.constexpr,
         SEGMENTS: tl.constexpr, ONE_STEP: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
-        PDL: tl.constexpr, W_K_CONTIGUOUS: tl.constexpr, PREFETCH_K: tl.constexpr, BLOCK_R: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+        PDL: tl.constexpr, PRELOAD: tl.constexpr, W_K_CONTIGUOUS: tl.constexpr, PREFETCH_K: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        PRECISION: tl.constexpr,
     ):
         # program -> (tile of outputs, weight batch); SIDE_BY_SIDE: the first weight's tiles, then the second's
         tile = tl.program_id(0)
@@ -232,16 +253,19 @@ if triton is not None:
         if PDL:
             # Launched as a programmatic dependent launch: the kernel after this one may start once every program
             # here has; the weights (which no kernel writes) start coming into L2 while the kernel before this one
-            # finishes, and the activations are read only after it has (gdc_wait).
+            # finishes, and the activations are read only after it has (gdc_wait). PRELOAD: the first weight tile is
+            # loaded (into registers, not only into L2) before that wait, inside `_gemv_weight`.
             tl.extra.cuda.gdc_launch_dependents()
-            _prefetch_tile(weight, offs_n, n_ok, K, stride_wn, stride_wk, W_K_CONTIGUOUS, PREFETCH_K)
+            if not PRELOAD:
+                _prefetch_tile(weight, offs_n, n_ok, K, stride_wn, stride_wk, W_K_CONTIGUOUS, PREFETCH_K)
             if MODE == 2:
                 _prefetch_tile(w2_ptr, offs_n, n_ok, K, stride_wn, stride_wk, W_K_CONTIGUOUS, PREFETCH_K)
-            tl.extra.cuda.gdc_wait()
+            if not PRELOAD:
+                tl.extra.cuda.gdc_wait()
         acc = _gemv_weight(
             x_ptr, weight, norm_ptr, offs_m, offs_n, m_ok, n_ok, M, K, stride_xs, stride_xm, stride_xk, stride_ws,
             stride_wn, stride_wk, ALIGN_XM, ALIGN_WN, ALIGN_WK, NORM, SEGMENTS, ONE_STEP, BLOCK_M, BLOCK_N, BLOCK_K,
-            PRECISION,
+            PRECISION, PRELOAD,
         )
         if MODE == 2:  # up rows from the second weight
             up = _gemv_weight(
@@ -311,7 +335,8 @@ def _gemv(
         *x.stride(), *w.stride(), *out.stride(), *residual_strides,
         MODE=mode, ALIGN_XM=_alignment(x.stride(2), size), ALIGN_WN=_alignment(w.stride(2), size),
         ALIGN_WK=_alignment(w.stride(3), size), SEGMENTS=segments, ONE_STEP=rows == 1 and reduction == block_k,
-        NORM=norm_weight is not None, RESIDUAL=residual is not None, PDL=pdl, W_K_CONTIGUOUS=w.stride(3) == 1,
+        NORM=norm_weight is not None, RESIDUAL=residual is not None, PDL=pdl, PRELOAD=pdl and config["preload"],
+        W_K_CONTIGUOUS=w.stride(3) == 1,
         PREFETCH_K=prefetch_k, BLOCK_R=min(4096 // config["BLOCK_M"], triton.next_power_of_2(reduction)),
         BLOCK_M=config["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=block_k,
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",

@@ -142,10 +142,40 @@ def test_batched_views_give_the_absorbed_up_projections(dtype, rows):
     assert relative_error(output, expected) < TOLERANCE[dtype]
 
 
+@pytest.mark.skipif(
+    DEVICE != "cuda" or not decode_gemv.programmatic_launch(0), reason="programmatic dependent launch needs Hopper"
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", [SINGLE, SIDE_BY_SIDE, SWIGLU])
+@pytest.mark.parametrize("rows, outputs, reduction", [shape for shape in SHAPES if shape[0] == 1])
+def test_a_launch_that_loads_its_first_weight_tile_before_waiting_gives_the_same_output(
+    dtype, mode, rows, outputs, reduction
+):
+    """`preload`: the first weight tile read before the kernel before is waited for (a reduction shorter than,
+    equal to and longer than one tile), with the norm, scale and residual inside, as the plain launch gives."""
+    x = draw(rows, reduction, dtype=dtype, seed=35, scale=3.0)
+    norm_weight = draw(reduction, dtype=dtype, seed=36, scale=0.1) + 1
+    w = draw(outputs, reduction, dtype=dtype, seed=37, scale=0.2)
+    w2 = draw(outputs, reduction, dtype=dtype, seed=38, scale=0.2) if mode != SINGLE else None
+    residual = draw(rows, outputs * (2 if mode == SIDE_BY_SIDE else 1), dtype=dtype, seed=39)
+
+    def launch(preload):
+        return decode_gemv._gemv(
+            x[None, None], w[None, None], w2[None, None] if w2 is not None else None, mode, norm_weight, 1e-5, 0.7,
+            residual[None], pdl=True, preload=preload,
+        )[0]
+
+    assert relative_error(launch(True), launch(False).double()) < TOLERANCE[dtype]
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs")
-def test_chained_launches_replayed_in_a_cuda_graph_read_each_others_outputs():
+@pytest.mark.parametrize("preload", [False, True])
+def test_chained_launches_replayed_in_a_cuda_graph_read_each_others_outputs(preload, monkeypatch):
     """Each launch reads the output of the one before it, which a programmatic dependent launch (the default on
-    Hopper) may start before that one has finished: replayed on new inputs, the chain gives the plain products."""
+    Hopper) may start before that one has finished, loading its first weight tile before it waits (`preload`) or
+    not: replayed on new inputs, the chain gives the plain products."""
+    config = decode_gemv.gemv_config
+    monkeypatch.setattr(decode_gemv, "gemv_config", lambda *shape, **choices: config(*shape, preload=preload, **choices))
     weights = [draw(256, 256, dtype=torch.float32, seed=41 + i, scale=256**-0.5) for i in range(6)]
     norm_weight = draw(256, dtype=torch.float32, seed=47, scale=0.1) + 1
     x = draw(1, 256, dtype=torch.float32, seed=48)
