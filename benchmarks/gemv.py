@@ -85,9 +85,9 @@ SWEEP_ONE_ROW_TILES = {
     "W_UK fold": [dict(BLOCK_N=32), dict(BLOCK_N=64)],
     "W_UV": [dict(BLOCK_N=8), dict(BLOCK_N=2)],
 }
-# ... and the model's tile loading its first weight tile before it waits (PDL) in place of asking 8 KB into L2 (asking
+# ... and the model's tile asking its first 8 KB into L2 before it waits (PDL) in place of loading its first tile (asking
 # 32 KB or all of its rows into L2 was slower at every shape: benchmarks/results/gemv_h200_prefetch.md)
-SWEEP_ONE_ROW = {name: [*tiles, dict(preload=True)] for name, tiles in SWEEP_ONE_ROW_TILES.items()}
+SWEEP_ONE_ROW = {name: [*tiles, dict(preload=False)] for name, tiles in SWEEP_ONE_ROW_TILES.items()}
 SWEEP_ROWS = [dict(BLOCK_N=n, BLOCK_K=k, num_stages=s) for n, k, s in
               ((16, 128, 3), (16, 64, 4), (32, 64, 4), (32, 128, 3), (64, 64, 3))]  # fmt: skip
 SWEPT_ROWS = ("q_a + kv_a", "q_b", "o", "gate + up", "down")  # the 16-row shapes swept (97% of a layer's weight bytes)

@@ -57,11 +57,18 @@ def gemv_config(
     Small one-row launches of one weight or two side by side, with a reduction of 2K-4K values and at most 4096
     outputs (o_proj, q_a_proj with kv_a_proj_with_mqa), take tiles of 8 rows x 1024 values in 8 warps: the H200
     sweep's best for both (o 6.3 against 8.3 us, q_a + kv_a 4.5 against 5.8; without PDL, o 6.7 against 7.2:
-    benchmarks/results/gemv_h200_fused_pdl.md, gemv_h200.md).
+    benchmarks/results/gemv_h200_fused_pdl.md, gemv_h200.md), with rows of 4 where 8 would leave fewer than 2
+    programs per multiprocessor (q_a + kv_a: 1600 outputs, 5.1 against 5.7 and 5.2 against 6.3 us in two calls of
+    session 6, gemv_h200_prefetch.md, gemv_h200_preload.md).
+
+    A programmatic launch loads its first weight tile before it waits for the kernel before it (`preload`, in place of
+    asking its first 8 KB into L2): in one call (gemv_h200_preload.md) q_a + kv_a 5.8 against 6.3 us, q_b 4.4 against
+    5.2, o 6.3 against 6.9, W_UK 6.4 against 7.7, lm_head 76.3 against 78.3, the others equal.
     """
     small = rows == 1 and mode != SWIGLU and 2048 < reduction <= 4096 and outputs * batches <= 4096
     if small:
-        choices = {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 8, **choices}
+        rows_per_program = 8 if triton.cdiv(outputs, 8) * batches >= 2 * num_sms else 4
+        choices = {"BLOCK_N": rows_per_program, "BLOCK_K": 1024, "num_warps": 8, **choices}
     num_warps = choices.get("num_warps", 4)
     wanted = choices.get("programs_per_sm", 4) * num_sms
     weights = 2 if mode == SWIGLU else 1
@@ -80,7 +87,7 @@ def gemv_config(
     return dict(
         BLOCK_M=1 if rows == 1 else 16, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
         num_stages=choices.get("num_stages", 1 if rows == 1 else 3), pdl=choices.get("pdl"),
-        prefetch_bytes=choices.get("prefetch_bytes", PREFETCH_BYTES), preload=choices.get("preload", False),
+        prefetch_bytes=choices.get("prefetch_bytes", PREFETCH_BYTES), preload=choices.get("preload", True),
     )
 
 
