@@ -28,7 +28,8 @@ from transformers.utils.output_capturing import capture_outputs
 from .configuration_mlra import MLRAConfig
 from .decode_gemv import MAX_ROWS as GEMV_MAX_ROWS
 from .decode_gemv import gemv_linears, mlra_gemv, needs_gradient, reads_as_is
-from .latent_write import write_latent_rows
+from .latent_write import MAX_ROWS as LATENT_WRITE_MAX_ROWS
+from .latent_write import full_cache_message, write_latent_rows
 from .mlra_decode_kernel import (
     LatentPages, fp8_cache_layout, kernel_supports, mlra_decode_attention, triton_available,
 )
@@ -318,14 +319,14 @@ class MLRALatentCacheLayer(CacheLayerMixin):
     ) -> torch.Tensor:
         """`update` of an initialized static layer in the model's dtype from the projection's output [bsz, T, d_c + d_r]
         before the latent norm (`norm`, then times `scale`) and the rope key's rotation (cos/sin [bsz, T, d_r]): all
-        three inside the one launch that writes the rows (`latent_write.write_latent_rows`). Returns the rows."""
-        bsz, new_tokens, _ = projected.shape
-        self._make_room(bsz, new_tokens)
+        three inside the one launch that writes the rows (`latent_write.write_latent_rows`), which also checks the
+        capacity and advances the length (no inductor kernel for them). Returns the rows."""
+        if self.starts_batch:
+            self._resize_batch(projected.shape[0])
         write_latent_rows(
             self.buffer, self.cumulative_length, projected, norm.weight, norm.variance_epsilon, norm.num_groups, scale,
             cos, sin, interleave,
         )
-        self.cumulative_length.add_(new_tokens)
         return self._batch_rows()
 
     def _make_room(self, bsz: int, new_tokens: int) -> None:
@@ -335,8 +336,7 @@ class MLRALatentCacheLayer(CacheLayerMixin):
             self._resize_batch(bsz)
         assert_on_device(
             self.cumulative_length + new_tokens <= self.max_cache_len,
-            f"the static MLRACache is full (max_cache_len={self.max_cache_len}) and cannot take {new_tokens} more "
-            "token(s): pass a larger `max_cache_len` to MLRACache or a larger `max_length` to generate()",
+            full_cache_message(self.max_cache_len, new_tokens),
         )
 
     def get_seq_length(self) -> int:
@@ -599,9 +599,14 @@ def layer_written_in_one_launch(
 ) -> MLRALatentCacheLayer | None:
     """The cache layer whose new rows one launch finishes and writes (`MLRALatentCacheLayer.write_projected`): where
     the decode step's projections run the GEMV (`use_decode_gemv`: a compiled step on CUDA), into an initialized
-    static MLRACache layer in the model's dtype, with the latent norm a plain MLRARMSNorm over the projection's whole
-    latent read as it is; else None (the PyTorch ops, then `Cache.update`)."""
-    if not isinstance(cache, MLRACache) or not use_decode_gemv(config, projected):
+    static MLRACache layer in the model's dtype, at most LATENT_WRITE_MAX_ROWS new rows (bsz x T), with the latent
+    norm a plain MLRARMSNorm over the projection's whole latent read as it is; else None (the PyTorch ops, then
+    `Cache.update`)."""
+    if (
+        not isinstance(cache, MLRACache)
+        or not use_decode_gemv(config, projected)
+        or projected.shape[0] * projected.shape[1] > LATENT_WRITE_MAX_ROWS
+    ):
         return None
     layer = cache.layers[layer_idx]
     if not (layer.is_initialized and layer.is_compileable and layer.cache_dtype is None):
@@ -1117,7 +1122,9 @@ class MLRAModel(MLRAPreTrainedModel):
         ):
             # The kernel takes per-row lengths and the key mask as they are: no additive mask, no host sync.
             if cache.is_compileable:
-                seq_lens = (past_length + q_len).to(inputs_embeds.device).reshape(1)
+                # from the query's slots, not the cache's length tensor: the first layer's write advances that, and a
+                # compiled step reading its old value after the write would copy it first (an inductor kernel more)
+                seq_lens = query_slots[-1:] + 1
             else:
                 seq_lens = torch.full((1,), past_length + q_len, device=inputs_embeds.device)
             seq_lens = seq_lens.expand(bsz)

@@ -79,6 +79,73 @@ def test_written_rows_are_the_normed_scaled_latent_and_the_rotated_rope_key_at_t
     assert not buffer[~written].any()  # no other slot, no spare row
 
 
+def reference_rows(norm, projected, scale, cos, sin, interleave):
+    """The rows the PyTorch path caches for projected [bsz, T, d_c + d_r]: [norm(latent) * scale | rope(k_rope)]."""
+    latent_dim = norm.weight.shape[0]
+    with torch.no_grad():
+        latent = norm(projected[..., :latent_dim]) * scale
+        rope_key = apply_rotary_pos_emb(projected[..., latent_dim:].unsqueeze(2), cos, sin, interleave).squeeze(2)
+    return torch.cat([latent, rope_key], dim=-1)
+
+
+def latent_write_inputs(bsz, new_tokens, latent_dim, groups, rope_dim, seed):
+    """(norm, projected [bsz, T, d_c + d_r], cos, sin [bsz, T, d_r]) of float32 random values."""
+    norm = MLRARMSNorm(latent_dim, eps=1e-6, num_groups=groups).to(DEVICE)
+    with torch.no_grad():
+        norm.weight.copy_(1 + draw(latent_dim, dtype=torch.float32, seed=seed, scale=0.3))
+    projected = draw(bsz, new_tokens, latent_dim + rope_dim, dtype=torch.float32, seed=seed + 1, scale=3.0)
+    cos = draw(bsz, new_tokens, rope_dim, dtype=torch.float32, seed=seed + 2)
+    sin = draw(bsz, new_tokens, rope_dim, dtype=torch.float32, seed=seed + 3)
+    return norm, projected, cos, sin
+
+
+@pytest.mark.parametrize("bsz, new_tokens", [(1, 1), (3, 1), (2, 3), (4, 4), (1, 16), (16, 1)])
+def test_each_write_advances_the_length_by_its_new_tokens_and_the_next_write_follows_it(bsz, new_tokens):
+    latent_dim, groups, rope_dim, steps = 24, 2, 6, 3
+    buffer = torch.zeros(bsz, steps * new_tokens, latent_dim + rope_dim, device=DEVICE)  # filled exactly
+    length = torch.tensor(0, device=DEVICE)
+    for step in range(steps):
+        norm, projected, cos, sin = latent_write_inputs(bsz, new_tokens, latent_dim, groups, rope_dim, seed=10 * step)
+        write_latent_rows(buffer, length, projected, norm.weight, 1e-6, groups, 1.7, cos, sin, False)
+        assert int(length) == (step + 1) * new_tokens
+        slots = slice(step * new_tokens, (step + 1) * new_tokens)
+        expected = reference_rows(norm, projected, 1.7, cos, sin, False)
+        torch.testing.assert_close(buffer[:, slots], expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="a device-side assert ends the process's CUDA context (and its tests)")
+def test_a_write_past_the_capacity_raises_and_changes_neither_the_buffer_nor_the_length():
+    norm, projected, cos, sin = latent_write_inputs(2, 3, 16, 1, 8, seed=20)
+    buffer = draw(2, 9, 24, dtype=torch.float32, seed=24)
+    before, length = buffer.clone(), torch.tensor(7, device=DEVICE)
+    message = (
+        r"the static MLRACache is full \(max_cache_len=9\) and cannot take 3 more token\(s\): "
+        r"pass a larger `max_cache_len` to MLRACache or a larger `max_length` to generate\(\)"
+    )
+    with pytest.raises(ValueError, match=message):
+        write_latent_rows(buffer, length, projected, norm.weight, 1e-6, 1, 1.0, cos, sin, False)
+    assert torch.equal(buffer, before)
+    assert int(length) == 7
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="a device-side assert ends the process's CUDA context (and its tests)")
+def test_the_kernel_itself_writes_nothing_and_keeps_the_length_where_the_rows_do_not_fit():
+    """What a GPU does beside its device assert (Triton's interpreter skips device asserts: the launch runs on)."""
+    norm, projected, cos, sin = latent_write_inputs(2, 3, 16, 1, 8, seed=25)
+    buffer = draw(3, 9, 24, dtype=torch.float32, seed=29)  # a spare row: a stray store lands within the tensor
+    before, length = buffer.clone(), torch.tensor(7, device=DEVICE)
+    latent_write._launch_write(buffer, length, projected, norm.weight, 1e-6, 1, 1.0, cos, sin, False)
+    assert torch.equal(buffer, before)
+    assert int(length) == 7
+
+
+def test_more_rows_than_one_program_holds_are_refused():
+    norm, projected, cos, sin = latent_write_inputs(3, 6, 16, 1, 8, seed=30)
+    buffer, length = torch.zeros(3, 8, 24, device=DEVICE), torch.tensor(0, device=DEVICE)
+    with pytest.raises(ValueError, match="at most 16 rows"):
+        write_latent_rows(buffer, length, projected, norm.weight, 1e-6, 1, 1.0, cos, sin, False)
+
+
 def test_a_buffer_of_another_width_or_dtype_is_refused():
     projected = draw(1, 1, 20, dtype=torch.float32, seed=5)
     weight, tables = torch.ones(16, device=DEVICE), draw(1, 1, 4, dtype=torch.float32, seed=6)
@@ -119,6 +186,17 @@ def test_the_dynamic_cache_and_the_fp8_cache_keep_the_plain_write(writes):
     assert writes == []
 
 
+def test_a_chunk_of_more_rows_than_one_program_holds_keeps_the_plain_write(writes):
+    model = tiny_model(seed=38, decode_kernel="triton").to(DEVICE)
+    ids = random_tokens((2, 12), seed=39).to(DEVICE)
+    cache = MLRACache(model.config, max_cache_len=12)
+    with torch.no_grad():
+        model(ids[:, :3], **cache_kwargs(cache))
+        model(ids[:, 3:], **cache_kwargs(cache))  # 2 x 9 new rows
+    assert writes == []
+    assert all(int(layer.cumulative_length) == 12 for layer in cache.layers)
+
+
 @pytest.mark.skipif(DEVICE == "cuda", reason="a device-side assert ends the process's CUDA context (and its tests)")
 def test_a_full_static_cache_still_fails_loudly():
     model = tiny_model(seed=34, decode_kernel="triton").to(DEVICE)
@@ -130,7 +208,7 @@ def test_a_full_static_cache_still_fails_loudly():
             model(ids[:, 4:], **cache_kwargs(cache))
 
 
-def test_the_write_is_captured_by_torch_compile_and_mutates_the_cache_in_place(writes):
+def test_the_write_is_captured_by_torch_compile_and_mutates_the_buffer_and_the_length_in_place(writes):
     fast = tiny_model(seed=36, decode_kernel="triton").to(DEVICE)
     plain = tiny_model(seed=36, decode_kernel="torch").to(DEVICE)
     ids = random_tokens((1, 6), seed=37).to(DEVICE)
@@ -141,12 +219,15 @@ def test_the_write_is_captured_by_torch_compile_and_mutates_the_cache_in_place(w
         fast(ids[:, :4], **cache_kwargs(fast_cache))
         plain(ids[:, :4], **cache_kwargs(plain_cache))
         buffers = [layer.buffer.data_ptr() for layer in fast_cache.layers]
+        lengths = [layer.cumulative_length.data_ptr() for layer in fast_cache.layers]
         for position in (4, 5):
             logits = step(ids[:, position : position + 1], **cache_kwargs(fast_cache)).logits
             expected = plain(ids[:, position : position + 1], **cache_kwargs(plain_cache)).logits
             torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
     assert len(writes) == 2 * fast.config.num_hidden_layers
     assert [layer.buffer.data_ptr() for layer in fast_cache.layers] == buffers
+    assert [layer.cumulative_length.data_ptr() for layer in fast_cache.layers] == lengths
+    assert [int(layer.cumulative_length) for layer in fast_cache.layers] == [6] * fast.config.num_hidden_layers
     for fast_layer, plain_layer in zip(fast_cache.layers, plain_cache.layers):
         # the GEMV sums the projections in another order
         torch.testing.assert_close(fast_layer.buffer, plain_layer.buffer, rtol=1e-5, atol=1e-5)
