@@ -1,28 +1,30 @@
-"""Triton kernel that writes a decode step's new cache rows into the static latent cache and advances its length, in
-one launch.
+"""Triton kernel for the rope and the cache write of a decode step's layer, in one launch: the new cache rows written
+into the static latent cache, its length advanced, and the query's rope heads rotated.
 
 What the static cache keeps per token is [norm(latent) * kv_latent_scale | rope(k_rope)] (docs/design.md, "The
 compressed cache"). In PyTorch that is an RMSNorm per latent block (a reduction), a scale, the rotation of the rope key, a
-concatenation and an `index_copy_` into the buffer, then the capacity check and the length's increment: under
-torch.compile inductor ran them as five to six small kernels per layer (a 1 x 16 decode step of the 2.9B model: about
-5 us per layer, benchmarks/results/decode_step_h200_final.md). Here one program reads the cache's length L, the
-projection's output rows (latent and rope key side by side, as `kv_a_proj_with_mqa` gives them) of all bsz x T new
-tokens, stores the finished rows at their slots
+concatenation and an `index_copy_` into the buffer, then the capacity check and the length's increment, beside the
+rotation of the query's rope heads: under torch.compile inductor ran them as five to six small kernels per layer (a
+1 x 16 decode step of the 2.9B model: about 5 us per layer, benchmarks/results/decode_step_h200_final.md). Here
+program 0 reads the cache's length L, the projection's output rows (latent and rope key side by side, as
+`kv_a_proj_with_mqa` gives them) of all bsz x T new tokens, stores the finished rows at their slots
 
     rows[n, L + t] = [ (w * norm_g(x[n, t, :d_c])) * scale | rope(x[n, t, d_c:], cos[n, t], sin[n, t]) ]
 
-and then L + T as the new length (one program, after a barrier: no thread can still be reading L). Where L + T
-exceeds the buffer's capacity it writes nothing and fails: a device assert (the kernel is compiled with debug on, as
-inductor compiles its kernels that assert), on the CPU a ValueError before the launch (Triton's interpreter skips
-device asserts). So the capacity check and the length's increment cost no inductor kernel of their own.
+and then L + T as the new length (one program, after a barrier: no thread can still be reading L); programs 1 to
+bsz x T each rotate the query's rope heads of one new token by the same tables, rope(q[n, t, i, d_n:]) for every
+head i. Where L + T exceeds the buffer's capacity nothing is written to the cache and it fails: a device assert (the
+kernel is compiled with debug on, as inductor compiles its kernels that assert), on the CPU a ValueError before the
+launch (Triton's interpreter skips device asserts). So the capacity check, the length's increment and the query's
+rotation cost no inductor kernel of their own.
 
 The latent has the roundings of the PyTorch path in the model's dtype (the norm in float32, rounded, times its
 weight, rounded, times the scale, rounded: the values eager PyTorch stores, bit for bit on the H200 in float16 and
-bfloat16), the rotation is in float32 rounded once, as inductor's kernel of the compiled step did (eager PyTorch
+bfloat16), the rotations are in float32 rounded once, as inductor's kernels of the compiled step did (eager PyTorch
 rounds its two products first: on the H200 a quarter of the rotated values were one unit in the last place apart).
-`write_latent_rows` is a torch custom op that mutates the buffer and the length in place, so
-torch.compile(fullgraph=True) and CUDA graphs capture it (inductor passes it the cache's tensors themselves, no copy)
-and order it before whatever reads the length.
+`write_latent_rows` is a torch custom op that mutates the buffer and the length in place and returns the rotated
+query, so torch.compile(fullgraph=True) and CUDA graphs capture it (inductor passes it the cache's tensors
+themselves, no copy) and order it before whatever reads the length.
 """
 
 import torch
@@ -50,13 +52,50 @@ if triton is not None:
     _FULL_CACHE_ASSERT = tl.constexpr(f"the static MLRACache is full: {FULL_CACHE_FIX}")
 
     @triton.jit
+    def _rotate_half(
+        source, target, cos_ptr, sin_ptr, in_rows, ROPE_DIM: tl.constexpr, INTERLEAVE: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+    ):
+        """The rope vectors at source [ROWS, 1] pointers (ROPE_DIM values each) rotated by the tables at cos_ptr /
+        sin_ptr [ROWS, 1] into target [ROWS, 1], rotate-half form: their halves (the even and odd values where the
+        checkpoint interleaves them, stored de-interleaved, as `apply_rotary_pos_emb` does), in float32 rounded once."""
+        half = ROPE_DIM // 2
+        offs_r = tl.arange(0, BLOCK_R)[None, :]
+        in_half = in_rows & (offs_r < half)
+        if INTERLEAVE:
+            first = tl.load(source + 2 * offs_r, mask=in_half, other=0.0).to(tl.float32)
+            second = tl.load(source + 2 * offs_r + 1, mask=in_half, other=0.0).to(tl.float32)
+        else:
+            first = tl.load(source + offs_r, mask=in_half, other=0.0).to(tl.float32)
+            second = tl.load(source + half + offs_r, mask=in_half, other=0.0).to(tl.float32)
+        cos_first = tl.load(cos_ptr + offs_r, mask=in_half, other=0.0).to(tl.float32)
+        cos_second = tl.load(cos_ptr + half + offs_r, mask=in_half, other=0.0).to(tl.float32)
+        sin_first = tl.load(sin_ptr + offs_r, mask=in_half, other=0.0).to(tl.float32)
+        sin_second = tl.load(sin_ptr + half + offs_r, mask=in_half, other=0.0).to(tl.float32)
+        dtype = target.dtype.element_ty
+        tl.store(target + offs_r, (first * cos_first - second * sin_first).to(dtype), mask=in_half)
+        tl.store(target + half + offs_r, (second * cos_second + first * sin_second).to(dtype), mask=in_half)
+
+    @triton.jit
     def _write_latent_rows_kernel(
-        projected_ptr, norm_ptr, cos_ptr, sin_ptr, rows_ptr, length_ptr, eps, scale, capacity,
-        stride_pn, stride_pt, stride_cn, stride_ct, stride_rn, stride_rs,
-        NUM_ROWS: tl.constexpr, NEW_TOKENS: tl.constexpr,
+        projected_ptr, norm_ptr, cos_ptr, sin_ptr, rows_ptr, length_ptr, query_ptr, rotated_ptr, eps, scale, capacity,
+        stride_pn, stride_pt, stride_cn, stride_ct, stride_rn, stride_rs, stride_qn, stride_qt, stride_qh,
+        NUM_ROWS: tl.constexpr, NEW_TOKENS: tl.constexpr, HEADS: tl.constexpr,
         GROUPS: tl.constexpr, GROUP_DIM: tl.constexpr, ROPE_DIM: tl.constexpr, INTERLEAVE: tl.constexpr,
         BLOCK_ROWS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_H: tl.constexpr,
     ):
+        row = tl.program_id(0) - 1
+        if row >= 0:  # programs 1 to NUM_ROWS: the query's rope heads of new token t of sequence n
+            n, t = row // NEW_TOKENS, row % NEW_TOKENS
+            offs_h = tl.arange(0, BLOCK_H)[:, None]
+            in_heads = offs_h < HEADS
+            source = query_ptr + n * stride_qn + t * stride_qt + offs_h * stride_qh
+            target = rotated_ptr + (row * HEADS + offs_h) * ROPE_DIM
+            tables = n * stride_cn + t * stride_ct
+            _rotate_half(source, target, cos_ptr + tables, sin_ptr + tables, in_heads, ROPE_DIM, INTERLEAVE, BLOCK_R)
+            return
+        # program 0: the cache's rows and length
         length = tl.load(length_ptr)
         fits = length + NEW_TOKENS <= capacity
         tl.device_assert(fits, _FULL_CACHE_ASSERT)
@@ -83,28 +122,12 @@ if triton is not None:
         latent = (latent.to(tl.float32) * scale).to(dtype)
         tl.store(target[:, None, None] + columns, latent, mask=in_tile)
 
-        # the rope key [BLOCK_ROWS, BLOCK_R], rotate-half form: its halves (the even and odd values where the checkpoint
-        # interleaves them, stored de-interleaved, as `apply_rotary_pos_emb` does)
-        half = ROPE_DIM // 2
-        offs_r = tl.arange(0, BLOCK_R)[None, :]
-        in_half = in_rows[:, None] & (offs_r < half)
-        rope_source = (source + GROUPS * GROUP_DIM)[:, None]
-        if INTERLEAVE:
-            first = tl.load(rope_source + 2 * offs_r, mask=in_half, other=0.0).to(tl.float32)
-            second = tl.load(rope_source + 2 * offs_r + 1, mask=in_half, other=0.0).to(tl.float32)
-        else:
-            first = tl.load(rope_source + offs_r, mask=in_half, other=0.0).to(tl.float32)
-            second = tl.load(rope_source + half + offs_r, mask=in_half, other=0.0).to(tl.float32)
+        # the rope key [BLOCK_ROWS, BLOCK_R]
         tables = (n * stride_cn + t * stride_ct)[:, None]
-        cos_first = tl.load(cos_ptr + tables + offs_r, mask=in_half, other=0.0).to(tl.float32)
-        cos_second = tl.load(cos_ptr + tables + half + offs_r, mask=in_half, other=0.0).to(tl.float32)
-        sin_first = tl.load(sin_ptr + tables + offs_r, mask=in_half, other=0.0).to(tl.float32)
-        sin_second = tl.load(sin_ptr + tables + half + offs_r, mask=in_half, other=0.0).to(tl.float32)
-        rotated_first = first * cos_first - second * sin_first
-        rotated_second = second * cos_second + first * sin_second
-        rope_target = (target + GROUPS * GROUP_DIM)[:, None]
-        tl.store(rope_target + offs_r, rotated_first.to(dtype), mask=in_half)
-        tl.store(rope_target + half + offs_r, rotated_second.to(dtype), mask=in_half)
+        _rotate_half(
+            (source + GROUPS * GROUP_DIM)[:, None], (target + GROUPS * GROUP_DIM)[:, None], cos_ptr + tables,
+            sin_ptr + tables, in_rows[:, None], ROPE_DIM, INTERLEAVE, BLOCK_R,
+        )
 
         # every thread has read the length before it changes
         tl.debug_barrier()
@@ -113,56 +136,72 @@ if triton is not None:
     @torch.library.custom_op("mlra::write_latent_rows", mutates_args=("buffer", "length"))
     def _write_latent_rows_op(
         buffer: torch.Tensor, length: torch.Tensor, projected: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-        groups: int, scale: float, cos: torch.Tensor, sin: torch.Tensor, interleave: bool,
-    ) -> None:
-        _write_latent_rows(buffer, length, projected, norm_weight, eps, groups, scale, cos, sin, interleave)
+        groups: int, scale: float, cos: torch.Tensor, sin: torch.Tensor, interleave: bool, query_rope: torch.Tensor,
+    ) -> torch.Tensor:
+        return _write_latent_rows(
+            buffer, length, projected, norm_weight, eps, groups, scale, cos, sin, interleave, query_rope
+        )
 
     @_write_latent_rows_op.register_fake
-    def _(buffer, length, projected, norm_weight, eps, groups, scale, cos, sin, interleave):
-        return None
+    def _(buffer, length, projected, norm_weight, eps, groups, scale, cos, sin, interleave, query_rope):
+        return query_rope.new_empty(query_rope.shape)
 
 
-def _write_latent_rows(buffer, length, projected, norm_weight, eps, groups, scale, cos, sin, interleave) -> None:
+def _write_latent_rows(
+    buffer, length, projected, norm_weight, eps, groups, scale, cos, sin, interleave, query_rope
+) -> torch.Tensor:
     new_tokens, capacity = projected.shape[1], buffer.shape[1]
     # on the CPU reading the length costs nothing, and the interpreter skips the kernel's device assert
     if length.device.type == "cpu" and int(length) + new_tokens > capacity:
         raise ValueError(full_cache_message(capacity, new_tokens))
-    _launch_write(buffer, length, projected, norm_weight, eps, groups, scale, cos, sin, interleave)
+    return _launch_write(buffer, length, projected, norm_weight, eps, groups, scale, cos, sin, interleave, query_rope)
 
 
-def _launch_write(buffer, length, projected, norm_weight, eps, groups, scale, cos, sin, interleave) -> None:
+def _launch_write(
+    buffer, length, projected, norm_weight, eps, groups, scale, cos, sin, interleave, query_rope
+) -> torch.Tensor:
     bsz, new_tokens, width = projected.shape
+    heads = query_rope.shape[2]
     latent_dim = norm_weight.shape[0]
     rope_dim = width - latent_dim
     cos, sin = cos.expand(bsz, new_tokens, rope_dim), sin.expand(bsz, new_tokens, rope_dim)
     group_dim = latent_dim // groups
     block_rows, block_g, block_d = (triton.next_power_of_2(size) for size in (bsz * new_tokens, groups, group_dim))
     latent_tile = block_rows * block_g * block_d
-    _write_latent_rows_kernel[(1,)](
-        projected, norm_weight, cos, sin, buffer, length, eps, scale, buffer.shape[1],
+    rotated = torch.empty(bsz, new_tokens, heads, rope_dim, dtype=query_rope.dtype, device=query_rope.device)
+    # program 0 writes the cache's rows and length, programs 1 to bsz x T rotate the query's heads of one new token
+    _write_latent_rows_kernel[(1 + bsz * new_tokens,)](
+        projected, norm_weight, cos, sin, buffer, length, query_rope, rotated, eps, scale, buffer.shape[1],
         projected.stride(0), projected.stride(1), cos.stride(0), cos.stride(1), buffer.stride(0), buffer.stride(1),
-        NUM_ROWS=bsz * new_tokens, NEW_TOKENS=new_tokens,
+        query_rope.stride(0), query_rope.stride(1), query_rope.stride(2),
+        NUM_ROWS=bsz * new_tokens, NEW_TOKENS=new_tokens, HEADS=heads,
         GROUPS=groups, GROUP_DIM=group_dim, ROPE_DIM=rope_dim, INTERLEAVE=interleave,
         BLOCK_ROWS=block_rows, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_R=triton.next_power_of_2(max(rope_dim // 2, 1)),
+        BLOCK_H=triton.next_power_of_2(heads),
         # at most 32 to 64 float32 values of the latent tile per thread
         num_warps=1 if latent_tile < 256 else 4 if latent_tile < 8192 else 8,
         # the capacity's device assert compiled in (as inductor compiles its kernels that assert), without the
         # overflow checks debug adds to integer arithmetic (inductor turns them off too)
         debug=True, sanitize_overflow=False,
     )
+    return rotated
 
 
 def write_latent_rows(
     buffer: torch.Tensor, length: torch.Tensor, projected: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-    groups: int, scale: float, cos: torch.Tensor, sin: torch.Tensor, interleave: bool,
-) -> None:
+    groups: int, scale: float, cos: torch.Tensor, sin: torch.Tensor, interleave: bool, query_rope: torch.Tensor,
+) -> torch.Tensor:
     """Write rows [n, L + t] of buffer [rows >= bsz, capacity, d_c + d_r] (the model's dtype) from projected
     [bsz, T, d_c + d_r] (latent then rope key; bsz x T <= MAX_ROWS), then advance length (a 0-d int64 tensor on the
     buffer's device, L, read and written by the kernel: no host synchronisation) to L + T. The latent goes through an
     RMSNorm of `groups` slices (norm_weight [d_c], eps) times `scale`, the rope key is rotated by cos/sin
     [bsz or 1, T, d_r] (rotate-half tables; `interleave`: the key's values come in pairs and are stored
     de-interleaved). Where L + T exceeds the capacity nothing is written, the length stays, and it fails: on the CPU
-    a ValueError (`full_cache_message`), on a GPU a device assert."""
+    a ValueError (`full_cache_message`), on a GPU a device assert.
+
+    The same launch rotates the query's rope heads query_rope [bsz, T, h, d_r] (any strides but a unit last one: a
+    view of the query projection's output) by the same tables and returns them [bsz, T, h, d_r] (contiguous), as
+    `apply_rotary_pos_emb` gives them (in float32 rounded once)."""
     bsz, new_tokens, width = projected.shape
     if bsz * new_tokens > MAX_ROWS:
         raise ValueError(f"write_latent_rows takes at most {MAX_ROWS} rows (bsz x T), got {bsz} x {new_tokens}")
@@ -176,12 +215,19 @@ def write_latent_rows(
             f"write_latent_rows: a latent of {norm_weight.shape[0]} values in {groups} groups within rows of {width} "
             f"(contiguous) is needed, got buffer strides {buffer.stride()}"
         )
+    if query_rope.shape[:2] != (bsz, new_tokens) or query_rope.shape[3] != width - norm_weight.shape[0]:
+        raise ValueError(
+            f"write_latent_rows needs query_rope [{bsz}, {new_tokens}, heads, {width - norm_weight.shape[0]}], got "
+            f"{tuple(query_rope.shape)}"
+        )
     projected = projected.contiguous()
     cos, sin = cos.contiguous(), sin.contiguous()  # the kernel reads each table's last axis with unit stride
+    if query_rope.stride(3) != 1:
+        query_rope = query_rope.contiguous()
+    arguments = (buffer, length, projected, norm_weight, eps, groups, scale, cos, sin, interleave, query_rope)
     if torch.compiler.is_compiling():
-        _write_latent_rows_op(buffer, length, projected, norm_weight, eps, groups, scale, cos, sin, interleave)
-    else:
-        _write_latent_rows(buffer, length, projected, norm_weight, eps, groups, scale, cos, sin, interleave)
+        return _write_latent_rows_op(*arguments)
+    return _write_latent_rows(*arguments)
 
 
 __all__ = ["MAX_ROWS", "full_cache_message", "triton_available", "write_latent_rows"]

@@ -314,20 +314,21 @@ class MLRALatentCacheLayer(CacheLayerMixin):
         return self.buffer[:, :end]
 
     def write_projected(
-        self, projected: torch.Tensor, norm: "MLRARMSNorm", scale: float, cos: torch.Tensor, sin: torch.Tensor,
-        interleave: bool,
-    ) -> torch.Tensor:
+        self, projected: torch.Tensor, query_rope: torch.Tensor, norm: "MLRARMSNorm", scale: float, cos: torch.Tensor,
+        sin: torch.Tensor, interleave: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """`update` of an initialized static layer in the model's dtype from the projection's output [bsz, T, d_c + d_r]
         before the latent norm (`norm`, then times `scale`) and the rope key's rotation (cos/sin [bsz, T, d_r]): all
         three inside the one launch that writes the rows (`latent_write.write_latent_rows`), which also checks the
-        capacity and advances the length (no inductor kernel for them). Returns the rows."""
+        capacity, advances the length and rotates the query's rope heads query_rope [bsz, T, h, d_r] (no inductor
+        kernel for them). Returns the rows and the rotated query_rope."""
         if self.starts_batch:
             self._resize_batch(projected.shape[0])
-        write_latent_rows(
+        rotated = write_latent_rows(
             self.buffer, self.cumulative_length, projected, norm.weight, norm.variance_epsilon, norm.num_groups, scale,
-            cos, sin, interleave,
+            cos, sin, interleave, query_rope,
         )
-        return self._batch_rows()
+        return self._batch_rows(), rotated
 
     def _make_room(self, bsz: int, new_tokens: int) -> None:
         """Static layer: take the batch size at the first update of a batch, and fail (on the device, no host
@@ -748,14 +749,17 @@ class MLRAAttention(nn.Module):
         q_nope, q_rope = query.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
 
         cos, sin = position_embeddings
-        q_rope = apply_rotary_pos_emb(q_rope, cos, sin, self.config.rope_interleave)
         norm = self.kv_a_layernorm
         cache_layer = layer_written_in_one_launch(self.config, cache, self.layer_idx, norm, latent_and_rope)
-        if cache_layer is not None:  # the latent norm, the rope key's rotation and the cache write: one launch
-            kv_states = cache_layer.write_projected(
-                latent_and_rope, norm, self.config.kv_latent_scale, cos, sin, self.config.rope_interleave
+        if cache_layer is not None:  # the latent norm, both rotations and the cache write: one launch
+            kv_states, q_rope = cache_layer.write_projected(
+                latent_and_rope, q_rope, norm, self.config.kv_latent_scale, cos, sin, self.config.rope_interleave
             )
+            if decode_kernel_inputs is not None:
+                # the layer's advanced length is every row's: read where it is, so that no kernel computes it per layer
+                decode_kernel_inputs = (cache_layer.cumulative_length.expand(bsz), *decode_kernel_inputs[1:])
         else:
+            q_rope = apply_rotary_pos_emb(q_rope, cos, sin, self.config.rope_interleave)
             # the rope key is the projection's last d_r columns (a tensor-parallel rank with a shared latent norm
             # projects the whole latent and its norm keeps the rank's blocks)
             rope_dim = self.qk_rope_head_dim

@@ -41,6 +41,12 @@ def draw(*shape, dtype, seed, scale=1.0):
 SHAPES = [(512, 4, 64, False), (16, 1, 8, True), (24, 2, 6, False), (48, 4, 12, True)]
 
 
+def query_rope_view(bsz, new_tokens, heads, rope_dim, dtype, seed, nope_dim=5):
+    """The query's rope heads [bsz, T, h, d_r] as the model hands them over: a view of the query projection's output
+    [bsz, T, h, d_n + d_r] (strides of its own)."""
+    return draw(bsz, new_tokens, heads, nope_dim + rope_dim, dtype=dtype, seed=seed, scale=3.0)[..., nope_dim:]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("latent_dim, groups, rope_dim, interleave", SHAPES)
 def test_written_rows_are_the_normed_scaled_latent_and_the_rotated_rope_key_at_their_slots(
@@ -55,7 +61,8 @@ def test_written_rows_are_the_normed_scaled_latent_and_the_rotated_rope_key_at_t
     sin = draw(bsz, new_tokens, rope_dim, dtype=dtype, seed=4)
     buffer = torch.zeros(bsz + 1, capacity, latent_dim + rope_dim, dtype=dtype, device=DEVICE)  # a spare row
     write_latent_rows(
-        buffer, torch.tensor(start, device=DEVICE), projected, norm.weight, 1e-6, groups, 1.7, cos, sin, interleave
+        buffer, torch.tensor(start, device=DEVICE), projected, norm.weight, 1e-6, groups, 1.7, cos, sin, interleave,
+        query_rope_view(bsz, new_tokens, 3, rope_dim, dtype, seed=5),
     )
     with torch.no_grad():
         latent = norm(projected[..., :latent_dim]) * 1.7
@@ -77,6 +84,34 @@ def test_written_rows_are_the_normed_scaled_latent_and_the_rotated_rope_key_at_t
     written = torch.zeros_like(buffer, dtype=torch.bool)
     written[:bsz, start : start + new_tokens] = True
     assert not buffer[~written].any()  # no other slot, no spare row
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("latent_dim, groups, rope_dim, interleave", SHAPES)
+@pytest.mark.parametrize("heads", [1, 24])
+def test_the_same_launch_returns_the_query_rope_heads_rotated_by_the_same_tables(
+    dtype, latent_dim, groups, rope_dim, interleave, heads
+):
+    bsz, new_tokens = 2, 3
+    norm = MLRARMSNorm(latent_dim, eps=1e-6, num_groups=groups).to(DEVICE, dtype)
+    projected = draw(bsz, new_tokens, latent_dim + rope_dim, dtype=dtype, seed=6)
+    cos = draw(bsz, new_tokens, rope_dim, dtype=dtype, seed=7)
+    sin = draw(bsz, new_tokens, rope_dim, dtype=dtype, seed=8)
+    query_rope = query_rope_view(bsz, new_tokens, heads, rope_dim, dtype, seed=9)
+    buffer = torch.zeros(bsz, 4, latent_dim + rope_dim, dtype=dtype, device=DEVICE)
+    rotated = write_latent_rows(
+        buffer, torch.tensor(0, device=DEVICE), projected, norm.weight, 1e-6, groups, 1.0, cos, sin, interleave,
+        query_rope,
+    )
+    # in float32 rounded once, as the rope key (the test above): within float32's error on the terms of the exact
+    # rotation, then one rounding; within a unit more of eager PyTorch's, which rounds its two products first
+    exact = apply_rotary_pos_emb(query_rope.double(), cos.double(), sin.double(), interleave)
+    unit, terms = torch.finfo(dtype).eps, (query_rope.abs().max() * torch.cat([cos, sin]).abs().max()).item()
+    assert rotated.shape == (bsz, new_tokens, heads, rope_dim) and rotated.is_contiguous()
+    torch.testing.assert_close(rotated.double(), exact, rtol=unit, atol=2 * torch.finfo(torch.float32).eps * terms)
+    torch.testing.assert_close(
+        rotated, apply_rotary_pos_emb(query_rope, cos, sin, interleave), rtol=unit, atol=unit * terms
+    )
 
 
 def reference_rows(norm, projected, scale, cos, sin, interleave):
@@ -106,7 +141,8 @@ def test_each_write_advances_the_length_by_its_new_tokens_and_the_next_write_fol
     length = torch.tensor(0, device=DEVICE)
     for step in range(steps):
         norm, projected, cos, sin = latent_write_inputs(bsz, new_tokens, latent_dim, groups, rope_dim, seed=10 * step)
-        write_latent_rows(buffer, length, projected, norm.weight, 1e-6, groups, 1.7, cos, sin, False)
+        query_rope = query_rope_view(bsz, new_tokens, 2, rope_dim, torch.float32, seed=10 * step + 4)
+        write_latent_rows(buffer, length, projected, norm.weight, 1e-6, groups, 1.7, cos, sin, False, query_rope)
         assert int(length) == (step + 1) * new_tokens
         slots = slice(step * new_tokens, (step + 1) * new_tokens)
         expected = reference_rows(norm, projected, 1.7, cos, sin, False)
@@ -123,7 +159,10 @@ def test_a_write_past_the_capacity_raises_and_changes_neither_the_buffer_nor_the
         r"pass a larger `max_cache_len` to MLRACache or a larger `max_length` to generate\(\)"
     )
     with pytest.raises(ValueError, match=message):
-        write_latent_rows(buffer, length, projected, norm.weight, 1e-6, 1, 1.0, cos, sin, False)
+        write_latent_rows(
+            buffer, length, projected, norm.weight, 1e-6, 1, 1.0, cos, sin, False,
+            query_rope_view(2, 3, 2, 8, torch.float32, seed=21),
+        )
     assert torch.equal(buffer, before)
     assert int(length) == 7
 
@@ -134,7 +173,8 @@ def test_the_kernel_itself_writes_nothing_and_keeps_the_length_where_the_rows_do
     norm, projected, cos, sin = latent_write_inputs(2, 3, 16, 1, 8, seed=25)
     buffer = draw(3, 9, 24, dtype=torch.float32, seed=29)  # a spare row: a stray store lands within the tensor
     before, length = buffer.clone(), torch.tensor(7, device=DEVICE)
-    latent_write._launch_write(buffer, length, projected, norm.weight, 1e-6, 1, 1.0, cos, sin, False)
+    query_rope = query_rope_view(2, 3, 2, 8, torch.float32, seed=26)
+    latent_write._launch_write(buffer, length, projected, norm.weight, 1e-6, 1, 1.0, cos, sin, False, query_rope)
     assert torch.equal(buffer, before)
     assert int(length) == 7
 
@@ -143,7 +183,10 @@ def test_more_rows_than_one_program_holds_are_refused():
     norm, projected, cos, sin = latent_write_inputs(3, 6, 16, 1, 8, seed=30)
     buffer, length = torch.zeros(3, 8, 24, device=DEVICE), torch.tensor(0, device=DEVICE)
     with pytest.raises(ValueError, match="at most 16 rows"):
-        write_latent_rows(buffer, length, projected, norm.weight, 1e-6, 1, 1.0, cos, sin, False)
+        write_latent_rows(
+            buffer, length, projected, norm.weight, 1e-6, 1, 1.0, cos, sin, False,
+            query_rope_view(3, 6, 2, 8, torch.float32, seed=31),
+        )
 
 
 def test_a_buffer_of_another_width_or_dtype_is_refused():
@@ -152,7 +195,10 @@ def test_a_buffer_of_another_width_or_dtype_is_refused():
     start = torch.tensor(0, device=DEVICE)
     for buffer in (torch.zeros(1, 4, 24, device=DEVICE), torch.zeros(1, 4, 20, dtype=torch.float16, device=DEVICE)):
         with pytest.raises(ValueError, match="write_latent_rows needs a buffer"):
-            write_latent_rows(buffer, start, projected, weight, 1e-6, 1, 1.0, tables, tables, False)
+            write_latent_rows(
+                buffer, start, projected, weight, 1e-6, 1, 1.0, tables, tables, False,
+                query_rope_view(1, 1, 2, 4, torch.float32, seed=7),
+            )
 
 
 @pytest.mark.parametrize("member", FAMILY)
