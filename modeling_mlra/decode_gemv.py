@@ -61,6 +61,9 @@ def gemv_config(
     programs per multiprocessor (q_a + kv_a: 1600 outputs, 5.1 against 5.7 and 5.2 against 6.3 us in two calls of
     session 6, gemv_h200_prefetch.md, gemv_h200_preload.md).
 
+    One-row launches of one weight with a reduction of 8K values or more (down_proj) take tiles of 2 rows x 1024
+    values: the sweep's best in both calls of session 6 (18.4 against 18.9 us, 18.7 against 21.3).
+
     A programmatic launch loads its first weight tile before it waits for the kernel before it (`preload`, in place of
     asking its first 8 KB into L2): in one call (gemv_h200_preload.md) q_a + kv_a 5.8 against 6.3 us, q_b 4.4 against
     5.2, o 6.3 against 6.9, W_UK 6.4 against 7.7, lm_head 76.3 against 78.3, the others equal.
@@ -69,6 +72,8 @@ def gemv_config(
     if small:
         rows_per_program = 8 if triton.cdiv(outputs, 8) * batches >= 2 * num_sms else 4
         choices = {"BLOCK_N": rows_per_program, "BLOCK_K": 1024, "num_warps": 8, **choices}
+    elif rows == 1 and mode == SINGLE and reduction >= 8192:  # down_proj
+        choices = {"BLOCK_N": 2, "BLOCK_K": 1024, **choices}
     num_warps = choices.get("num_warps", 4)
     wanted = choices.get("programs_per_sm", 4) * num_sms
     weights = 2 if mode == SWIGLU else 1
