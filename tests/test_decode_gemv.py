@@ -56,9 +56,11 @@ def rms_norm(x, weight, eps):
 
 
 # (rows, outputs, reduction): one and several rows; outputs and reduction off the tile sizes (masked tails), a
-# reduction of exactly one tile (loaded in straight-line code), or a small one-row launch's 1024-wide tiles
+# reduction of exactly one tile (loaded in straight-line code), a small one-row launch's 1024-wide tiles, or down_proj's
+# (a reduction of 8K values or more)
 SHAPES = [
-    (1, 40, 72), (3, 24, 600), (16, 64, 256), (1, 96, 1100), (9, 40, 1100), (1, 24, 64), (6, 40, 128), (1, 40, 3000)
+    (1, 40, 72), (3, 24, 600), (16, 64, 256), (1, 96, 1100), (9, 40, 1100), (1, 24, 64), (6, 40, 128), (1, 40, 3000),
+    (1, 6, 8200),
 ]
 
 
