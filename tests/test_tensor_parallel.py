@@ -21,7 +21,11 @@ BASE_MEMBERS = ("mlra_4", "mlra_2", "gla_4", "gla_2", "mla")
 # degrees at which each member is tested (GLA-2 at 4: two ranks share each latent block and split its heads)
 DEGREES = {2: BASE_MEMBERS, 4: BASE_MEMBERS}
 GENERATE_MODES = ("greedy", "sample", "beams", "static", "assisted")
-TOLERANCE = 1e-5  # float32 rounding of sums taken in another order
+# float32 rounding of sums taken in another order (the all-reduces), which the tiny random models (weights 0.3 x
+# randn) amplify most: 2-5e-6 for the authors' trained fixtures, 4.6e-6 and 1.2e-5 for mlra_4_shared_norm at 2 and 4
+# ranks (logits up to 6.4; the same on the code before session 6 on this CI machine, below 1e-5 on the one before);
+# a wrong block, head, norm statistic or scale is off by orders of magnitude more
+TOLERANCE = 3e-5
 SOURCES = ("authors", "ours")  # the checkpoint formats
 
 
