@@ -229,19 +229,18 @@ def measure_compiled(model, compiled, row, args, device, report) -> None:
 def variant_setting(variant: str):
     """What a --variants entry changes: `cublas_projections`, the step with the projections through cuBLAS (the Triton
     GEMV of `modeling_mlra/decode_gemv.py` off); `gemv_without_pdl`, the GEMV launched without programmatic
-    dependent launch (`decode_gemv.programmatic_launch`); `gemv_prefetch_BYTES`, the one-row launches asking BYTES
-    of their weights per program into L2 before they wait (`decode_gemv.PREFETCH_BYTES`); `gemv_without_preload`, the
-    one-row launches asking 8 KB into L2 before they wait instead of loading their first weight tile (`gemv_config`'s
-    `preload`); `w_uk_without_pdl`, the
-    W_UK fold's launch without PDL; any other name, that inductor setting set to True (e.g. `triton.enable_pdl`:
-    inductor's own kernels as programmatic dependent launches too)."""
+    dependent launch (`decode_gemv.programmatic_launch`); `gemv_without_preload`, the one-row launches asking their
+    first 8 KB into L2 before they wait instead of loading their first weight tile (`gemv_config`'s `preload`);
+    `gemv_prefetch_BYTES`, those asking BYTES (`prefetch_bytes`); `w_uk_without_pdl`, the W_UK fold's launch without
+    PDL; any other name, that inductor setting set to True (e.g. `triton.enable_pdl`: inductor's own kernels as
+    programmatic dependent launches too)."""
     if variant == "cublas_projections":
         return unittest.mock.patch.object(modeling_mlra.modeling_mlra, "use_decode_gemv", lambda config, x: False)
     if variant == "gemv_without_pdl":
         return unittest.mock.patch.object(modeling_mlra.decode_gemv, "programmatic_launch", lambda index: False)
     if variant.startswith("gemv_prefetch_"):
         prefetch = int(variant.removeprefix("gemv_prefetch_"))
-        return gemv_choices_where(lambda rows, *shape: rows == 1, prefetch_bytes=prefetch)
+        return gemv_choices_where(lambda rows, *shape: rows == 1, preload=False, prefetch_bytes=prefetch)
     if variant == "gemv_without_preload":
         return gemv_choices_where(lambda rows, *shape: rows == 1, preload=False)
     if variant == "w_uk_without_pdl":  # the fold is the one launch of many weight batches without segments

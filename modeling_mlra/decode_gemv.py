@@ -154,8 +154,8 @@ if triton is not None:
         whole BLOCK_K steps unmasked along k (so the loads stay 16 bytes wide), then the remainder masked; ONE_STEP
         (K == BLOCK_K): every segment's tile in straight-line code, so that their loads are in flight together. NORM
         (one segment): of x times the norm's weight at norm_ptr (the caller divides by the rms, `_rms_reciprocal`).
-        PRELOAD (a programmatic dependent launch): each segment's first weight tile is asked for before the kernel
-        before this one is waited for (`_gemv_tile`'s WAIT), the rest after."""
+        PRELOAD (a programmatic dependent launch): the first weight tile is asked for before the kernel before this
+        one is waited for (`_gemv_tile`'s WAIT; the later segments' waits return at once), the rest after."""
         offs_k = tl.arange(0, BLOCK_K)
         x_rows = tl.multiple_of(offs_m * stride_xm, ALIGN_XM)
         w_rows = tl.multiple_of(offs_n * stride_wn, ALIGN_WN)

@@ -1126,8 +1126,9 @@ class MLRAModel(MLRAPreTrainedModel):
         ):
             # The kernel takes per-row lengths and the key mask as they are: no additive mask, no host sync.
             if cache.is_compileable:
-                # from the query's slots, not the cache's length tensor: the first layer's write advances that, and a
-                # compiled step reading its old value after the write would copy it first (an inductor kernel more)
+                # from the query's slots, not the cache's length tensor: the first layer's cache update advances that,
+                # and a compiled step reading its old value after the update would copy it first (an inductor kernel
+                # more)
                 seq_lens = query_slots[-1:] + 1
             else:
                 seq_lens = torch.full((1,), past_length + q_len, device=inputs_embeds.device)
