@@ -231,7 +231,9 @@ def variant_setting(variant: str):
     GEMV of `modeling_mlra/decode_gemv.py` off); `gemv_without_pdl`, the GEMV launched without programmatic
     dependent launch (`decode_gemv.programmatic_launch`); `gemv_without_preload`, the one-row launches asking their
     first 8 KB into L2 before they wait instead of loading their first weight tile (`gemv_config`'s `preload`);
-    `gemv_prefetch_BYTES`, those asking BYTES (`prefetch_bytes`); `w_uk_without_pdl`, the W_UK fold's launch without
+    `gemv_prefetch_BYTES`, those asking BYTES (`prefetch_bytes`); `gemv_lookahead`, the one-row launches loading
+    the next weight tile ahead in their loop (`lookahead`); `gemv_picks=PATH`, the launches per shape in PATH
+    (`gemv_choices_from`); `fold_apart`, the W_UK fold in a launch of its own, not in the cache write's; `w_uk_without_pdl`, the W_UK fold's launch without
     PDL; any other name, that inductor setting set to True (e.g. `triton.enable_pdl`: inductor's own kernels as
     programmatic dependent launches too)."""
     if variant == "cublas_projections":
@@ -243,6 +245,14 @@ def variant_setting(variant: str):
         return gemv_choices_where(lambda rows, *shape: rows == 1, preload=False, prefetch_bytes=prefetch)
     if variant == "gemv_without_preload":
         return gemv_choices_where(lambda rows, *shape: rows == 1, preload=False)
+    if variant.startswith("gemv_picks="):
+        return gemv_choices_from(Path(variant.removeprefix("gemv_picks=")))
+    if variant == "fold_apart":  # the W_UK fold in a GEMV launch of its own, as before it joined the cache write's
+        layer = modeling_mlra.modeling_mlra.MLRALatentCacheLayer
+        write = layer.write_projected
+        return unittest.mock.patch.object(layer, "write_projected", lambda self, *args: write(self, *args[:7]))
+    if variant == "gemv_lookahead":
+        return gemv_choices_where(lambda rows, *shape: rows == 1, lookahead=True)
     if variant == "w_uk_without_pdl":  # the fold is the one launch of many weight batches without segments
         return gemv_choices_where(lambda rows, outputs, reduction, batches, mode, segments: batches > 1 and segments == 1,
                                   pdl=False)
@@ -261,10 +271,9 @@ def gemv_choices_where(selected, **choices):
     return unittest.mock.patch.object(modeling_mlra.decode_gemv, "gemv_config", chosen)
 
 
-def use_gemv_choices(path: Path) -> None:
-    """The GEMV's launches at the shapes in `path` (benchmarks/gemv.py's `_picks.json`: the sweep's fastest per shape)
-    in place of `gemv_config`'s defaults, for this process: so one device call measures the step with the launches
-    it has just picked."""
+def gemv_choices_from(path: Path):
+    """A patch of `decode_gemv.gemv_config` that takes the GEMV's launches at the shapes in `path` (benchmarks/gemv.py's
+    `_picks.json`, the sweep's fastest per shape, or a list of some of its entries) in place of the defaults."""
     picks = {tuple(pick["key"]): pick["choices"] for pick in json.loads(path.read_text())}
     defaults = modeling_mlra.decode_gemv.gemv_config
 
@@ -272,7 +281,7 @@ def use_gemv_choices(path: Path) -> None:
         chosen = picks.get((rows, outputs, reduction, batches, mode, segments), {})
         return defaults(rows, outputs, reduction, batches, mode, num_sms, segments=segments, **{**chosen, **choices})
 
-    modeling_mlra.decode_gemv.gemv_config = picked
+    return unittest.mock.patch.object(modeling_mlra.decode_gemv, "gemv_config", picked)
     print(f"GEMV launches from {path}: {picks}", flush=True)
 
 
@@ -483,10 +492,10 @@ def main(argv=None):
                         help="MLRA-4's compiled step at the first shape under other settings (`variant_setting`)")
     parser.add_argument("--no-warm-compile", action="store_true", help="skip the compile in a second process")
     parser.add_argument("--warm-child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--gemv-choices", type=Path, help="the GEMV's launches per shape (`use_gemv_choices`)")
+    parser.add_argument("--gemv-choices", type=Path, help="the GEMV's launches per shape (`gemv_choices_from`)")
     args = parser.parse_args(argv)
-    if args.gemv_choices is not None:
-        use_gemv_choices(args.gemv_choices)
+    if args.gemv_choices is not None:  # for the whole process: one call measures the launches it has just picked
+        gemv_choices_from(args.gemv_choices).start()
     parse = lambda shapes: [tuple(int(x) for x in s.split("x")) for s in shapes]  # noqa: E731
     if args.quick:
         args.layers, args.shapes, args.new_tokens, args.check_tokens = 2, ["1x16", "1x64", "2x64"], 24, 8

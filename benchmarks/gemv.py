@@ -85,9 +85,21 @@ SWEEP_ONE_ROW_TILES = {
     "W_UK fold": [dict(BLOCK_N=32), dict(BLOCK_N=64)],
     "W_UV": [dict(BLOCK_N=8), dict(BLOCK_N=2)],
 }
-# ... and the model's tile asking its first 8 KB into L2 before it waits (PDL) in place of loading its first tile (asking
-# 32 KB or all of its rows into L2 was slower at every shape: benchmarks/results/gemv_h200_prefetch.md)
-SWEEP_ONE_ROW = {name: [*tiles, dict(preload=False)] for name, tiles in SWEEP_ONE_ROW_TILES.items()}
+# ... the model's tile asking its first 8 KB into L2 before it waits (PDL) in place of loading its first tile (asking
+# 32 KB or all of its rows into L2 was slower at every shape: benchmarks/results/gemv_h200_prefetch.md); and with the
+# next weight tile loaded ahead in the loop (`lookahead`), the model's tile and, where the loop is long, others
+SWEEP_LOOKAHEAD_TILES = {
+    "gate + up": _tiles((4, 512, 4), (4, 1024, 4)),
+    "down": _tiles((4, 1024, 4), (4, 512, 4), (2, 512, 4)),
+    "lm_head": _tiles((8, 512, 4), (4, 1024, 4)),
+}
+SWEEP_ONE_ROW = {
+    name: [
+        *tiles, dict(preload=False), dict(lookahead=True),
+        *(dict(tile, lookahead=True) for tile in SWEEP_LOOKAHEAD_TILES.get(name, [])),
+    ]
+    for name, tiles in SWEEP_ONE_ROW_TILES.items()
+}
 SWEEP_ROWS = [dict(BLOCK_N=n, BLOCK_K=k, num_stages=s) for n, k, s in
               ((16, 128, 3), (16, 64, 4), (32, 64, 4), (32, 128, 3), (64, 64, 3))]  # fmt: skip
 SWEPT_ROWS = ("q_a + kv_a", "q_b", "o", "gate + up", "down")  # the 16-row shapes swept (97% of a layer's weight bytes)

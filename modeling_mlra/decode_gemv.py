@@ -44,7 +44,8 @@ def gemv_config(
     """Tiles and warps from the shapes only (CUDA-graph safe); `choices` overrides any value (benchmarks/gemv.py),
     `pdl` included (whether the launch is a programmatic dependent one; None: one row where the GPU has it) and
     `prefetch_bytes` (the weight bytes per program asked into L2 before a programmatic launch waits, PREFETCH_BYTES)
-    and `preload` (a programmatic launch loads its first weight tile before it waits, in place of that prefetch).
+    and `preload` (a programmatic launch loads its first weight tile before it waits, in place of that prefetch) and
+    `lookahead` (one row: each step of the loop loads the next step's weight tile before it multiplies its own).
 
     One row: the weight tile [BLOCK_K, BLOCK_N] is multiplied by the row and summed once after the loop; the tile
     holds 2K-8K values per weight (at least two 16-byte loads per thread per step, at most 64 float32 products per
@@ -93,6 +94,7 @@ def gemv_config(
         BLOCK_M=1 if rows == 1 else 16, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps,
         num_stages=choices.get("num_stages", 1 if rows == 1 else 3), pdl=choices.get("pdl"),
         prefetch_bytes=choices.get("prefetch_bytes", PREFETCH_BYTES), preload=choices.get("preload", True),
+        lookahead=choices.get("lookahead", False),
     )
 
 
@@ -110,20 +112,19 @@ def _alignment(stride: int, element_size: int) -> int:
 if triton is not None:
 
     @triton.jit
-    def _gemv_tile(
-        acc, x_ptrs, w_ptrs, norm_ptrs, m_ok, n_ok, k_ok,
-        BLOCK_M: tl.constexpr, MASK_K: tl.constexpr, NORM: tl.constexpr, PRECISION: tl.constexpr,
-        WAIT: tl.constexpr = False,
-    ):
-        """acc [BLOCK_M, BLOCK_N] += x tile [BLOCK_M, BLOCK_K] @ weight tile [BLOCK_K, BLOCK_N]; one row: acc
-        [BLOCK_K, BLOCK_N] += the products. NORM: x times the norm's weight (its rms divides the sums later). WAIT:
-        the weight tile is asked for first, then the kernel before this one is waited for (PDL), then x is read."""
+    def _weight_tile(w_ptrs, n_ok, k_ok, MASK_K: tl.constexpr):
+        """The weight tile [BLOCK_K, BLOCK_N] at w_ptrs, zero outside the rows n_ok (and, MASK_K, the columns k_ok)."""
         if MASK_K:
-            w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        else:
-            w = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
-        if WAIT:
-            tl.extra.cuda.gdc_wait()
+            return tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        return tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
+
+    @triton.jit
+    def _gemv_product(
+        acc, w, x_ptrs, norm_ptrs, m_ok, k_ok,
+        BLOCK_M: tl.constexpr, MASK_K: tl.constexpr, NORM: tl.constexpr, PRECISION: tl.constexpr,
+    ):
+        """acc [BLOCK_M, BLOCK_N] += x tile [BLOCK_M, BLOCK_K] @ the weight tile w [BLOCK_K, BLOCK_N]; one row: acc
+        [BLOCK_K, BLOCK_N] += the products. NORM: x times the norm's weight (its rms divides the sums later)."""
         if MASK_K:
             x = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         else:
@@ -142,20 +143,36 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _gemv_tile(
+        acc, x_ptrs, w_ptrs, norm_ptrs, m_ok, n_ok, k_ok,
+        BLOCK_M: tl.constexpr, MASK_K: tl.constexpr, NORM: tl.constexpr, PRECISION: tl.constexpr,
+        WAIT: tl.constexpr = False,
+    ):
+        """`_gemv_product` of the weight tile at w_ptrs. WAIT: the weight tile is asked for first, then the kernel
+        before this one is waited for (PDL), then x is read."""
+        w = _weight_tile(w_ptrs, n_ok, k_ok, MASK_K)
+        if WAIT:
+            tl.extra.cuda.gdc_wait()
+        return _gemv_product(acc, w, x_ptrs, norm_ptrs, m_ok, k_ok, BLOCK_M, MASK_K, NORM, PRECISION)
+
+    @triton.jit
     def _gemv_weight(
         x_ptr, w_ptr, norm_ptr, offs_m, offs_n, m_ok, n_ok, M, K,
         stride_xs, stride_xm, stride_xk, stride_ws, stride_wn, stride_wk,
         ALIGN_XM: tl.constexpr, ALIGN_WN: tl.constexpr, ALIGN_WK: tl.constexpr, NORM: tl.constexpr,
         SEGMENTS: tl.constexpr, ONE_STEP: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
-        PRELOAD: tl.constexpr = False,
+        PRELOAD: tl.constexpr = False, LOOKAHEAD: tl.constexpr = False,
     ):
         """One weight's tile of outputs [BLOCK_M, BLOCK_N] in float32, over every segment and the whole reduction:
         whole BLOCK_K steps unmasked along k (so the loads stay 16 bytes wide), then the remainder masked; ONE_STEP
         (K == BLOCK_K): every segment's tile in straight-line code, so that their loads are in flight together. NORM
         (one segment): of x times the norm's weight at norm_ptr (the caller divides by the rms, `_rms_reciprocal`).
         PRELOAD (a programmatic dependent launch): the first weight tile is asked for before the kernel before this
-        one is waited for (`_gemv_tile`'s WAIT; the later segments' waits return at once), the rest after."""
+        one is waited for (the later segments' waits return at once), the rest after. LOOKAHEAD: each whole step
+        asks for the next step's weight tile before it multiplies its own (two tiles in flight per program, where
+        the loop alone keeps one: Triton pipelines only the loads that feed tl.dot); with PRELOAD the second tile
+        is asked for before the wait too."""
         offs_k = tl.arange(0, BLOCK_K)
         x_rows = tl.multiple_of(offs_m * stride_xm, ALIGN_XM)
         w_rows = tl.multiple_of(offs_n * stride_wn, ALIGN_WN)
@@ -176,18 +193,35 @@ if triton is not None:
             norm_ptrs = norm_ptr + offs_k
             first = 0
             if PRELOAD:  # the first tile, masked where K < BLOCK_K
-                acc = _gemv_tile(
-                    acc, x_ptrs, w_ptrs, norm_ptrs, m_ok, n_ok, offs_k < K, BLOCK_M, True, NORM, PRECISION, True
-                )
-                x_ptrs += BLOCK_K * stride_xk
-                w_ptrs += BLOCK_K * stride_wk
-                norm_ptrs += BLOCK_K
+                w_first = _weight_tile(w_ptrs, n_ok, offs_k < K, True)
                 first = BLOCK_K
-            for k in range(first, k_whole, BLOCK_K):
-                acc = _gemv_tile(acc, x_ptrs, w_ptrs, norm_ptrs, m_ok, n_ok, offs_k, BLOCK_M, False, NORM, PRECISION)
+            if LOOKAHEAD:
+                steps = (k_whole - first) // BLOCK_K  # whole steps after the preloaded tile
+                w_next = _weight_tile(w_ptrs + first * stride_wk, tl.where(steps > 0, n_ok, False), offs_k, False)
+            if PRELOAD:
+                tl.extra.cuda.gdc_wait()
+                acc = _gemv_product(acc, w_first, x_ptrs, norm_ptrs, m_ok, offs_k < K, BLOCK_M, True, NORM, PRECISION)
                 x_ptrs += BLOCK_K * stride_xk
                 w_ptrs += BLOCK_K * stride_wk
                 norm_ptrs += BLOCK_K
+            if LOOKAHEAD:
+                for step in range(steps):
+                    w = w_next
+                    w_next = _weight_tile(
+                        w_ptrs + BLOCK_K * stride_wk, tl.where(step + 1 < steps, n_ok, False), offs_k, False
+                    )
+                    acc = _gemv_product(acc, w, x_ptrs, norm_ptrs, m_ok, offs_k, BLOCK_M, False, NORM, PRECISION)
+                    x_ptrs += BLOCK_K * stride_xk
+                    w_ptrs += BLOCK_K * stride_wk
+                    norm_ptrs += BLOCK_K
+            else:
+                for k in range(first, k_whole, BLOCK_K):
+                    acc = _gemv_tile(
+                        acc, x_ptrs, w_ptrs, norm_ptrs, m_ok, n_ok, offs_k, BLOCK_M, False, NORM, PRECISION
+                    )
+                    x_ptrs += BLOCK_K * stride_xk
+                    w_ptrs += BLOCK_K * stride_wk
+                    norm_ptrs += BLOCK_K
             if k_whole < K and k_whole >= first:
                 acc = _gemv_tile(
                     acc, x_ptrs, w_ptrs, norm_ptrs, m_ok, n_ok, k_whole + offs_k < K, BLOCK_M, True, NORM, PRECISION
@@ -241,7 +275,8 @@ if triton is not None:
         stride_rg, stride_rm, stride_rn,
         MODE: tl.constexpr, ALIGN_XM: tl.constexpr, ALIGN_WN: tl.constexpr, ALIGN_WK: tl.constexpr,
         SEGMENTS: tl.constexpr, ONE_STEP: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
-        PDL: tl.constexpr, PRELOAD: tl.constexpr, W_K_CONTIGUOUS: tl.constexpr, PREFETCH_K: tl.constexpr,
+        PDL: tl.constexpr, PRELOAD: tl.constexpr, LOOKAHEAD: tl.constexpr, W_K_CONTIGUOUS: tl.constexpr,
+        PREFETCH_K: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         PRECISION: tl.constexpr,
     ):
@@ -277,13 +312,13 @@ if triton is not None:
         acc = _gemv_weight(
             x_ptr, weight, norm_ptr, offs_m, offs_n, m_ok, n_ok, M, K, stride_xs, stride_xm, stride_xk, stride_ws,
             stride_wn, stride_wk, ALIGN_XM, ALIGN_WN, ALIGN_WK, NORM, SEGMENTS, ONE_STEP, BLOCK_M, BLOCK_N, BLOCK_K,
-            PRECISION, PRELOAD,
+            PRECISION, PRELOAD, LOOKAHEAD,
         )
         if MODE == 2:  # up rows from the second weight
             up = _gemv_weight(
                 x_ptr, w2_ptr, norm_ptr, offs_m, offs_n, m_ok, n_ok, M, K, stride_xs, stride_xm, stride_xk,
                 stride_ws, stride_wn, stride_wk, ALIGN_XM, ALIGN_WN, ALIGN_WK, NORM, SEGMENTS, ONE_STEP, BLOCK_M,
-                BLOCK_N, BLOCK_K, PRECISION,
+                BLOCK_N, BLOCK_K, PRECISION, False, LOOKAHEAD,
             )
         if NORM:  # RMSNorm's division, once per output
             rms_reciprocal = _rms_reciprocal(x_ptr, offs_m, m_ok, K, eps, stride_xm, stride_xk, BLOCK_M, BLOCK_R)
@@ -329,7 +364,7 @@ def _gemv(
     config = gemv_config(
         rows, outputs, reduction, batches, mode, _num_sms(x.device.index or 0), segments=segments, **choices
     )
-    block_n, block_k = config["BLOCK_N"], config["BLOCK_K"]
+    block_n = config["BLOCK_N"]
     tiles = triton.cdiv(rows_out, block_n) + (triton.cdiv(second_rows, block_n) if mode == SIDE_BY_SIDE else 0)
     # PDL measured at one row (the 1 x 16 step, benchmarks/results/decode_step_h200_1x16_pdl.md); not yet at more
     pdl = config["pdl"]
@@ -345,16 +380,26 @@ def _gemv(
         residual if residual is not None else out,
         rows, rows_out, second_rows, reduction, x_batches, eps, scale,
         *x.stride(), *w.stride(), *out.stride(), *residual_strides,
-        MODE=mode, ALIGN_XM=_alignment(x.stride(2), size), ALIGN_WN=_alignment(w.stride(2), size),
-        ALIGN_WK=_alignment(w.stride(3), size), SEGMENTS=segments, ONE_STEP=rows == 1 and reduction == block_k,
-        NORM=norm_weight is not None, RESIDUAL=residual is not None, PDL=pdl, PRELOAD=pdl and config["preload"],
+        MODE=mode, SEGMENTS=segments, NORM=norm_weight is not None, RESIDUAL=residual is not None, PDL=pdl,
+        PRELOAD=pdl and config["preload"], LOOKAHEAD=rows == 1 and config["lookahead"],
         W_K_CONTIGUOUS=w.stride(3) == 1,
         PREFETCH_K=prefetch_k, BLOCK_R=min(4096 // config["BLOCK_M"], triton.next_power_of_2(reduction)),
-        BLOCK_M=config["BLOCK_M"], BLOCK_N=block_n, BLOCK_K=block_k,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        **tile_constants(x, w, config),
         num_warps=config["num_warps"], num_stages=config["num_stages"], **({"launch_pdl": True} if pdl else {}),
     )
     return out
+
+
+def tile_constants(x: torch.Tensor, w: torch.Tensor, config: dict) -> dict:
+    """The compile-time constants of `_gemv_weight`'s tiles for x [Gx, S, M, K] and w [G, S, N, K] under `config`
+    (`gemv_config`): the alignments of the row strides, the tile and whether the reduction is one step."""
+    size = w.element_size()
+    return dict(
+        ALIGN_XM=_alignment(x.stride(2), size), ALIGN_WN=_alignment(w.stride(2), size),
+        ALIGN_WK=_alignment(w.stride(3), size), ONE_STEP=x.shape[2] == 1 and w.shape[3] == config["BLOCK_K"],
+        BLOCK_M=config["BLOCK_M"], BLOCK_N=config["BLOCK_N"], BLOCK_K=config["BLOCK_K"],
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+    )
 
 
 if triton is not None:

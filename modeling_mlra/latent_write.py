@@ -1,5 +1,6 @@
 """Triton kernel for the rope and the cache write of a decode step's layer, in one launch: the new cache rows written
-into the static latent cache, its length advanced, and the query's rope heads rotated.
+into the static latent cache, its length advanced, the query's rope heads rotated and W_UK folded into its no-rope
+heads.
 
 What the static cache keeps per token is [norm(latent) * kv_latent_scale | rope(k_rope)] (docs/design.md, "The
 compressed cache"). In PyTorch that is an RMSNorm per latent block (a reduction), a scale, the rotation of the rope key, a
@@ -16,21 +17,26 @@ bsz x T each rotate the query's rope heads of one new token by the same tables, 
 head i. Where L + T exceeds the buffer's capacity nothing is written to the cache and it fails: a device assert (the
 kernel is compiled with debug on, as inductor compiles its kernels that assert), on the CPU a ValueError before the
 launch (Triton's interpreter skips device asserts). So the capacity check, the length's increment and the query's
-rotation cost no inductor kernel of their own.
+rotation cost no inductor kernel of their own. The programs after those compute the absorbed query, the W_UK fold
+(one GEMV tile each, `decode_gemv._gemv_weight`: the tiles and results of the GEMV's own launch), which reads the
+same query projection's output: a decode step's layer is then one launch fewer (the fold's launch waited for the
+projection's as this one does).
 
 The latent has the roundings of the PyTorch path in the model's dtype (the norm in float32, rounded, times its
 weight, rounded, times the scale, rounded: the values eager PyTorch stores, bit for bit on the H200 in float16 and
 bfloat16), the rotations are in float32 rounded once, as inductor's kernels of the compiled step did (eager PyTorch
 rounds its two products first: on the H200 a quarter of the rotated values were one unit in the last place apart).
-`write_latent_rows` is a torch custom op that mutates the buffer and the length in place and returns the rotated
-query, so torch.compile(fullgraph=True) and CUDA graphs capture it (inductor passes it the cache's tensors
-themselves, no copy) and order it before whatever reads the length.
+`write_latent_rows` is a torch custom op (`mlra::write_latent_rows`, with the fold `mlra::write_latent_rows_and_fold`)
+that mutates the buffer and the length in place and returns the rotated query (and the absorbed one), so
+torch.compile(fullgraph=True) and CUDA graphs capture it (inductor passes it the cache's tensors themselves, no copy)
+and order it before whatever reads the length.
 """
 
 import torch
 
 from .decode_gemv import MAX_ROWS as GEMV_MAX_ROWS
-from .mlra_decode_kernel import triton, triton_available
+from .decode_gemv import SINGLE, gemv_config, tile_constants
+from .mlra_decode_kernel import _num_sms, triton, triton_available
 
 MAX_ROWS = GEMV_MAX_ROWS  # bsz x T: one program holds them all, the rows of a decode step's GEMV
 
@@ -47,6 +53,8 @@ def full_cache_message(capacity: int, new_tokens: int) -> str:
 
 if triton is not None:
     import triton.language as tl
+
+    from .decode_gemv import _gemv_weight
 
     # a device assert's message is a compile-time constant: the numbers are left out
     _FULL_CACHE_ASSERT = tl.constexpr(f"the static MLRACache is full: {FULL_CACHE_FIX}")
@@ -80,12 +88,32 @@ if triton is not None:
     def _write_latent_rows_kernel(
         projected_ptr, norm_ptr, cos_ptr, sin_ptr, rows_ptr, length_ptr, query_ptr, rotated_ptr, eps, scale, capacity,
         stride_pn, stride_pt, stride_cn, stride_ct, stride_rn, stride_rs, stride_qn, stride_qt, stride_qh,
+        fold_x_ptr, fold_w_ptr, fold_out_ptr, fold_outputs, fold_reduction, fold_tiles,
+        stride_fxg, stride_fxm, stride_fxk, stride_fwg, stride_fwn, stride_fwk, stride_fog, stride_fom, stride_fon,
         NUM_ROWS: tl.constexpr, NEW_TOKENS: tl.constexpr, HEADS: tl.constexpr,
         GROUPS: tl.constexpr, GROUP_DIM: tl.constexpr, ROPE_DIM: tl.constexpr, INTERLEAVE: tl.constexpr,
         BLOCK_ROWS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_H: tl.constexpr,
+        FOLD_ALIGN_XM: tl.constexpr, FOLD_ALIGN_WN: tl.constexpr, FOLD_ALIGN_WK: tl.constexpr,
+        FOLD_ONE_STEP: tl.constexpr, FOLD_BLOCK_M: tl.constexpr, FOLD_BLOCK_N: tl.constexpr,
+        FOLD_BLOCK_K: tl.constexpr, FOLD_PRECISION: tl.constexpr, FOLD: tl.constexpr,
     ):
         row = tl.program_id(0) - 1
+        if FOLD and row >= NUM_ROWS:  # programs after them: one GEMV tile of W_UK for one (branch, head) each
+            fold = row - NUM_ROWS
+            g, tile = fold // fold_tiles, fold % fold_tiles
+            offs_m = tl.arange(0, FOLD_BLOCK_M)
+            offs_n = tile * FOLD_BLOCK_N + tl.arange(0, FOLD_BLOCK_N)
+            m_ok, n_ok = offs_m < NUM_ROWS, offs_n < fold_outputs
+            w_ptr = fold_w_ptr + g * stride_fwg
+            absorbed = _gemv_weight(
+                fold_x_ptr + (g % HEADS) * stride_fxg, w_ptr, w_ptr, offs_m, offs_n, m_ok, n_ok, NUM_ROWS,
+                fold_reduction, 0, stride_fxm, stride_fxk, 0, stride_fwn, stride_fwk, FOLD_ALIGN_XM, FOLD_ALIGN_WN,
+                FOLD_ALIGN_WK, False, 1, FOLD_ONE_STEP, FOLD_BLOCK_M, FOLD_BLOCK_N, FOLD_BLOCK_K, FOLD_PRECISION,
+            )
+            out_ptrs = fold_out_ptr + g * stride_fog + offs_m[:, None] * stride_fom + offs_n[None, :] * stride_fon
+            tl.store(out_ptrs, absorbed.to(fold_out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+            return
         if row >= 0:  # programs 1 to NUM_ROWS: the query's rope heads of new token t of sequence n
             n, t = row // NEW_TOKENS, row % NEW_TOKENS
             offs_h = tl.arange(0, BLOCK_H)[:, None]
@@ -138,28 +166,48 @@ if triton is not None:
         buffer: torch.Tensor, length: torch.Tensor, projected: torch.Tensor, norm_weight: torch.Tensor, eps: float,
         groups: int, scale: float, cos: torch.Tensor, sin: torch.Tensor, interleave: bool, query_rope: torch.Tensor,
     ) -> torch.Tensor:
-        return _write_latent_rows(
-            buffer, length, projected, norm_weight, eps, groups, scale, cos, sin, interleave, query_rope
+        (rotated,) = _write_latent_rows(
+            buffer, length, projected, norm_weight, eps, groups, scale, cos, sin, interleave, query_rope, None
         )
+        return rotated
 
     @_write_latent_rows_op.register_fake
     def _(buffer, length, projected, norm_weight, eps, groups, scale, cos, sin, interleave, query_rope):
         return query_rope.new_empty(query_rope.shape)
 
+    @torch.library.custom_op("mlra::write_latent_rows_and_fold", mutates_args=("buffer", "length"))
+    def _write_latent_rows_and_fold_op(
+        buffer: torch.Tensor, length: torch.Tensor, projected: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+        groups: int, scale: float, cos: torch.Tensor, sin: torch.Tensor, interleave: bool, query_rope: torch.Tensor,
+        fold_query: torch.Tensor, fold_weight: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return _write_latent_rows(
+            buffer, length, projected, norm_weight, eps, groups, scale, cos, sin, interleave, query_rope,
+            (fold_query, fold_weight),
+        )
+
+    @_write_latent_rows_and_fold_op.register_fake
+    def _(buffer, length, projected, norm_weight, eps, groups, scale, cos, sin, interleave, query_rope, fold_query,
+          fold_weight):  # fmt: skip
+        absorbed = fold_query.new_empty(fold_weight.shape[0], fold_query.shape[2], fold_weight.shape[2])
+        return query_rope.new_empty(query_rope.shape), absorbed
+
 
 def _write_latent_rows(
-    buffer, length, projected, norm_weight, eps, groups, scale, cos, sin, interleave, query_rope
-) -> torch.Tensor:
+    buffer, length, projected, norm_weight, eps, groups, scale, cos, sin, interleave, query_rope, fold
+) -> tuple[torch.Tensor, ...]:
     new_tokens, capacity = projected.shape[1], buffer.shape[1]
     # on the CPU reading the length costs nothing, and the interpreter skips the kernel's device assert
     if length.device.type == "cpu" and int(length) + new_tokens > capacity:
         raise ValueError(full_cache_message(capacity, new_tokens))
-    return _launch_write(buffer, length, projected, norm_weight, eps, groups, scale, cos, sin, interleave, query_rope)
+    return _launch_write(
+        buffer, length, projected, norm_weight, eps, groups, scale, cos, sin, interleave, query_rope, fold
+    )
 
 
 def _launch_write(
-    buffer, length, projected, norm_weight, eps, groups, scale, cos, sin, interleave, query_rope
-) -> torch.Tensor:
+    buffer, length, projected, norm_weight, eps, groups, scale, cos, sin, interleave, query_rope, fold
+) -> tuple[torch.Tensor, ...]:
     bsz, new_tokens, width = projected.shape
     heads = query_rope.shape[2]
     latent_dim = norm_weight.shape[0]
@@ -168,29 +216,54 @@ def _launch_write(
     group_dim = latent_dim // groups
     block_rows, block_g, block_d = (triton.next_power_of_2(size) for size in (bsz * new_tokens, groups, group_dim))
     latent_tile = block_rows * block_g * block_d
+    # at most 32 to 64 float32 values of the latent tile per thread
+    num_warps = 1 if latent_tile < 256 else 4 if latent_tile < 8192 else 8
     rotated = torch.empty(bsz, new_tokens, heads, rope_dim, dtype=query_rope.dtype, device=query_rope.device)
-    # program 0 writes the cache's rows and length, programs 1 to bsz x T rotate the query's heads of one new token
-    _write_latent_rows_kernel[(1 + bsz * new_tokens,)](
+    outputs = (rotated,)
+    if fold is not None:  # [h, 1, bsz * T, d_n] and [B * h, 1, d_l, d_n] -> [B * h, bsz * T, d_l]
+        x, w = fold
+        fold_batches, _, fold_outputs, fold_reduction = w.shape
+        config = gemv_config(bsz * new_tokens, fold_outputs, fold_reduction, fold_batches, SINGLE, _num_sms(
+            x.device.index or 0))  # fmt: skip
+        absorbed = x.new_empty(fold_batches, bsz * new_tokens, fold_outputs)
+        outputs += (absorbed,)
+        fold_tiles = triton.cdiv(fold_outputs, config["BLOCK_N"])
+        fold_arguments = (
+            x, w, absorbed, fold_outputs, fold_reduction, fold_tiles, x.stride(0), x.stride(2), x.stride(3),
+            w.stride(0), w.stride(2), w.stride(3), *absorbed.stride(),
+        )
+        fold_constants = {f"FOLD_{name}": value for name, value in tile_constants(x, w, config).items()}
+        fold_constants["FOLD"] = True
+        num_warps = max(num_warps, config["num_warps"])
+    else:
+        fold_batches = fold_tiles = 0
+        fold_arguments = (rotated, rotated, rotated) + (0,) * 12
+        fold_constants = dict(
+            FOLD_ALIGN_XM=1, FOLD_ALIGN_WN=1, FOLD_ALIGN_WK=1, FOLD_ONE_STEP=True, FOLD_BLOCK_M=1, FOLD_BLOCK_N=1,
+            FOLD_BLOCK_K=1, FOLD_PRECISION="ieee", FOLD=False,
+        )
+    # program 0 writes the cache's rows and length, programs 1 to bsz x T rotate the query's heads of one new token,
+    # the rest fold W_UK into its no-rope heads
+    _write_latent_rows_kernel[(1 + bsz * new_tokens + fold_batches * fold_tiles,)](
         projected, norm_weight, cos, sin, buffer, length, query_rope, rotated, eps, scale, buffer.shape[1],
         projected.stride(0), projected.stride(1), cos.stride(0), cos.stride(1), buffer.stride(0), buffer.stride(1),
-        query_rope.stride(0), query_rope.stride(1), query_rope.stride(2),
+        query_rope.stride(0), query_rope.stride(1), query_rope.stride(2), *fold_arguments,
         NUM_ROWS=bsz * new_tokens, NEW_TOKENS=new_tokens, HEADS=heads,
         GROUPS=groups, GROUP_DIM=group_dim, ROPE_DIM=rope_dim, INTERLEAVE=interleave,
         BLOCK_ROWS=block_rows, BLOCK_G=block_g, BLOCK_D=block_d, BLOCK_R=triton.next_power_of_2(max(rope_dim // 2, 1)),
-        BLOCK_H=triton.next_power_of_2(heads),
-        # at most 32 to 64 float32 values of the latent tile per thread
-        num_warps=1 if latent_tile < 256 else 4 if latent_tile < 8192 else 8,
+        BLOCK_H=triton.next_power_of_2(heads), **fold_constants, num_warps=num_warps,
         # the capacity's device assert compiled in (as inductor compiles its kernels that assert), without the
         # overflow checks debug adds to integer arithmetic (inductor turns them off too)
         debug=True, sanitize_overflow=False,
     )
-    return rotated
+    return outputs
 
 
 def write_latent_rows(
     buffer: torch.Tensor, length: torch.Tensor, projected: torch.Tensor, norm_weight: torch.Tensor, eps: float,
     groups: int, scale: float, cos: torch.Tensor, sin: torch.Tensor, interleave: bool, query_rope: torch.Tensor,
-) -> torch.Tensor:
+    fold: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Write rows [n, L + t] of buffer [rows >= bsz, capacity, d_c + d_r] (the model's dtype) from projected
     [bsz, T, d_c + d_r] (latent then rope key; bsz x T <= MAX_ROWS), then advance length (a 0-d int64 tensor on the
     buffer's device, L, read and written by the kernel: no host synchronisation) to L + T. The latent goes through an
@@ -201,7 +274,9 @@ def write_latent_rows(
 
     The same launch rotates the query's rope heads query_rope [bsz, T, h, d_r] (any strides but a unit last one: a
     view of the query projection's output) by the same tables and returns them [bsz, T, h, d_r] (contiguous), as
-    `apply_rotary_pos_emb` gives them (in float32 rounded once)."""
+    `apply_rotary_pos_emb` gives them (in float32 rounded once); and, given `fold` = (x [h, 1, bsz * T, d_n], W_UK
+    [B * h, 1, d_l, d_n], views of any strides), the absorbed query [B * h, bsz * T, d_l], out[g] = x[g % h] @
+    W_UK[g]^T (what `decode_gemv.mlra_gemv(x, W_UK)` gives, in its tiles), else None."""
     bsz, new_tokens, width = projected.shape
     if bsz * new_tokens > MAX_ROWS:
         raise ValueError(f"write_latent_rows takes at most {MAX_ROWS} rows (bsz x T), got {bsz} x {new_tokens}")
@@ -215,19 +290,35 @@ def write_latent_rows(
             f"write_latent_rows: a latent of {norm_weight.shape[0]} values in {groups} groups within rows of {width} "
             f"(contiguous) is needed, got buffer strides {buffer.stride()}"
         )
+    heads = query_rope.shape[2]
     if query_rope.shape[:2] != (bsz, new_tokens) or query_rope.shape[3] != width - norm_weight.shape[0]:
         raise ValueError(
             f"write_latent_rows needs query_rope [{bsz}, {new_tokens}, heads, {width - norm_weight.shape[0]}], got "
             f"{tuple(query_rope.shape)}"
+        )
+    if fold is not None and (
+        fold[0].shape[:3] != (heads, 1, bsz * new_tokens)
+        or fold[1].shape[0] % heads
+        or fold[1].shape[1] != 1
+        or fold[1].shape[3] != fold[0].shape[3]
+        or fold[0].dtype != fold[1].dtype
+    ):
+        raise ValueError(
+            f"write_latent_rows' fold needs x [{heads}, 1, {bsz * new_tokens}, d_n] and W_UK [B * {heads}, 1, d_l, "
+            f"d_n] of one dtype, got {tuple(fold[0].shape)} and {tuple(fold[1].shape)}"
         )
     projected = projected.contiguous()
     cos, sin = cos.contiguous(), sin.contiguous()  # the kernel reads each table's last axis with unit stride
     if query_rope.stride(3) != 1:
         query_rope = query_rope.contiguous()
     arguments = (buffer, length, projected, norm_weight, eps, groups, scale, cos, sin, interleave, query_rope)
-    if torch.compiler.is_compiling():
-        return _write_latent_rows_op(*arguments)
-    return _write_latent_rows(*arguments)
+    if not torch.compiler.is_compiling():
+        outputs = _write_latent_rows(*arguments, fold)
+    elif fold is None:
+        outputs = (_write_latent_rows_op(*arguments),)
+    else:
+        outputs = _write_latent_rows_and_fold_op(*arguments, *fold)
+    return outputs[0], (outputs[1] if fold is not None else None)
 
 
 __all__ = ["MAX_ROWS", "full_cache_message", "triton_available", "write_latent_rows"]

@@ -315,20 +315,21 @@ class MLRALatentCacheLayer(CacheLayerMixin):
 
     def write_projected(
         self, projected: torch.Tensor, query_rope: torch.Tensor, norm: "MLRARMSNorm", scale: float, cos: torch.Tensor,
-        sin: torch.Tensor, interleave: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        sin: torch.Tensor, interleave: bool, fold: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """`update` of an initialized static layer in the model's dtype from the projection's output [bsz, T, d_c + d_r]
         before the latent norm (`norm`, then times `scale`) and the rope key's rotation (cos/sin [bsz, T, d_r]): all
         three inside the one launch that writes the rows (`latent_write.write_latent_rows`), which also checks the
-        capacity, advances the length and rotates the query's rope heads query_rope [bsz, T, h, d_r] (no inductor
-        kernel for them). Returns the rows and the rotated query_rope."""
+        capacity, advances the length, rotates the query's rope heads query_rope [bsz, T, h, d_r] and, given `fold`
+        (the W_UK fold's operands, `MLRAAttention.fold_operands`), folds W_UK into the query (no other kernel for
+        them). Returns the rows, the rotated query_rope and the absorbed query [B * h, bsz * T, d_l] (or None)."""
         if self.starts_batch:
             self._resize_batch(projected.shape[0])
-        rotated = write_latent_rows(
+        rotated, absorbed = write_latent_rows(
             self.buffer, self.cumulative_length, projected, norm.weight, norm.variance_epsilon, norm.num_groups, scale,
-            cos, sin, interleave, query_rope,
+            cos, sin, interleave, query_rope, fold,
         )
-        return self._batch_rows(), rotated
+        return self._batch_rows(), rotated, absorbed
 
     def _make_room(self, bsz: int, new_tokens: int) -> None:
         """Static layer: take the batch size at the first update of a batch, and fail (on the device, no host
@@ -751,9 +752,14 @@ class MLRAAttention(nn.Module):
         cos, sin = position_embeddings
         norm = self.kv_a_layernorm
         cache_layer = layer_written_in_one_launch(self.config, cache, self.layer_idx, norm, latent_and_rope)
-        if cache_layer is not None:  # the latent norm, both rotations and the cache write: one launch
-            kv_states, q_rope = cache_layer.write_projected(
-                latent_and_rope, q_rope, norm, self.config.kv_latent_scale, cos, sin, self.config.rope_interleave
+        attends_absorbed = decode_kernel_inputs is not None or (
+            cache is not None and q_len <= self.config.absorbed_max_query_len
+        )
+        q_absorbed = None
+        if cache_layer is not None:  # the latent norm, both rotations, the cache write and the W_UK fold: one launch
+            fold = self.fold_operands(q_nope) if attends_absorbed else None
+            kv_states, q_rope, q_absorbed = cache_layer.write_projected(
+                latent_and_rope, q_rope, norm, self.config.kv_latent_scale, cos, sin, self.config.rope_interleave, fold
             )
             if decode_kernel_inputs is not None:
                 # the layer's advanced length is every row's: read where it is, so that no kernel computes it per layer
@@ -775,9 +781,9 @@ class MLRAAttention(nn.Module):
             )
         if isinstance(cache, MLRAPagedLatent):  # continuous batching: many sequences packed in one row
             attn_output, attn_weights = self.paged_attention(q_nope, q_rope, kv_states, cache), None
-        elif decode_kernel_inputs is not None or (cache is not None and q_len <= self.config.absorbed_max_query_len):
+        elif attends_absorbed:
             attn_output, attn_weights = self.absorbed_attention(
-                q_nope, q_rope, kv_states, attention_mask, decode_kernel_inputs
+                q_nope, q_rope, kv_states, attention_mask, decode_kernel_inputs, q_absorbed
             )
         else:
             attn_output, attn_weights = self.expanded_attention(q_nope, q_rope, kv_states, attention_mask, **kwargs)
@@ -879,8 +885,20 @@ class MLRAAttention(nn.Module):
         probs = torch.stack(branch_probs, dim=1) if branch_probs[0] is not None else None
         return output * self.config.attn_output_scale, probs
 
+    def fold_operands(self, q_nope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The W_UK fold as one GEMV launch reads it, where the GEMV runs it (`decode_gemv.mlra_gemv`): the no-rope
+        query's rows [h, 1, bsz * T, d_n] (every sequence's new tokens; a view of the query projection's output) and
+        W_UK [B * h, 1, d_l, d_n] (a view of the up-projection's weight: a batch dimension in matmul would broadcast
+        it to every sequence, a copy at each step); else None (more rows than the GEMV takes, or a gradient wanted)."""
+        bsz, q_len = q_nope.shape[:2]
+        rows = q_nope.permute(2, 0, 1, 3).reshape(self.num_heads, 1, bsz * q_len, self.qk_nope_head_dim)
+        w_uk = self.up_projection_per_branch()[0]
+        if bsz * q_len > GEMV_MAX_ROWS or not use_decode_gemv(self.config, q_nope) or needs_gradient(rows, w_uk):
+            return None
+        return rows, w_uk.transpose(-1, -2).flatten(0, 1)[:, None]
+
     def absorbed_attention(
-        self, q_nope, q_rope, kv_states, attention_mask, decode_kernel_inputs=None
+        self, q_nope, q_rope, kv_states, attention_mask, decode_kernel_inputs=None, q_absorbed=None
     ) -> torch.Tensor:
         """Attention straight on the compressed cache (decode): W_UK is folded into the query and W_UV applied
         after the softmax, so the cached latent is read as it is and never expanded per head.
@@ -889,19 +907,21 @@ class MLRAAttention(nn.Module):
         With decode_kernel_inputs (seq_lens [bsz], key_mask [bsz, S] or None, row_starts or None) the softmax part
         runs in the fused Triton kernel (`mlra_decode_kernel.py`), else in PyTorch with the additive attention_mask.
         row_starts [bsz] (continuous batching): kv_states [1, total, d_c + d_r] packs the rows one after another, row n
-        from token row_starts[n], or is `LatentPages` (the pages, read in place by the kernel). Also returns the
-        softmax probabilities [bsz, B, h, T, S] with the eager implementation (PyTorch path), else None.
+        from token row_starts[n], or is `LatentPages` (the pages, read in place by the kernel). q_absorbed [B * h,
+        bsz * T, d_l]: the fold already done (by the cache write's launch). Also returns the softmax probabilities
+        [bsz, B, h, T, S] with the eager implementation (PyTorch path), else None.
         """
         w_uk, w_uv = self.up_projection_per_branch()
         bsz, q_len = q_nope.shape[:2]
-        # One GEMM per (branch, head) whose rows are every sequence's new tokens, on the weight views as they are: a
-        # batch dimension in matmul would broadcast W_UK and W_UV to every sequence, a copy of both at each step.
-        rows = q_nope.permute(2, 0, 1, 3).reshape(self.num_heads, bsz * q_len, self.qk_nope_head_dim)
-        gemv = bsz * q_len <= GEMV_MAX_ROWS and use_decode_gemv(self.config, q_nope) and not needs_gradient(rows, w_uk)
-        if gemv:  # every (branch, head) in one launch: W_UK [B, h, d_n, d_l] read as [B * h, d_l, d_n]
-            q_absorbed = mlra_gemv(rows[:, None], w_uk.transpose(-1, -2).flatten(0, 1)[:, None])
+        # One GEMM per (branch, head) whose rows are every sequence's new tokens (`fold_operands`)
+        fold = self.fold_operands(q_nope)
+        gemv = fold is not None
+        if q_absorbed is None and gemv:  # every (branch, head) in one launch
+            q_absorbed = mlra_gemv(*fold)
+        if q_absorbed is not None:
             q_absorbed = q_absorbed.view(self.num_branches, self.num_heads, bsz * q_len, -1)
         else:
+            rows = q_nope.permute(2, 0, 1, 3).reshape(self.num_heads, bsz * q_len, self.qk_nope_head_dim)
             q_absorbed = torch.matmul(rows, w_uk)
         q_absorbed = q_absorbed.unflatten(2, (bsz, q_len)).permute(2, 0, 1, 3, 4)  # [bsz, B, h, T, d_l]
         probs = None

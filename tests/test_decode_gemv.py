@@ -55,6 +55,16 @@ def rms_norm(x, weight, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
+def normed_product(mode, x, norm_weight, w, w2, eps=1e-5):
+    """In float64: x through RMSNorm, then the product a launch of `mode` makes with w (and w2)."""
+    normed = rms_norm(x.double(), norm_weight.double(), eps)
+    if mode == SWIGLU:
+        return F.silu(normed @ w.double().T) * (normed @ w2.double().T)
+    if mode == SIDE_BY_SIDE:
+        return torch.cat([normed @ w.double().T, normed @ w2.double().T], dim=-1)
+    return normed @ w.double().T
+
+
 # (rows, outputs, reduction): one and several rows; outputs and reduction off the tile sizes (masked tails), a
 # reduction of exactly one tile (loaded in straight-line code), a small one-row launch's 1024-wide tiles, or down_proj's
 # (a reduction of 8K values or more)
@@ -103,13 +113,7 @@ def test_the_norm_before_and_the_scale_and_residual_after_are_those_of_the_plain
     norm_weight = draw(reduction, dtype=dtype, seed=31, scale=0.1) + 1
     w = draw(outputs, reduction, dtype=dtype, seed=32, scale=0.2)
     w2 = draw(outputs, reduction, dtype=dtype, seed=33, scale=0.2)
-    normed = rms_norm(x.double(), norm_weight.double(), 1e-5)
-    if mode == SWIGLU:
-        product = F.silu(normed @ w.double().T) * (normed @ w2.double().T)
-    elif mode == SIDE_BY_SIDE:
-        product = torch.cat([normed @ w.double().T, normed @ w2.double().T], dim=-1)
-    else:
-        product = normed @ w.double().T
+    product = normed_product(mode, x, norm_weight, w, w2)
     residual = draw(*product.shape, dtype=dtype, seed=34)
     out = mlra_gemv(
         x[None, None], w[None, None], w2[None, None] if mode != SINGLE else None, mode, norm_weight, 1e-5, 0.7,
@@ -168,6 +172,35 @@ def test_a_launch_that_loads_its_first_weight_tile_before_waiting_gives_the_same
         )[0]
 
     assert relative_error(launch(True), launch(False).double()) < TOLERANCE[dtype]
+
+
+# one-row launches: without PDL (any device), and on Hopper as a programmatic launch that loads its first tile early
+LAUNCHES = [dict(pdl=False)] + (
+    [dict(pdl=True, preload=True)] if DEVICE == "cuda" and decode_gemv.programmatic_launch(0) else []
+)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", [SINGLE, SIDE_BY_SIDE, SWIGLU])
+@pytest.mark.parametrize("rows, outputs, reduction", [shape for shape in SHAPES if shape[0] == 1])
+@pytest.mark.parametrize("launch", LAUNCHES, ids=str)
+def test_a_launch_that_loads_the_next_weight_tile_ahead_gives_the_plain_products(
+    dtype, mode, rows, outputs, reduction, launch
+):
+    """`lookahead`: each whole step of the loop asks for the next step's weight tile before it multiplies its own
+    (reductions shorter than one tile, of one tile, and of several whole tiles and a remainder), with the norm,
+    scale and residual inside."""
+    x = draw(rows, reduction, dtype=dtype, seed=51, scale=3.0)
+    norm_weight = draw(reduction, dtype=dtype, seed=52, scale=0.1) + 1
+    w = draw(outputs, reduction, dtype=dtype, seed=53, scale=0.2)
+    w2 = draw(outputs, reduction, dtype=dtype, seed=54, scale=0.2)
+    product = normed_product(mode, x, norm_weight, w, w2)
+    residual = draw(*product.shape, dtype=dtype, seed=55)
+    out = decode_gemv._gemv(
+        x[None, None], w[None, None], w2[None, None] if mode != SINGLE else None, mode, norm_weight, 1e-5, 0.7,
+        residual[None], lookahead=True, **launch,
+    )[0]
+    assert relative_error(out, residual.double() + 0.7 * product) < TOLERANCE[dtype]
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs")

@@ -99,7 +99,7 @@ def test_the_same_launch_returns_the_query_rope_heads_rotated_by_the_same_tables
     sin = draw(bsz, new_tokens, rope_dim, dtype=dtype, seed=8)
     query_rope = query_rope_view(bsz, new_tokens, heads, rope_dim, dtype, seed=9)
     buffer = torch.zeros(bsz, 4, latent_dim + rope_dim, dtype=dtype, device=DEVICE)
-    rotated = write_latent_rows(
+    rotated, _ = write_latent_rows(
         buffer, torch.tensor(0, device=DEVICE), projected, norm.weight, 1e-6, groups, 1.0, cos, sin, interleave,
         query_rope,
     )
@@ -112,6 +112,40 @@ def test_the_same_launch_returns_the_query_rope_heads_rotated_by_the_same_tables
     torch.testing.assert_close(
         rotated, apply_rotary_pos_emb(query_rope, cos, sin, interleave), rtol=unit, atol=unit * terms
     )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bsz, new_tokens", [(1, 1), (2, 3)])
+def test_the_same_launch_folds_w_uk_into_the_query_and_writes_the_same_rows(dtype, bsz, new_tokens):
+    """Given the fold's operands (views of the query projection's output and of the up-projection's weight, as
+    `MLRAAttention.fold_operands` hands them over), the launch also returns the absorbed query x[g % h] @ W_UK[g]^T;
+    the rows, the length and the rotated query are those of the launch without it."""
+    heads, nope_dim, value_dim, block_dim, branches, latent_dim, groups, rope_dim = 3, 24, 16, 40, 2, 48, 2, 8
+    norm, projected, cos, sin = latent_write_inputs(bsz, new_tokens, latent_dim, groups, rope_dim, seed=60)
+    norm, projected, cos, sin = norm.to(dtype), projected.to(dtype), cos.to(dtype), sin.to(dtype)
+    query = draw(bsz, new_tokens, heads, nope_dim + rope_dim, dtype=dtype, seed=64)
+    q_nope, query_rope = query.split([nope_dim, rope_dim], dim=-1)
+    rows = q_nope.permute(2, 0, 1, 3).reshape(heads, 1, bsz * new_tokens, nope_dim)
+    up_weight = draw(branches, heads, nope_dim + value_dim, block_dim, dtype=dtype, seed=65, scale=0.2)
+    w_uk = up_weight[:, :, :nope_dim]  # [B, h, d_n, d_l]
+    fold = (rows, w_uk.transpose(-1, -2).flatten(0, 1)[:, None])
+
+    def launch(fold):
+        buffer = torch.zeros(bsz, 8, latent_dim + rope_dim, dtype=dtype, device=DEVICE)
+        length = torch.tensor(2, device=DEVICE)
+        rotated, absorbed = write_latent_rows(
+            buffer, length, projected, norm.weight, 1e-6, groups, 1.3, cos, sin, False, query_rope, fold
+        )
+        return buffer, length, rotated, absorbed
+
+    buffer, length, rotated, absorbed = launch(fold)
+    plain_buffer, plain_length, plain_rotated, nothing = launch(None)
+    expected = torch.einsum("hmk,bhkl->bhml", rows[:, 0].double(), w_uk.double()).flatten(0, 1)
+    assert nothing is None and absorbed.shape == expected.shape
+    error = ((absorbed.double() - expected).norm() / expected.norm()).item()
+    assert error < {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype]
+    assert torch.equal(buffer, plain_buffer) and torch.equal(rotated, plain_rotated)
+    assert int(length) == int(plain_length) == 2 + new_tokens
 
 
 def reference_rows(norm, projected, scale, cos, sin, interleave):
@@ -174,7 +208,7 @@ def test_the_kernel_itself_writes_nothing_and_keeps_the_length_where_the_rows_do
     buffer = draw(3, 9, 24, dtype=torch.float32, seed=29)  # a spare row: a stray store lands within the tensor
     before, length = buffer.clone(), torch.tensor(7, device=DEVICE)
     query_rope = query_rope_view(2, 3, 2, 8, torch.float32, seed=26)
-    latent_write._launch_write(buffer, length, projected, norm.weight, 1e-6, 1, 1.0, cos, sin, False, query_rope)
+    latent_write._launch_write(buffer, length, projected, norm.weight, 1e-6, 1, 1.0, cos, sin, False, query_rope, None)
     assert torch.equal(buffer, before)
     assert int(length) == 7
 
