@@ -55,26 +55,29 @@ def gemv_config(
     16 rows x BLOCK_N x 128 through tl.dot, software-pipelined; SwiGLU's two weights in 32-wide tiles (the sweep's
     best for gate_proj with up_proj: 0.83 of the copy rate, against 0.73 in 16-wide ones).
 
-    Small one-row launches of one weight or two side by side, with a reduction of 2K-4K values and at most 4096
-    outputs (o_proj, q_a_proj with kv_a_proj_with_mqa), take tiles of 8 rows x 1024 values in 8 warps: the H200
-    sweep's best for both (o 6.3 against 8.3 us, q_a + kv_a 4.5 against 5.8; without PDL, o 6.7 against 7.2:
-    benchmarks/results/gemv_h200_fused_pdl.md, gemv_h200.md), with rows of 4 where 8 would leave fewer than 2
-    programs per multiprocessor (q_a + kv_a: 1600 outputs, 5.1 against 5.7 and 5.2 against 6.3 us in two calls of
-    session 6, gemv_h200_prefetch.md, gemv_h200_preload.md).
+    One-row launches of one weight (not batched) with a reduction of 1K values or more (q_b_proj, o_proj, down_proj,
+    the lm_head) take tiles of 4 rows x 1024 values in 4 warps, and where the loop is long (a reduction of 8K or more:
+    down_proj) load the next weight tile ahead (`lookahead`): in the compiled 1 x 16 step of session 7 (H200,
+    benchmarks/results/decode_step_h200_s7_picks.md) the GEMV's kernel time fell from 1947 to 1832 us with these four,
+    down_proj's the most (1872 us with it alone; 1884 without the lookahead). Lookahead elsewhere was slower in the
+    step (gate + up 2114 us; all one-row launches: 2.39 against 2.14 ms, decode_step_h200_s7_lookahead.md).
 
-    One-row launches of one weight with a reduction of 8K values or more (down_proj) take tiles of 2 rows x 1024
-    values: the sweep's best in both calls of session 6 (18.4 against 18.9 us, 18.7 against 21.3).
+    Small one-row launches of two weights side by side, with a reduction of 2K-4K values and at most 4096 outputs
+    (q_a_proj with kv_a_proj_with_mqa), take tiles of 8 rows x 1024 values in 8 warps (the H200 sweep's best,
+    benchmarks/results/gemv_h200_fused_pdl.md, gemv_h200.md), with rows of 4 where 8 would leave fewer than 2
+    programs per multiprocessor (1600 outputs: 5.1 against 5.7 and 5.2 against 6.3 us in two calls of session 6,
+    gemv_h200_prefetch.md, gemv_h200_preload.md).
 
     A programmatic launch loads its first weight tile before it waits for the kernel before it (`preload`, in place of
     asking its first 8 KB into L2): in one call (gemv_h200_preload.md) q_a + kv_a 5.8 against 6.3 us, q_b 4.4 against
     5.2, o 6.3 against 6.9, W_UK 6.4 against 7.7, lm_head 76.3 against 78.3, the others equal.
     """
     small = rows == 1 and mode != SWIGLU and 2048 < reduction <= 4096 and outputs * batches <= 4096
-    if small:
+    if rows == 1 and mode == SINGLE and batches == 1 and reduction >= 1024:
+        choices = {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 4, "lookahead": reduction >= 8192, **choices}
+    elif small:
         rows_per_program = 8 if triton.cdiv(outputs, 8) * batches >= 2 * num_sms else 4
         choices = {"BLOCK_N": rows_per_program, "BLOCK_K": 1024, "num_warps": 8, **choices}
-    elif rows == 1 and mode == SINGLE and reduction >= 8192:  # down_proj
-        choices = {"BLOCK_N": 2, "BLOCK_K": 1024, **choices}
     num_warps = choices.get("num_warps", 4)
     wanted = choices.get("programs_per_sm", 4) * num_sms
     weights = 2 if mode == SWIGLU else 1
