@@ -90,7 +90,7 @@ SWEEP_ONE_ROW_TILES = {
 # next weight tile loaded ahead in the loop (`lookahead`), the model's tile and, where the loop is long, others
 SWEEP_LOOKAHEAD_TILES = {
     "gate + up": _tiles((4, 512, 4), (4, 1024, 4)),
-    "down": _tiles((4, 1024, 4), (4, 512, 4), (2, 512, 4)),
+    "down": _tiles((2, 1024, 4), (4, 512, 4), (2, 512, 4)),
     "lm_head": _tiles((8, 512, 4), (4, 1024, 4)),
 }
 SWEEP_ONE_ROW = {

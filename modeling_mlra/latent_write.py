@@ -94,9 +94,9 @@ if triton is not None:
         GROUPS: tl.constexpr, GROUP_DIM: tl.constexpr, ROPE_DIM: tl.constexpr, INTERLEAVE: tl.constexpr,
         BLOCK_ROWS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
         BLOCK_H: tl.constexpr,
-        FOLD_ALIGN_XM: tl.constexpr, FOLD_ALIGN_WN: tl.constexpr, FOLD_ALIGN_WK: tl.constexpr,
-        FOLD_ONE_STEP: tl.constexpr, FOLD_BLOCK_M: tl.constexpr, FOLD_BLOCK_N: tl.constexpr,
-        FOLD_BLOCK_K: tl.constexpr, FOLD_PRECISION: tl.constexpr, FOLD: tl.constexpr,
+        FOLD: tl.constexpr = False, FOLD_ALIGN_XM: tl.constexpr = 1, FOLD_ALIGN_WN: tl.constexpr = 1,
+        FOLD_ALIGN_WK: tl.constexpr = 1, FOLD_ONE_STEP: tl.constexpr = True, FOLD_BLOCK_M: tl.constexpr = 1,
+        FOLD_BLOCK_N: tl.constexpr = 1, FOLD_BLOCK_K: tl.constexpr = 1, FOLD_PRECISION: tl.constexpr = "ieee",
     ):
         row = tl.program_id(0) - 1
         if FOLD and row >= NUM_ROWS:  # programs after them: one GEMV tile of W_UK for one (branch, head) each
@@ -235,13 +235,9 @@ def _launch_write(
         fold_constants = {f"FOLD_{name}": value for name, value in tile_constants(x, w, config).items()}
         fold_constants["FOLD"] = True
         num_warps = max(num_warps, config["num_warps"])
-    else:
+    else:  # the fold's arguments unread (its constants keep their defaults: FOLD off)
         fold_batches = fold_tiles = 0
-        fold_arguments = (rotated, rotated, rotated) + (0,) * 12
-        fold_constants = dict(
-            FOLD_ALIGN_XM=1, FOLD_ALIGN_WN=1, FOLD_ALIGN_WK=1, FOLD_ONE_STEP=True, FOLD_BLOCK_M=1, FOLD_BLOCK_N=1,
-            FOLD_BLOCK_K=1, FOLD_PRECISION="ieee", FOLD=False,
-        )
+        fold_arguments, fold_constants = (rotated,) * 3 + (0,) * 12, {}
     # program 0 writes the cache's rows and length, programs 1 to bsz x T rotate the query's heads of one new token,
     # the rest fold W_UK into its no-rope heads
     _write_latent_rows_kernel[(1 + bsz * new_tokens + fold_batches * fold_tiles,)](

@@ -913,10 +913,11 @@ class MLRAAttention(nn.Module):
         """
         w_uk, w_uv = self.up_projection_per_branch()
         bsz, q_len = q_nope.shape[:2]
-        # One GEMM per (branch, head) whose rows are every sequence's new tokens (`fold_operands`)
-        fold = self.fold_operands(q_nope)
-        gemv = fold is not None
-        if q_absorbed is None and gemv:  # every (branch, head) in one launch
+        # One GEMM per (branch, head) whose rows are every sequence's new tokens (`fold_operands`); where the cache
+        # write's launch has done it (q_absorbed given), the GEMV runs here too (W_UV)
+        fold = self.fold_operands(q_nope) if q_absorbed is None else None
+        gemv = q_absorbed is not None or fold is not None
+        if fold is not None:  # every (branch, head) in one launch
             q_absorbed = mlra_gemv(*fold)
         if q_absorbed is not None:
             q_absorbed = q_absorbed.view(self.num_branches, self.num_heads, bsz * q_len, -1)
